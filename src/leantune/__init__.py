@@ -1,0 +1,56 @@
+"""leantune: train only the parameters that matter, and prove it with numbers."""
+
+from leantune.errors import AdapterFileError, LeantuneError, TargetError
+from leantune.formats import adapter_config, adapter_state_dict, load_adapter, save_adapter
+from leantune.inject import (
+    BASE,
+    METHODS,
+    AdapterConfig,
+    AdapterModule,
+    ParameterReport,
+    active_adapter,
+    adapter_parameters,
+    disable,
+    inject,
+    mark_trainable,
+    merge,
+    mixed_batch,
+    parameter_report,
+    register,
+    remove_adapter,
+    set_active,
+    unload,
+    unmerge,
+)
+from leantune.methods.lora import LoraConfig
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BASE",
+    "METHODS",
+    "AdapterConfig",
+    "AdapterFileError",
+    "AdapterModule",
+    "LeantuneError",
+    "LoraConfig",
+    "ParameterReport",
+    "TargetError",
+    "active_adapter",
+    "adapter_config",
+    "adapter_parameters",
+    "adapter_state_dict",
+    "disable",
+    "inject",
+    "load_adapter",
+    "mark_trainable",
+    "merge",
+    "mixed_batch",
+    "parameter_report",
+    "register",
+    "remove_adapter",
+    "save_adapter",
+    "set_active",
+    "unload",
+    "unmerge",
+]

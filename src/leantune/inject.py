@@ -1,0 +1,519 @@
+"""Putting adapters into any ``nn.Module`` and working with them afterwards.
+
+The user's model stays their object. Injection walks ``named_modules()``, matches targets and
+swaps each matched layer for an adapter layer that keeps the same base parameters under the same
+names, so a base checkpoint still loads. Everything else here is a free function over a model:
+find adapter parameters (by type, never by name), freeze, merge, unmerge, unload, switch or
+disable adapters, mix adapters within one batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from leantune.errors import LeantuneError, TargetError
+
+BASE = "__base__"
+"""Adapter name meaning "no adapter" in a mixed batch."""
+
+_RECORDS = "_leantune_adapters"
+
+try:  # GPT-2 style layers; transformers is a dependency but keep the core importable without it.
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover
+    Conv1D = None  # type: ignore[assignment,misc]
+
+LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear,) + ((Conv1D,) if Conv1D else ())
+
+
+@runtime_checkable
+class AdapterModule(Protocol):
+    """A layer holding one or more named adapters beside its own base parameters."""
+
+    def adapter_params(self, name: str | None = None) -> dict[str, nn.Parameter]:
+        """The adapter parameters, of one adapter or of all, keyed relative to this layer."""
+        ...
+
+    def adapter_names(self) -> list[str]: ...
+
+    def merge(self, name: str) -> None:
+        """Fold adapter ``name`` into the base weight; a no-op when it is merged already."""
+        ...
+
+    def unmerge(self) -> None:
+        """Take every merged adapter back out of the base weight."""
+        ...
+
+    def remove_adapter(self, name: str) -> None: ...
+
+    def unwrap(self) -> nn.Module:
+        """The plain base layer, holding this layer's current base parameters."""
+        ...
+
+    def set_adapter_state(
+        self, active: str | None, disabled: bool, batch_names: Sequence[str] | None
+    ) -> None: ...
+
+
+@dataclass
+class AdapterConfig:
+    """Where an adapter goes. Each method's config extends this with its own fields."""
+
+    method: ClassVar[str] = ""
+
+    targets: str | list[str] = "all-linear"
+    """Modules to adapt: a list of exact names or dotted suffixes ("query", "attn.c_attn"), one
+    string taken as a regex that must match a whole module name, or "all-linear" (every
+    nn.Linear and Conv1D except the output head and the modules in ``modules_to_save``)."""
+    layers: list[int] | None = None
+    """Only modules inside these layer indices (the number after "layer.", "layers.", "h." ...)."""
+    layers_pattern: str | None = None
+    """Name of the layer list when it is not one of layer/layers/h/block/blocks."""
+    exclude: list[str] = field(default_factory=list)
+    """Modules never adapted, matched like ``targets``."""
+    modules_to_save: list[str] | None = None
+    """Modules trained in full and saved with the adapter (a task head). None picks the
+    classification head ("classifier" or "score") for sequence-classification models."""
+    task_type: str | None = None
+    """peft's task type (SEQ_CLS, CAUSAL_LM, ...); None infers it from the model class."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.targets, str):
+            if self.targets != "all-linear":
+                try:
+                    re.compile(self.targets)
+                except re.error as e:
+                    raise TargetError(f"targets {self.targets!r} is not a valid regex: {e}") from e
+        elif not self.targets:
+            raise TargetError("targets is empty: name at least one module, or use 'all-linear'")
+        if self.layers is not None and any(i < 0 for i in self.layers):
+            raise TargetError(f"layers must be non-negative indices, got {self.layers}")
+
+    def supported_types(self) -> tuple[type[nn.Module], ...]:
+        """Layer types this method can adapt."""
+        raise NotImplementedError
+
+    def adapt(self, module: nn.Module, adapter_name: str, module_name: str) -> nn.Module:
+        """Add adapter ``adapter_name`` to ``module``; return the layer to put in its place."""
+        raise NotImplementedError
+
+
+@dataclass
+class AdapterRecord:
+    """What the model remembers of one injected adapter (kept off the user's config)."""
+
+    config: AdapterConfig
+    modules: list[str]
+    modules_to_save: list[str]
+    task_type: str | None
+
+
+# ---------------------------------------------------------------------------- registry
+
+METHODS: dict[str, type[AdapterConfig]] = {}
+
+
+def register(name: str, config_cls: type[AdapterConfig]) -> type[AdapterConfig]:
+    """Make a method known by name (for files and the CLI). Refuses a name already taken."""
+    if name in METHODS:
+        raise LeantuneError(f"method {name!r} is already registered by {METHODS[name].__name__}")
+    METHODS[name] = config_cls
+    return config_cls
+
+
+# ---------------------------------------------------------------------------- matching
+
+_DEFAULT_LAYER_LISTS = ("layers", "layer", "h", "blocks", "block")
+
+
+def layer_index(module_name: str, layers_pattern: str | None = None) -> int | None:
+    """The transformer-block index a module sits in, or None."""
+    names = [layers_pattern] if layers_pattern else list(_DEFAULT_LAYER_LISTS)
+    pattern = r"(?:^|\.)(?:" + "|".join(names) + r")\.(\d+)(?:\.|$)"
+    m = re.search(pattern, module_name)
+    return int(m.group(1)) if m else None
+
+
+def name_matches(name: str, targets: str | Sequence[str]) -> bool:
+    """peft's rule: a string is a regex full-match; a list matches exact names or dotted suffixes."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def output_head_names(model: nn.Module) -> set[str]:
+    """Names of the model's output layer: its output embeddings, else its last linear layer."""
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    if head is not None:
+        return {n for n, m in model.named_modules() if m is head}
+    linears = [n for n, m in model.named_modules() if isinstance(m, LINEAR_TYPES)]
+    if not callable(get_out) and linears:
+        return {linears[-1]}
+    return set()
+
+
+def infer_task_type(model: nn.Module) -> str | None:
+    cls = type(model).__name__
+    for suffix, task in (
+        ("ForSequenceClassification", "SEQ_CLS"),
+        ("ForCausalLM", "CAUSAL_LM"),
+        ("LMHeadModel", "CAUSAL_LM"),
+        ("ForTokenClassification", "TOKEN_CLS"),
+        ("ForQuestionAnswering", "QUESTION_ANS"),
+        ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"),
+    ):
+        if cls.endswith(suffix):
+            return task
+    return None
+
+
+def resolve_modules_to_save(model: nn.Module, config: AdapterConfig, task_type: str | None) -> list[str]:
+    names = dict(model.named_modules())
+    if config.modules_to_save is None:
+        wanted = ["classifier", "score"] if task_type == "SEQ_CLS" else []
+        strict = False
+    else:
+        wanted, strict = list(config.modules_to_save), True
+    found = [n for n in names if n and name_matches(n, wanted)]
+    # A module inside another saved module is saved with it.
+    found = [n for n in found if not any(n.startswith(o + ".") for o in found)]
+    missing = [w for w in wanted if not any(name_matches(n, [w]) for n in found)]
+    if strict and missing:
+        raise TargetError(
+            f"modules_to_save {missing} match no module; {_closest(missing[0], names)}"
+        )
+    return found
+
+
+def _closest(target: str, names: Sequence[str] | dict[str, Any]) -> str:
+    full = [n for n in names if n]
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in full})
+    close = difflib.get_close_matches(target, leaves + full, n=5, cutoff=0.4)
+    if close:
+        return "closest module names: " + ", ".join(close)
+    return "module names here include: " + ", ".join(leaves[:12])
+
+
+def match_targets(model: nn.Module, config: AdapterConfig, skip: Sequence[str] = ()) -> list[str]:
+    """Names of the modules ``config`` adapts, or a TargetError saying why there are none."""
+    supported = config.supported_types()
+    modules = dict(model.named_modules())
+    head = output_head_names(model) | set(skip)
+    inside_head = tuple(h + "." for h in skip)
+    chosen: list[str] = []
+    unsupported: list[str] = []
+    for name, module in modules.items():
+        if not name or name.startswith(inside_head):
+            continue
+        if config.targets == "all-linear":
+            # Adapter layers subclass the layers they adapt, so they are found again here.
+            if not isinstance(module, LINEAR_TYPES) or name in head:
+                continue
+        elif not name_matches(name, config.targets):
+            continue
+        if config.exclude and name_matches(name, config.exclude):
+            continue
+        if config.layers is not None and layer_index(name, config.layers_pattern) not in config.layers:
+            continue
+        if not isinstance(module, supported):
+            unsupported.append(f"{name} ({type(module).__name__})")
+            continue
+        chosen.append(name)
+    if chosen:
+        return chosen
+    if unsupported:
+        kinds = ", ".join(t.__name__ for t in supported)
+        raise TargetError(
+            f"targets {config.targets!r} match only layers {config.method} cannot adapt: "
+            f"{', '.join(unsupported[:5])}; it adapts {kinds}"
+        )
+    where = "" if config.layers is None else f" in layers {config.layers}"
+    first = config.targets if isinstance(config.targets, str) else config.targets[0]
+    raise TargetError(
+        f"targets {config.targets!r} match no module{where}; {_closest(first, modules)}"
+    )
+
+
+# ---------------------------------------------------------------------------- injection
+
+
+def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterModule]]:
+    for name, module in model.named_modules():
+        if isinstance(module, AdapterModule):
+            yield name, module
+
+
+def records(model: nn.Module) -> dict[str, AdapterRecord]:
+    """The adapters injected into ``model``, by name, in injection order."""
+    found = model.__dict__.get(_RECORDS)
+    if found is None:
+        found = {}
+        model.__dict__[_RECORDS] = found
+    return found
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def inject(
+    model: nn.Module, config: AdapterConfig, adapter_name: str = "default", *, freeze: bool = True
+) -> nn.Module:
+    """Add adapter ``adapter_name`` to the modules ``config`` targets, in place.
+
+    Base parameter names do not change. The new adapter becomes the active one. With
+    ``freeze`` (the default) only adapter parameters and ``modules_to_save`` stay trainable.
+    Returns ``model`` itself.
+    """
+    if not adapter_name or adapter_name == BASE or "." in adapter_name:
+        raise LeantuneError(f"adapter name {adapter_name!r} is reserved or has a dot; pick another")
+    taken = set(records(model)) | {n for _, layer in adapter_layers(model) for n in layer.adapter_names()}
+    if adapter_name in taken:
+        raise LeantuneError(
+            f"adapter {adapter_name!r} is already in this model; pick another name, "
+            "or remove_adapter() it first"
+        )
+    task_type = config.task_type or infer_task_type(model)
+    to_save = resolve_modules_to_save(model, config, task_type)
+    names = match_targets(model, config, skip=to_save)
+    done: list[str] = []
+    try:
+        for name in names:
+            module = model.get_submodule(name)
+            new = config.adapt(module, adapter_name, name)
+            if new is not module:
+                _replace(model, name, new)
+            done.append(name)
+    except Exception:
+        for name in done:  # leave the model as it was
+            layer = model.get_submodule(name)
+            assert isinstance(layer, AdapterModule)
+            layer.remove_adapter(adapter_name)
+            if not layer.adapter_names():
+                _replace(model, name, layer.unwrap())
+        raise
+    records(model)[adapter_name] = AdapterRecord(config, names, to_save, task_type)
+    set_active(model, adapter_name)
+    if freeze:
+        mark_trainable(model, adapter_name)
+    return model
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _record(model: nn.Module, name: str | None) -> tuple[str, AdapterRecord]:
+    recs = records(model)
+    if not recs:
+        raise LeantuneError("this model holds no leantune adapter; inject() or load_adapter() first")
+    if name is None:
+        name = active_adapter(model)
+    if name not in recs:
+        raise LeantuneError(f"no adapter {name!r} in this model; it has {sorted(recs)}")
+    return name, recs[name]
+
+
+def active_adapter(model: nn.Module) -> str:
+    return model.__dict__.get("_leantune_active") or next(iter(records(model)))
+
+
+def adapter_parameters(model: nn.Module, name: str | None = None) -> dict[str, nn.Parameter]:
+    """Adapter parameters by full name, found by visiting adapter layers (all adapters if None)."""
+    out: dict[str, nn.Parameter] = {}
+    for layer_name, layer in adapter_layers(model):
+        for key, p in layer.adapter_params(name).items():
+            out[f"{layer_name}.{key}"] = p
+    return out
+
+
+def saved_module_parameters(model: nn.Module, name: str | None = None) -> dict[str, nn.Parameter]:
+    """Parameters of the fully trained modules (heads) of adapter ``name``."""
+    _, rec = _record(model, name)
+    out: dict[str, nn.Parameter] = {}
+    for mod_name in rec.modules_to_save:
+        for key, p in model.get_submodule(mod_name).named_parameters():
+            out[f"{mod_name}.{key}"] = p
+    return out
+
+
+def mark_trainable(
+    model: nn.Module, name: str | None = None, modules: Sequence[str] = ()
+) -> dict[str, nn.Parameter]:
+    """Freeze everything except adapter ``name``, its saved modules and ``modules``.
+
+    ``modules`` are extra module names (exact or dotted suffix) trained in full. Returns the
+    trainable parameters by name.
+    """
+    name, _ = _record(model, name)
+    trainable = adapter_parameters(model, name) | saved_module_parameters(model, name)
+    if modules:
+        mods = [n for n, _ in model.named_modules() if n and name_matches(n, modules)]
+        if not mods:
+            raise TargetError(f"modules {list(modules)} match no module; {_closest(modules[0], dict(model.named_modules()))}")
+        for mod_name in mods:
+            for key, p in model.get_submodule(mod_name).named_parameters():
+                trainable[f"{mod_name}.{key}"] = p
+    keep = {id(p) for p in trainable.values()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep)
+    return trainable
+
+
+def _broadcast(model: nn.Module, batch_names: Sequence[str] | None = None, disabled: bool = False) -> None:
+    active = active_adapter(model) if records(model) else None
+    for _, layer in adapter_layers(model):
+        layer.set_adapter_state(active, disabled, batch_names)
+
+
+def set_active(model: nn.Module, name: str) -> None:
+    """Make adapter ``name`` the one used in forward passes (one adapter is active at a time)."""
+    _record(model, name)
+    model.__dict__["_leantune_active"] = name
+    _broadcast(model)
+
+
+@contextlib.contextmanager
+def disable(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model with every adapter switched off inside the ``with`` block."""
+    merged = [n for _, layer in adapter_layers(model) for n in getattr(layer, "merged", [])]
+    if merged:
+        raise LeantuneError(
+            f"adapter {merged[0]!r} is merged into the weights; unmerge() before disabling it"
+        )
+    _broadcast(model, disabled=True)
+    try:
+        yield model
+    finally:
+        _broadcast(model)
+
+
+@contextlib.contextmanager
+def mixed_batch(model: nn.Module, names: Sequence[str]) -> Iterator[nn.Module]:
+    """Inside the block, example i of each batch goes through adapter ``names[i]``.
+
+    ``"__base__"`` runs an example through the base model alone. Adapters must be unmerged.
+    """
+    known = set(records(model))
+    unknown = sorted(set(names) - known - {BASE})
+    if unknown:
+        raise LeantuneError(f"mixed batch names unknown adapters {unknown}; known: {sorted(known)}")
+    with disable(model):  # also refuses merged adapters
+        _broadcast(model, batch_names=list(names))
+        yield model
+
+
+def merge(model: nn.Module, name: str | None = None) -> nn.Module:
+    """Fold adapter ``name`` (default: the active one) into the base weights. Idempotent."""
+    name, _ = _record(model, name)
+    for _, layer in adapter_layers(model):
+        if name in layer.adapter_names():
+            layer.merge(name)
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Take every merged adapter back out of the base weights."""
+    for _, layer in adapter_layers(model):
+        layer.unmerge()
+    return model
+
+
+def remove_adapter(model: nn.Module, name: str) -> nn.Module:
+    """Delete adapter ``name``; layers left with no adapter go back to their plain type."""
+    name, rec = _record(model, name)
+    for layer_name, layer in list(adapter_layers(model)):
+        if name in layer.adapter_names():
+            layer.remove_adapter(name)
+            if not layer.adapter_names():
+                _replace(model, layer_name, layer.unwrap())
+    del records(model)[name]
+    if model.__dict__.get("_leantune_active") == name:
+        model.__dict__.pop("_leantune_active")
+    if records(model):
+        _broadcast(model)
+    return model
+
+
+def unload(model: nn.Module, merge_active: bool = False) -> nn.Module:
+    """Return ``model`` as a plain model with no adapter layers left in it.
+
+    With ``merge_active`` the active adapter is merged first, so its effect stays in the
+    weights; otherwise the base weights come back as they were before injection.
+    """
+    if merge_active and records(model):
+        merge(model)
+    else:
+        unmerge(model)
+    for layer_name, layer in list(adapter_layers(model)):
+        _replace(model, layer_name, layer.unwrap())
+    model.__dict__.pop(_RECORDS, None)
+    model.__dict__.pop("_leantune_active", None)
+    return model
+
+
+# ---------------------------------------------------------------------------- accounting
+
+
+@dataclass(frozen=True)
+class ParameterReport:
+    """What training costs in parameters and what the adapter costs on disk."""
+
+    trainable: int
+    total: int
+    adapter_bytes: int
+    """Size of adapter_model.safetensors as save_adapter writes it (heads included)."""
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {
+            "trainable_params": self.trainable,
+            "total_params": self.total,
+            "trainable_percent": round(self.percent, 4),
+            "adapter_bytes": self.adapter_bytes,
+        }
+
+    def __str__(self) -> str:
+        return (
+            f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
+            f"trainable%: {self.percent:.4f} || adapter file: {_human(self.adapter_bytes)}"
+        )
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.1f} {unit}" if unit != "B" else f"{n} B"
+        size /= 1024
+    raise AssertionError  # pragma: no cover
+
+
+def parameter_report(model: nn.Module, name: str | None = None) -> ParameterReport:
+    """Trainable and total parameters (shared tensors counted once) and adapter file bytes."""
+    from leantune.formats import adapter_file_bytes
+
+    seen: set[int] = set()
+    total = trainable = 0
+    for p in model.parameters():  # parameters() already yields a shared tensor once
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    size = adapter_file_bytes(model, name) if records(model) else 0
+    return ParameterReport(trainable=trainable, total=total, adapter_bytes=size)
+

@@ -1,0 +1,465 @@
+"""LoRA and its family: rsLoRA scaling, DoRA (a variant hook), gaussian and PiSSA inits.
+
+A LoRA layer *is* the layer it adapts (``LoraLinear`` subclasses ``nn.Linear``) and keeps the
+same ``weight``/``bias`` parameters, so base names and checkpoints are untouched. Adapters live
+in ``<layer>.lora.<adapter name>`` with parameters ``A`` (r, in) and ``B`` (out, r); the
+unmerged forward adds ``scaling * B(A(dropout(x)))`` and never builds the (out, in) matrix.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from leantune.errors import LeantuneError
+from leantune.inject import BASE, LINEAR_TYPES, AdapterConfig, Conv1D, register
+
+INITS = ("standard", "gaussian", "pissa")
+
+
+def _matches_pattern(key: str, module_name: str) -> bool:
+    import re
+
+    # peft's rule for rank_pattern / alpha_pattern keys.
+    return re.match(rf"(.*\.)?({key})$", module_name) is not None
+
+
+@dataclass
+class LoraConfig(AdapterConfig):
+    """LoRA: a trainable low-rank update ``scaling * B @ A`` beside each frozen weight."""
+
+    method: ClassVar[str] = "lora"
+
+    r: int = 8
+    """Rank of the update."""
+    alpha: float = 16.0
+    """Scale numerator: the update is multiplied by alpha / r (alpha / sqrt(r) with rslora)."""
+    dropout: float = 0.0
+    """Dropout on the layer input before A."""
+    rslora: bool = False
+    """Rank-stabilized scaling alpha / sqrt(r)."""
+    dora: bool = False
+    """DoRA: learn a per-output magnitude and a LoRA direction (Linear and Conv1D layers)."""
+    init: str = "standard"
+    """standard (A Kaiming-uniform, B zero), gaussian (A normal with std 1/r, B zero), or
+    pissa (A, B from the top-r singular vectors of W; the residual stays frozen in W)."""
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    """Per-module ranks: a key matches a module whose name ends in it (peft's rule)."""
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    """Per-module alphas, matched like rank_pattern."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise LeantuneError(f"LoRA rank r must be a positive integer, got {self.r!r}")
+        if not self.alpha > 0:
+            raise LeantuneError(f"LoRA alpha must be positive, got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise LeantuneError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+        if self.init not in INITS:
+            raise LeantuneError(f"LoRA init {self.init!r} is unknown; use one of {INITS}")
+        if self.dora and self.init == "pissa":
+            raise LeantuneError("DoRA with PiSSA init is not supported; pick one of the two")
+        for key, r in self.rank_pattern.items():
+            if not isinstance(r, int) or r <= 0:
+                raise LeantuneError(f"rank_pattern[{key!r}] must be a positive integer, got {r!r}")
+        for key, a in self.alpha_pattern.items():
+            if not a > 0:
+                raise LeantuneError(f"alpha_pattern[{key!r}] must be positive, got {a!r}")
+
+    def rank_for(self, module_name: str) -> int:
+        return next(
+            (r for k, r in self.rank_pattern.items() if _matches_pattern(k, module_name)), self.r
+        )
+
+    def alpha_for(self, module_name: str) -> float:
+        return next(
+            (a for k, a in self.alpha_pattern.items() if _matches_pattern(k, module_name)),
+            self.alpha,
+        )
+
+    def supported_types(self) -> tuple[type[nn.Module], ...]:
+        return (*LINEAR_TYPES, nn.Embedding)
+
+    def adapt(self, module: nn.Module, adapter_name: str, module_name: str) -> nn.Module:
+        layer = module if isinstance(module, LoraLayer) else _lora_layer_for(module)
+        layer.add_adapter(adapter_name, self.rank_for(module_name), self.alpha_for(module_name), self)
+        return layer
+
+
+register("lora", LoraConfig)
+
+
+def lora_scaling(r: int, alpha: float, rslora: bool) -> float:
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+# ---------------------------------------------------------------------------- adapter + variants
+
+
+class LoraAdapter(nn.Module):
+    """One named LoRA adapter of one layer: A (r, in), B (out, r) and, for DoRA, a magnitude."""
+
+    def __init__(self, in_features: int, out_features: int, r: int, alpha: float, config: LoraConfig):
+        super().__init__()
+        self.r, self.alpha, self.init = r, float(alpha), config.init
+        self.rslora = config.rslora
+        self.scaling = lora_scaling(r, alpha, config.rslora)
+        self.A = nn.Parameter(torch.empty(r, in_features))
+        self.B = nn.Parameter(torch.empty(out_features, r))
+        self.dropout: nn.Module = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
+        self.variant: LoraVariant = DORA if config.dora else PLAIN
+        self.magnitude: nn.Parameter | None = None
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling * B @ A, shape (out, in). Only merging and saving build it."""
+        return (self.B @ self.A) * self.scaling
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha:g}, init={self.init}, variant={self.variant.name}"
+
+
+class LoraVariant(Protocol):
+    """Hooks a LoRA variant attaches to init, forward and merge; plain LoRA is one of them."""
+
+    name: str
+
+    def init(self, layer: LoraLayer, adapter: LoraAdapter) -> None: ...
+
+    def forward(
+        self, layer: LoraLayer, adapter: LoraAdapter, x: torch.Tensor, out: torch.Tensor
+    ) -> torch.Tensor: ...
+
+    def merge(self, layer: LoraLayer, adapter: LoraAdapter, name: str) -> None: ...
+
+    def unmerge(self, layer: LoraLayer, adapter: LoraAdapter, name: str) -> None: ...
+
+
+class PlainLora:
+    name = "lora"
+
+    def init(self, layer: LoraLayer, adapter: LoraAdapter) -> None:
+        pass
+
+    def forward(
+        self, layer: LoraLayer, adapter: LoraAdapter, x: torch.Tensor, out: torch.Tensor
+    ) -> torch.Tensor:
+        # In place: the base op does not keep its output for backward, so this saves a copy.
+        return out.add_(layer.lora_path(adapter, adapter.dropout(x)), alpha=adapter.scaling)
+
+    def merge(self, layer: LoraLayer, adapter: LoraAdapter, name: str) -> None:
+        layer.weight_oi().add_(adapter.delta_weight().to(layer.weight.dtype))
+
+    def unmerge(self, layer: LoraLayer, adapter: LoraAdapter, name: str) -> None:
+        layer.weight_oi().sub_(adapter.delta_weight().to(layer.weight.dtype))
+
+
+def _row_norm(weight: torch.Tensor, adapter: LoraAdapter) -> torch.Tensor:
+    """Row norms of W + s·B·A without building B·A: |W|² + 2s·B⊙(W·Aᵀ) + s²·B⊙(B·A·Aᵀ)."""
+    s, A, B = adapter.scaling, adapter.A, adapter.B
+    sq = (
+        weight.pow(2).sum(1)
+        + 2 * s * (B * (weight @ A.T)).sum(1)
+        + s * s * (B * (B @ (A @ A.T))).sum(1)
+    )
+    return sq.clamp_min(0).sqrt()
+
+
+class Dora:
+    """DoRA (Liu et al., 2024): W' = m ⊙ (W + ΔW) / ‖W + ΔW‖, the norm taken per output row and
+    held constant in backward, as in the paper and peft."""
+
+    name = "dora"
+
+    def init(self, layer: LoraLayer, adapter: LoraAdapter) -> None:
+        if not isinstance(layer, LoraLinear | LoraConv1D):
+            raise LeantuneError(
+                f"DoRA adapts Linear and Conv1D layers, not {layer._base_class.__name__}; "
+                "leave embeddings out of the targets or turn dora off"
+            )
+        with torch.no_grad():
+            norm = _row_norm(layer.weight_oi().float(), adapter)
+        adapter.magnitude = nn.Parameter(norm.to(layer.weight.dtype))
+
+    def forward(
+        self, layer: LoraLayer, adapter: LoraAdapter, x: torch.Tensor, out: torch.Tensor
+    ) -> torch.Tensor:
+        assert adapter.magnitude is not None
+        weight = layer.weight_oi()
+        with torch.no_grad():
+            norm = _row_norm(weight, adapter)
+        scale = adapter.magnitude / norm
+        if isinstance(adapter.dropout, nn.Identity) or not layer.training:
+            base = out if layer.bias is None else out - layer.bias
+        else:  # peft's choice: the magnitude rescales the dropped-out input's base path
+            x = adapter.dropout(x)
+            base = F.linear(x, weight)
+        lora = layer.lora_path(adapter, x) * adapter.scaling
+        return out + (scale - 1) * base + scale * lora
+
+    def merge(self, layer: LoraLayer, adapter: LoraAdapter, name: str) -> None:
+        assert adapter.magnitude is not None
+        weight = layer.weight_oi()
+        norm = _row_norm(weight, adapter)
+        layer._dora_norms[name] = norm
+        merged = (weight + adapter.delta_weight()) * (adapter.magnitude / norm)[:, None]
+        weight.copy_(merged)
+
+    def unmerge(self, layer: LoraLayer, adapter: LoraAdapter, name: str) -> None:
+        assert adapter.magnitude is not None
+        norm = layer._dora_norms.pop(name)
+        weight = layer.weight_oi()
+        weight.copy_(weight * (norm / adapter.magnitude)[:, None] - adapter.delta_weight())
+
+
+PLAIN: LoraVariant = PlainLora()
+DORA: LoraVariant = Dora()
+
+
+# ---------------------------------------------------------------------------- layers
+
+
+class LoraLayer(nn.Module):
+    """Mixin for a layer type adapted with LoRA. Subclasses also inherit the base layer type."""
+
+    lora: nn.ModuleDict
+    merged: list[str]
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+    _base_class: type[nn.Module]
+    _dora_norms: dict[str, torch.Tensor]
+    _active: str | None
+    _disabled: bool
+    _batch_names: list[str] | None
+    # Names of the tensors in peft's files, per adapter parameter.
+    peft_keys: ClassVar[dict[str, str]] = {
+        "A": "lora_A.weight",
+        "B": "lora_B.weight",
+        "magnitude": "lora_magnitude_vector",
+    }
+
+    @classmethod
+    def adopt(cls, base: nn.Module) -> LoraLayer:
+        """A LoRA layer sharing ``base``'s parameters, buffers and hooks (``base`` is unchanged)."""
+        new = cls.__new__(cls)
+        new.__dict__.update({k: copy.copy(v) if isinstance(v, dict) else v for k, v in base.__dict__.items()})
+        new._base_class = type(base)
+        new.lora = nn.ModuleDict()
+        new.merged, new._dora_norms = [], {}
+        new._active, new._disabled, new._batch_names = None, False, None
+        return new
+
+    def unwrap(self) -> nn.Module:
+        plain = self._base_class.__new__(self._base_class)
+        state = {k: copy.copy(v) if isinstance(v, dict) else v for k, v in self.__dict__.items()}
+        for key in ("_base_class", "merged", "_dora_norms", "_active", "_disabled", "_batch_names"):
+            state.pop(key, None)
+        state["_modules"].pop("lora", None)
+        plain.__dict__.update(state)
+        return plain
+
+    # Subclasses say how the base layer computes and how its weight is oriented.
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def weight_oi(self) -> torch.Tensor:
+        """The base weight as an (out, in) view, so updates through it land in the parameter."""
+        return self.weight
+
+    def dims(self) -> tuple[int, int]:
+        out, inp = self.weight_oi().shape
+        return inp, out
+
+    def lora_path(self, adapter: LoraAdapter, x: torch.Tensor) -> torch.Tensor:
+        """B(A(x)) without scaling."""
+        return F.linear(F.linear(x, adapter.A), adapter.B)
+
+    def init_adapter(self, adapter: LoraAdapter) -> None:
+        """Standard and gaussian inits; PiSSA is shared by all layer types."""
+        if adapter.init == "gaussian":
+            nn.init.normal_(adapter.A, std=1 / adapter.r)
+        else:
+            nn.init.kaiming_uniform_(adapter.A, a=math.sqrt(5))
+        nn.init.zeros_(adapter.B)
+
+    # --- AdapterModule protocol
+
+    def adapter_names(self) -> list[str]:
+        return list(self.lora.keys())
+
+    def adapter_params(self, name: str | None = None) -> dict[str, nn.Parameter]:
+        return {
+            f"lora.{n}.{k}": p
+            for n, adapter in self.lora.items()
+            if name is None or n == name
+            for k, p in adapter.named_parameters()
+        }
+
+    def add_adapter(self, name: str, r: int, alpha: float, config: LoraConfig) -> None:
+        if name in self.lora:
+            raise LeantuneError(f"adapter {name!r} is already on this layer")
+        inp, out = self.dims()
+        adapter = LoraAdapter(inp, out, r, alpha, config)
+        adapter.to(device=self.weight.device, dtype=self.weight.dtype)
+        with torch.no_grad():
+            if config.init == "pissa":
+                if self.lora:
+                    raise LeantuneError("PiSSA rewrites the base weight; it cannot share a layer with another adapter")
+                self._pissa_init(adapter)
+            else:
+                self.init_adapter(adapter)
+        adapter.variant.init(self, adapter)
+        self.lora[name] = adapter
+
+    def _pissa_init(self, adapter: LoraAdapter) -> None:
+        weight = self.weight_oi()
+        U, S, Vh = torch.linalg.svd(weight.float(), full_matrices=False)
+        r, s = adapter.r, adapter.scaling
+        root = (S[:r] / s).sqrt()
+        adapter.A.copy_(root[:, None] * Vh[:r])
+        adapter.B.copy_(U[:, :r] * root[None, :])
+        # The initial factors are kept to save the adapter as a plain LoRA update of W.
+        adapter.register_buffer("A0", adapter.A.detach().clone(), persistent=False)
+        adapter.register_buffer("B0", adapter.B.detach().clone(), persistent=False)
+        weight.sub_(adapter.delta_weight().to(weight.dtype))
+
+    def remove_adapter(self, name: str) -> None:
+        if name in self.merged:
+            with torch.no_grad():
+                self.lora[name].variant.unmerge(self, self.lora[name], name)
+            self.merged.remove(name)
+        adapter = self.lora[name]
+        if adapter.init == "pissa":  # give the base layer its original weight back
+            with torch.no_grad():
+                self.weight_oi().add_(adapter.scaling * adapter.B0 @ adapter.A0)
+        del self.lora[name]
+
+    def merge(self, name: str) -> None:
+        if name in self.merged:
+            return
+        adapter = self.lora[name]
+        with torch.no_grad():
+            adapter.variant.merge(self, adapter, name)
+        self.merged.append(name)
+
+    def unmerge(self) -> None:
+        with torch.no_grad():
+            while self.merged:
+                name = self.merged.pop()
+                self.lora[name].variant.unmerge(self, self.lora[name], name)
+
+    def set_adapter_state(
+        self, active: str | None, disabled: bool, batch_names: Sequence[str] | None
+    ) -> None:
+        self._active, self._disabled = active, disabled
+        self._batch_names = None if batch_names is None else list(batch_names)
+
+    def peft_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """Adapter ``name`` as peft stores it, keyed relative to this layer."""
+        adapter = self.lora[name]
+        tensors = {k: p.detach() for k, p in adapter.named_parameters()}
+        if adapter.init == "pissa":
+            # PiSSA trained W_res + s·B·A where W_res = W - s·B0·A0: the same as plain LoRA on W
+            # with A' = [A; A0], B' = [B, -B0], so the file loads onto the original base model.
+            tensors["A"] = torch.cat([tensors["A"], adapter.A0])
+            tensors["B"] = torch.cat([tensors["B"], -adapter.B0], dim=1)
+        return {self.peft_keys[k]: t for k, t in tensors.items()}
+
+    def saved_rank_alpha(self, name: str) -> tuple[int, float]:
+        """Rank and alpha of the adapter as written to a file (PiSSA is saved at rank 2r)."""
+        adapter = self.lora[name]
+        if adapter.init != "pissa":
+            return adapter.r, adapter.alpha
+        r = 2 * adapter.r
+        return r, adapter.scaling * (math.sqrt(r) if adapter.rslora else r)
+
+    # --- forward
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        out = self.base_forward(x, *args, **kwargs)
+        if self._batch_names is not None:
+            return self._mixed_forward(x, out)
+        name = self._active
+        if self._disabled or name is None or name not in self.lora or name in self.merged:
+            return out
+        adapter = self.lora[name]
+        return adapter.variant.forward(self, adapter, x, out)
+
+    def _mixed_forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        names = self._batch_names
+        assert names is not None
+        if len(names) != x.shape[0]:
+            raise LeantuneError(
+                f"mixed batch has {len(names)} adapter names for a batch of {x.shape[0]} examples"
+            )
+        for name in dict.fromkeys(names):
+            if name == BASE or name not in self.lora:
+                continue
+            idx = torch.tensor([i for i, n in enumerate(names) if n == name], device=out.device)
+            adapter = self.lora[name]
+            rows = adapter.variant.forward(self, adapter, x[idx], out[idx].clone())
+            out = out.index_copy(0, idx, rows)
+        return out
+
+
+class LoraLinear(LoraLayer, nn.Linear):
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return F.linear(x, self.weight, self.bias)
+
+
+class LoraConv1D(LoraLayer, Conv1D if Conv1D is not None else nn.Module):  # type: ignore[misc]
+    """GPT-2's Conv1D: a linear layer whose weight is stored (in, out)."""
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        size_out = (*x.shape[:-1], self.weight.shape[1])
+        flat = x.reshape(-1, x.shape[-1])
+        out = torch.addmm(self.bias, flat, self.weight) if self.bias is not None else flat @ self.weight
+        return out.view(size_out)
+
+    def weight_oi(self) -> torch.Tensor:
+        return self.weight.T
+
+
+class LoraEmbedding(LoraLayer, nn.Embedding):
+    """LoRA on an embedding table (num, dim): A is (r, num), B is (dim, r)."""
+
+    peft_keys: ClassVar[dict[str, str]] = {"A": "lora_embedding_A", "B": "lora_embedding_B"}
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return nn.Embedding.forward(self, x)
+
+    def weight_oi(self) -> torch.Tensor:
+        return self.weight.T
+
+    def init_adapter(self, adapter: LoraAdapter) -> None:
+        # peft's embedding init: A zero, B normal (the product is still zero).
+        nn.init.zeros_(adapter.A)
+        nn.init.normal_(adapter.B)
+
+    def lora_path(self, adapter: LoraAdapter, x: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(
+            x, adapter.A.T, self.padding_idx, self.max_norm, self.norm_type,
+            self.scale_grad_by_freq, self.sparse,
+        )
+        return rows @ adapter.B.T
+
+
+_LAYERS: dict[type[nn.Module], type[LoraLayer]] = {nn.Linear: LoraLinear, nn.Embedding: LoraEmbedding}
+if Conv1D is not None:
+    _LAYERS[Conv1D] = LoraConv1D
+
+
+def _lora_layer_for(module: nn.Module) -> LoraLayer:
+    cls = _LAYERS.get(type(module)) or next(
+        (lay for base, lay in _LAYERS.items() if isinstance(module, base)), None
+    )
+    if cls is None:
+        raise LeantuneError(f"LoRA cannot adapt {type(module).__name__}")
+    return cls.adopt(module)
