@@ -97,6 +97,10 @@ class AdapterConfig:
         if self.layers is not None and any(i < 0 for i in self.layers):
             raise TargetError(f"layers must be non-negative indices, got {self.layers}")
 
+    def rewrites_base_weight(self) -> bool:
+        """True when injection changes the base weight itself (PiSSA's residual)."""
+        return False
+
     def supported_types(self) -> tuple[type[nn.Module], ...]:
         """Layer types this method can adapt."""
         raise NotImplementedError
@@ -287,6 +291,14 @@ def inject(
     task_type = config.task_type or infer_task_type(model)
     to_save = resolve_modules_to_save(model, config, task_type)
     names = match_targets(model, config, skip=to_save)
+    tied = tied_modules(model)
+    if config.rewrites_base_weight():
+        clash = [n for n in names if n in tied]
+        if clash:
+            raise TargetError(
+                f"{clash[0]} shares its weight with {tied[clash[0]]}; this init rewrites that "
+                "weight and would change both. Leave it out of the targets or untie the weights"
+            )
     done: list[str] = []
     try:
         for name in names:
@@ -413,9 +425,26 @@ def mixed_batch(model: nn.Module, names: Sequence[str]) -> Iterator[nn.Module]:
         yield model
 
 
+def tied_modules(model: nn.Module) -> dict[str, list[str]]:
+    """Modules whose weight is shared with other modules (tied embeddings), with those others."""
+    owners: dict[int, list[str]] = {}
+    for mod_name, module in model.named_modules(remove_duplicate=False):
+        weight = module._parameters.get("weight")
+        if weight is not None:
+            owners.setdefault(id(weight), []).append(mod_name)
+    return {n: [o for o in group if o != n] for group in owners.values() if len(group) > 1 for n in group}
+
+
 def merge(model: nn.Module, name: str | None = None) -> nn.Module:
     """Fold adapter ``name`` (default: the active one) into the base weights. Idempotent."""
     name, _ = _record(model, name)
+    tied = tied_modules(model)
+    for layer_name, layer in adapter_layers(model):
+        if name in layer.adapter_names() and layer_name in tied:
+            raise LeantuneError(
+                f"{layer_name} shares its weight with {tied[layer_name]}; merging would change "
+                "both. Leave it out of the targets, or untie the weights before merging"
+            )
     for _, layer in adapter_layers(model):
         if name in layer.adapter_names():
             layer.merge(name)

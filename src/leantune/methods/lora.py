@@ -74,6 +74,9 @@ class LoraConfig(AdapterConfig):
             if not a > 0:
                 raise LeantuneError(f"alpha_pattern[{key!r}] must be positive, got {a!r}")
 
+    def rewrites_base_weight(self) -> bool:
+        return self.init == "pissa"
+
     def rank_for(self, module_name: str) -> int:
         return next(
             (r for k, r in self.rank_pattern.items() if _matches_pattern(k, module_name)), self.r

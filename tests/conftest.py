@@ -1,0 +1,91 @@
+"""Tiny models built from configs, so nothing is downloaded (HF_HUB_OFFLINE makes sure)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from collections.abc import Callable  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from transformers import (  # noqa: E402
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+
+VOCAB = 64
+
+
+class MLP(nn.Module):
+    """A model that is not a transformer: adapters must work on any nn.Module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 24)
+        self.body = nn.Sequential(nn.Linear(24, 32), nn.GELU(), nn.Linear(32, 32), nn.GELU())
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(self.embed(input_ids)).mean(1))
+
+
+def tiny_bert() -> nn.Module:
+    cfg = BertConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+        intermediate_size=48, max_position_embeddings=32, num_labels=3,
+    )
+    return BertForSequenceClassification(cfg)
+
+
+def tiny_llama() -> nn.Module:
+    cfg = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def tiny_gpt2() -> nn.Module:
+    cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=32,
+                     bos_token_id=0, eos_token_id=0, tie_word_embeddings=False)
+    return GPT2LMHeadModel(cfg)
+
+
+def build(kind: str, seed: int = 0) -> nn.Module:
+    """The same base weights for the same seed, in eval mode."""
+    torch.manual_seed(seed)
+    model = {"bert": tiny_bert, "llama": tiny_llama, "gpt2": tiny_gpt2, "mlp": MLP}[kind]()
+    return model.eval()
+
+
+# Per model: LoRA targets including an embedding, and linear-only targets (for DoRA).
+TARGETS = {
+    "bert": (["query", "value", "output.dense", "word_embeddings"], ["query", "value", "output.dense"]),
+    "llama": (["q_proj", "v_proj", "down_proj", "embed_tokens"], ["q_proj", "v_proj", "down_proj"]),
+    "gpt2": (["c_attn", "c_proj", "wte"], ["c_attn", "c_proj"]),
+    "mlp": (["body.0", "body.2", "embed"], "all-linear"),
+}
+
+
+def inputs(kind: str, seed: int = 1, batch: int = 3) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (batch, 7), generator=g)
+    return {"input_ids": ids}
+
+
+def logits(model: nn.Module, x: dict[str, torch.Tensor]) -> torch.Tensor:
+    out = model(**x)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+@pytest.fixture
+def make() -> Callable[..., nn.Module]:
+    return build
