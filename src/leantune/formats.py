@@ -8,6 +8,7 @@ Only safetensors and JSON are ever read: nothing is unpickled.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -26,6 +27,7 @@ from leantune.inject import (
     _record,
     adapter_layers,
     inject,
+    name_matches,
     records,
     remove_adapter,
 )
@@ -257,6 +259,10 @@ def load_adapter(
     """
     raw, tensors = read_adapter_files(directory)
     config = config_from_peft(raw)
+    # peft lists both usual head names ("classifier", "score"); keep those this model has.
+    names = [n for n, _ in model.named_modules() if n]
+    present = [m for m in config.modules_to_save or [] if any(name_matches(n, [m]) for n in names)]
+    config = dataclasses.replace(config, modules_to_save=present)
     bad = [k for k in tensors if not k.startswith(PREFIX)]
     if bad:
         raise AdapterFileError(f"tensor {bad[0]!r} lacks the {PREFIX!r} prefix peft files have")
@@ -288,6 +294,11 @@ def _fill(model: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> None
                 wanted[f"{layer_name}.{key}"] = params[short]
     rec = records(model)[name]
     heads: dict[str, torch.Tensor] = {}
+    for layer_name, layer in adapter_layers(model):
+        # peft saves whole embedding layers (save_embedding_layers) as "<layer>.base_layer.*".
+        if isinstance(layer, LoraLayer) and name in layer.adapter_names():
+            for pname, p in layer.named_parameters(recurse=False):
+                heads[f"{layer_name}.base_layer.{pname}"] = p
     for mod_name in rec.modules_to_save:
         for key, t in model.get_submodule(mod_name).state_dict(keep_vars=True).items():
             heads[f"{mod_name}.{key}"] = t
