@@ -166,3 +166,39 @@ def test_unmerged_forward_never_builds_delta_weight(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(LoraAdapter, "delta_weight", lambda self: calls.append(1))
     logits(model.train(), inputs("bert")).sum().backward()
     assert calls == []
+
+
+def test_dropout_path_matches_autograd_reference() -> None:
+    """The memory-saving dropout path gives the same output and gradients as plain autograd."""
+    from leantune.methods.lora import DropoutLora
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 8, generator=g, requires_grad=True)
+    A = torch.randn(4, 8, generator=g, requires_grad=True)
+    B = torch.randn(6, 4, generator=g, requires_grad=True)
+    torch.manual_seed(7)
+    out = DropoutLora.apply(x, A, B, 0.3)
+    out.pow(2).sum().backward()
+    got = (out.detach(), x.grad, A.grad, B.grad)
+    x.grad = A.grad = B.grad = None
+    torch.manual_seed(7)  # draw the same mask
+    keep = torch.empty_like(x, dtype=torch.bool).bernoulli_(0.7)
+    ref = ((x * keep / 0.7) @ A.T) @ B.T
+    ref.pow(2).sum().backward()
+    for a, b in zip(got, (ref.detach(), x.grad, A.grad, B.grad), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_dropout_is_active_in_training_only_and_skips_embeddings() -> None:
+    model = build("bert")
+    lt.inject(model, lt.LoraConfig(targets=["query", "word_embeddings"], dropout=0.5))
+    randomize(model)
+    x = inputs("bert")
+    model.train()
+    torch.manual_seed(0)
+    a = logits(model, x)
+    torch.manual_seed(1)
+    b = logits(model, x)
+    assert not torch.allclose(a, b)
+    model.eval()
+    torch.testing.assert_close(logits(model, x), logits(model, x), atol=0, rtol=0)

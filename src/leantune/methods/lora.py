@@ -155,7 +155,7 @@ class PlainLora:
         self, layer: LoraLayer, adapter: LoraAdapter, x: torch.Tensor, out: torch.Tensor
     ) -> torch.Tensor:
         # In place: the base op does not keep its output for backward, so this saves a copy.
-        return out.add_(layer.lora_path(adapter, adapter.dropout(x)), alpha=adapter.scaling)
+        return out.add_(layer.lora_train_path(adapter, x), alpha=adapter.scaling)
 
     def merge(self, layer: LoraLayer, adapter: LoraAdapter, name: str) -> None:
         layer.weight_oi().add_(adapter.delta_weight().to(layer.weight.dtype))
@@ -226,6 +226,37 @@ PLAIN: LoraVariant = PlainLora()
 DORA: LoraVariant = Dora()
 
 
+class DropoutLora(torch.autograd.Function):
+    """B(A(dropout(x))) that keeps x and a 1-byte mask for backward instead of the dropped copy.
+
+    x is usually kept anyway (query, key and value share it), so each LoRA layer with dropout
+    costs a byte per input element instead of the four or more of a separate dropped tensor.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, p: float) -> torch.Tensor:
+        keep = torch.empty_like(x, dtype=torch.bool).bernoulli_(1.0 - p)
+        h = F.linear(x * keep * (1.0 / (1.0 - p)), A)
+        ctx.save_for_backward(x, keep, A, B, h)
+        ctx.p = p
+        return F.linear(h, B)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, keep, A, B, h = ctx.saved_tensors
+        scale = 1.0 / (1.0 - ctx.p)
+        g2 = grad.reshape(-1, grad.shape[-1])
+        grad_h = g2 @ B
+        grad_B = g2.T @ h.reshape(-1, h.shape[-1]) if ctx.needs_input_grad[2] else None
+        grad_A = None
+        if ctx.needs_input_grad[1]:
+            grad_A = grad_h.T @ (x * keep * scale).reshape(-1, x.shape[-1])
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_h @ A).reshape(x.shape) * keep * scale
+        return grad_x, grad_A, grad_B, None
+
+
 # ---------------------------------------------------------------------------- layers
 
 
@@ -283,6 +314,12 @@ class LoraLayer(nn.Module):
     def lora_path(self, adapter: LoraAdapter, x: torch.Tensor) -> torch.Tensor:
         """B(A(x)) without scaling."""
         return F.linear(F.linear(x, adapter.A), adapter.B)
+
+    def lora_train_path(self, adapter: LoraAdapter, x: torch.Tensor) -> torch.Tensor:
+        """B(A(dropout(x))) without scaling."""
+        if self.training and isinstance(adapter.dropout, nn.Dropout) and torch.is_grad_enabled():
+            return DropoutLora.apply(x, adapter.A, adapter.B, adapter.dropout.p)
+        return self.lora_path(adapter, adapter.dropout(x))
 
     def init_adapter(self, adapter: LoraAdapter) -> None:
         """Standard and gaussian inits; PiSSA is shared by all layer types."""
@@ -445,6 +482,9 @@ class LoraEmbedding(LoraLayer, nn.Embedding):
         # peft's embedding init: A zero, B normal (the product is still zero).
         nn.init.zeros_(adapter.A)
         nn.init.normal_(adapter.B)
+
+    def lora_train_path(self, adapter: LoraAdapter, x: torch.Tensor) -> torch.Tensor:
+        return self.lora_path(adapter, x)  # ids take no dropout (as in peft)
 
     def lora_path(self, adapter: LoraAdapter, x: torch.Tensor) -> torch.Tensor:
         rows = F.embedding(
