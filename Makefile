@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 
-test: install
+test: install lint
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 demo: install

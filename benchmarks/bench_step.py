@@ -36,8 +36,16 @@ def build(lib: str, targets: list[str] | str) -> torch.nn.Module:
     if lib == "leantune":
         lt.inject(model, lt.LoraConfig(r=R, alpha=ALPHA, dropout=DROPOUT, targets=targets))
     else:
-        model = get_peft_model(model, PeftLoraConfig(
-            r=R, lora_alpha=ALPHA, lora_dropout=DROPOUT, target_modules=targets, task_type="SEQ_CLS"))
+        model = get_peft_model(
+            model,
+            PeftLoraConfig(
+                r=R,
+                lora_alpha=ALPHA,
+                lora_dropout=DROPOUT,
+                target_modules=targets,
+                task_type="SEQ_CLS",
+            ),
+        )
     return model.train()
 
 
@@ -50,7 +58,9 @@ def make_batch() -> dict[str, torch.Tensor]:
     }
 
 
-def step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: dict[str, torch.Tensor]) -> None:
+def step(
+    model: torch.nn.Module, opt: torch.optim.Optimizer, batch: dict[str, torch.Tensor]
+) -> None:
     model(**batch).loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -74,13 +84,25 @@ def saved_bytes(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> int:
 
 def child(lib: str, recipe: str, steps: int) -> None:
     """Run one library alone and print its peak RSS in MB."""
-    torch.set_num_threads(torch.get_num_threads())
     model = build(lib, RECIPES[recipe])
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     batch = make_batch()
     for _ in range(steps):
         step(model, opt, batch)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    print(peak_rss_mb())
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS. VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a
+    child started by a big parent would report the parent's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main() -> None:
@@ -97,10 +119,14 @@ def main() -> None:
     batch = make_batch()
     for recipe, targets in RECIPES.items():
         models = {lib: build(lib, targets) for lib in ("leantune", "peft")}
-        opts = {lib: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
-                for lib, m in models.items()}
-        trainable = {lib: sum(p.numel() for p in m.parameters() if p.requires_grad)
-                     for lib, m in models.items()}
+        opts = {
+            lib: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
+            for lib, m in models.items()
+        }
+        trainable = {
+            lib: sum(p.numel() for p in m.parameters() if p.requires_grad)
+            for lib, m in models.items()
+        }
         for lib in models:  # warm up
             step(models[lib], opts[lib], batch)
         times: dict[str, list[float]] = {"leantune": [], "peft": []}
@@ -114,8 +140,12 @@ def main() -> None:
         del models, opts
         rss: dict[str, list[float]] = {"leantune": [], "peft": []}
         for lib in ("leantune", "peft", "peft", "leantune"):
-            out = subprocess.run([sys.executable, __file__, "--child", lib, recipe, "2"],
-                                 capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", lib, recipe, "2"],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             rss[lib].append(float(out.stdout.strip().splitlines()[-1]))
         med = {lib: statistics.median(t) for lib, t in times.items()}
         ratios = [a / b for a, b in zip(times["leantune"], times["peft"], strict=True)]
@@ -129,13 +159,17 @@ def main() -> None:
             "rss_ratio": statistics.median(rss["leantune"]) / statistics.median(rss["peft"]),
         }
         r = results[recipe]
-        print(f"{recipe:12s} step s leantune {med['leantune']:.3f} peft {med['peft']:.3f} "
-              f"ratio {r['time_ratio_median']:.3f} | saved-for-backward MB "
-              f"{r['saved_for_backward_mb']['leantune']:.1f} vs {r['saved_for_backward_mb']['peft']:.1f} "
-              f"ratio {r['saved_ratio']:.3f} | peak RSS MB {r['peak_rss_mb']['leantune']:.0f} vs "
-              f"{r['peak_rss_mb']['peft']:.0f} ratio {r['rss_ratio']:.3f} | trainable {trainable}")
-    meta = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-            "rounds": args.rounds}
+        print(
+            f"{recipe:12s} step s leantune {med['leantune']:.3f} peft {med['peft']:.3f} "
+            f"ratio {r['time_ratio_median']:.3f} | saved-for-backward MB "
+            f"{r['saved_for_backward_mb']['leantune']:.1f} vs {r['saved_for_backward_mb']['peft']:.1f} "
+            f"ratio {r['saved_ratio']:.3f} | peak RSS MB {r['peak_rss_mb']['leantune']:.0f} vs "
+            f"{r['peak_rss_mb']['peft']:.0f} ratio {r['rss_ratio']:.3f} | trainable {trainable}"
+        )
+    meta = {
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "rounds": args.rounds,
+    }
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "results": results}, f, indent=1)

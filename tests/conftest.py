@@ -7,12 +7,12 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from collections.abc import Callable  # noqa: E402
+from collections.abc import Callable
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-from transformers import (  # noqa: E402
+import pytest
+import torch
+from torch import nn
+from transformers import (
     BertConfig,
     BertForSequenceClassification,
     GPT2Config,
@@ -39,23 +39,41 @@ class MLP(nn.Module):
 
 def tiny_bert() -> nn.Module:
     cfg = BertConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
-        intermediate_size=48, max_position_embeddings=32, num_labels=3,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=32,
+        num_labels=3,
     )
     return BertForSequenceClassification(cfg)
 
 
 def tiny_llama() -> nn.Module:
     cfg = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
     )
     return LlamaForCausalLM(cfg)
 
 
 def tiny_gpt2() -> nn.Module:
-    cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=32,
-                     bos_token_id=0, eos_token_id=0, tie_word_embeddings=False)
+    cfg = GPT2Config(
+        vocab_size=VOCAB,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        n_positions=32,
+        bos_token_id=0,
+        eos_token_id=0,
+        tie_word_embeddings=False,
+    )
     return GPT2LMHeadModel(cfg)
 
 
@@ -68,7 +86,10 @@ def build(kind: str, seed: int = 0) -> nn.Module:
 
 # Per model: LoRA targets including an embedding, and linear-only targets (for DoRA).
 TARGETS = {
-    "bert": (["query", "value", "output.dense", "word_embeddings"], ["query", "value", "output.dense"]),
+    "bert": (
+        ["query", "value", "output.dense", "word_embeddings"],
+        ["query", "value", "output.dense"],
+    ),
     "llama": (["q_proj", "v_proj", "down_proj", "embed_tokens"], ["q_proj", "v_proj", "down_proj"]),
     "gpt2": (["c_attn", "c_proj", "wte"], ["c_attn", "c_proj"]),
     "mlp": (["body.0", "body.2", "embed"], "all-linear"),

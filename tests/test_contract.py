@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TARGETS, build, inputs, logits
 from torch import nn
 
 import leantune as lt
+from conftest import TARGETS, build, inputs, logits
 from leantune.inject import adapter_layers
 
 VARIANTS = {
@@ -30,8 +30,9 @@ def config(kind: str, variant: str, **extra: object) -> lt.LoraConfig:
     with_embedding, linear_only = TARGETS[kind]
     targets = linear_only if variant == "dora" else with_embedding
     to_save = ["head"] if kind == "mlp" else None
-    return lt.LoraConfig(r=4, alpha=8, targets=targets, modules_to_save=to_save,
-                         **VARIANTS[variant], **extra)  # type: ignore[arg-type]
+    return lt.LoraConfig(
+        r=4, alpha=8, targets=targets, modules_to_save=to_save, **VARIANTS[variant], **extra
+    )  # type: ignore[arg-type]
 
 
 def adapted(kind: str, variant: str) -> nn.Module:
@@ -104,7 +105,9 @@ def test_only_adapter_and_saved_modules_get_gradients(kind: str, variant: str) -
 
 
 @pytest.mark.parametrize(("kind", "variant"), CASES)
-def test_save_load_in_fresh_model_reproduces_outputs(kind: str, variant: str, tmp_path: Path) -> None:
+def test_save_load_in_fresh_model_reproduces_outputs(
+    kind: str, variant: str, tmp_path: Path
+) -> None:
     model = adapted(kind, variant)
     randomize(model)
     with torch.no_grad():  # a trained head must travel with the adapter
@@ -121,7 +124,9 @@ def test_save_load_in_fresh_model_reproduces_outputs(kind: str, variant: str, tm
 @pytest.mark.parametrize(("kind", "variant"), CASES)
 def test_saved_key_set_is_pinned(kind: str, variant: str) -> None:
     """The file format cannot drift silently: keys and shapes match tests/golden."""
-    found = {k: list(v.shape) for k, v in sorted(lt.adapter_state_dict(adapted(kind, variant)).items())}
+    found = {
+        k: list(v.shape) for k, v in sorted(lt.adapter_state_dict(adapted(kind, variant)).items())
+    }
     golden = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {}
     case = f"{kind}/{variant}"
     if os.environ.get("LEANTUNE_UPDATE_GOLDEN"):

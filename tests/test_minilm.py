@@ -21,8 +21,9 @@ def minilm() -> torch.nn.Module:
 
 def test_lora_query_value_trainable_count_matches_peft() -> None:
     model = lt.inject(minilm(), lt.LoraConfig(r=8, targets=["query", "value"]))
-    peft_model = get_peft_model(minilm(), PeftLoraConfig(r=8, target_modules=["query", "value"],
-                                                         task_type="SEQ_CLS"))
+    peft_model = get_peft_model(
+        minilm(), PeftLoraConfig(r=8, target_modules=["query", "value"], task_type="SEQ_CLS")
+    )
     peft_trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     report = lt.parameter_report(model)
     assert report.trainable == peft_trainable == 75_653

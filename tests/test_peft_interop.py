@@ -6,16 +6,24 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TARGETS, build, inputs, logits
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
-from test_contract import config, randomize
 
 import leantune as lt
+from conftest import TARGETS, build, inputs, logits
+from test_contract import config, randomize
 
 TO_PEFT = [
-    ("bert", "lora"), ("bert", "rslora"), ("bert", "dora"), ("bert", "pissa"), ("bert", "gaussian"),
-    ("llama", "lora"), ("llama", "dora"), ("gpt2", "lora"), ("gpt2", "dora"), ("mlp", "lora"),
+    ("bert", "lora"),
+    ("bert", "rslora"),
+    ("bert", "dora"),
+    ("bert", "pissa"),
+    ("bert", "gaussian"),
+    ("llama", "lora"),
+    ("llama", "dora"),
+    ("gpt2", "lora"),
+    ("gpt2", "dora"),
+    ("mlp", "lora"),
 ]
 
 
@@ -33,9 +41,13 @@ def test_leantune_adapter_loads_in_peft(kind: str, variant: str, tmp_path: Path)
 
 def test_per_module_ranks_and_head_load_in_peft(tmp_path: Path) -> None:
     model = build("bert")
-    cfg = lt.LoraConfig(r=4, alpha=8, targets=["query", "value"],
-                        rank_pattern={"layer.1.attention.self.query": 2, "value": 6},
-                        alpha_pattern={"layer.2.attention.self.value": 3})
+    cfg = lt.LoraConfig(
+        r=4,
+        alpha=8,
+        targets=["query", "value"],
+        rank_pattern={"layer.1.attention.self.query": 2, "value": 6},
+        alpha_pattern={"layer.2.attention.self.value": 3},
+    )
     lt.inject(model, cfg)
     randomize(model)
     with torch.no_grad():
@@ -53,8 +65,10 @@ PEFT_CASES = {
     "lora": ("bert", {}),
     "rslora": ("bert", {"use_rslora": True}),
     "dora": ("bert", {"use_dora": True}),
-    "rank_pattern": ("bert", {"rank_pattern": {"layer.0.attention.self.query": 2},
-                              "alpha_pattern": {"value": 5}}),
+    "rank_pattern": (
+        "bert",
+        {"rank_pattern": {"layer.0.attention.self.query": 2}, "alpha_pattern": {"value": 5}},
+    ),
     "gpt2-conv1d": ("gpt2", {}),
     "llama-embedding": ("llama", {}),
     "regex-targets": ("llama", {"target_modules": r".*\.layers\.1\.self_attn\.(q|k)_proj"}),
@@ -66,7 +80,12 @@ def test_peft_adapter_loads_in_leantune(case: str, tmp_path: Path) -> None:
     kind, extra = PEFT_CASES[case]
     torch.manual_seed(5)
     targets = TARGETS[kind][1] if "use_dora" in extra else TARGETS[kind][0]
-    kwargs = {"r": 4, "lora_alpha": 8, "target_modules": targets, "init_lora_weights": False} | extra
+    kwargs = {
+        "r": 4,
+        "lora_alpha": 8,
+        "target_modules": targets,
+        "init_lora_weights": False,
+    } | extra
     if kind == "bert":
         kwargs["task_type"] = "SEQ_CLS"  # modules_to_save: the classifier travels along
     peft_model = get_peft_model(build(kind), PeftLoraConfig(**kwargs)).eval()

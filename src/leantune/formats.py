@@ -158,7 +158,9 @@ def _check_safe(path: Path) -> None:
         )
 
 
-def read_adapter_files(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def read_adapter_files(
+    directory: str | os.PathLike[str],
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """adapter_config.json and the tensors of an adapter folder, checked for safety and damage."""
     path = Path(directory)
     if path.is_file():
@@ -182,7 +184,9 @@ def read_adapter_files(directory: str | os.PathLike[str]) -> tuple[dict[str, Any
     except FileNotFoundError:
         raise AdapterFileError(f"{path} has no {CONFIG_NAME}; is it an adapter folder?") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterFileError(f"{path / CONFIG_NAME} is not valid JSON ({e}); re-save the adapter") from None
+        raise AdapterFileError(
+            f"{path / CONFIG_NAME} is not valid JSON ({e}); re-save the adapter"
+        ) from None
     if not isinstance(config, dict):
         raise AdapterFileError(f"{path / CONFIG_NAME} must hold a JSON object")
     try:
@@ -224,7 +228,9 @@ def config_from_peft(cfg: dict[str, Any]) -> LoraConfig:
     pattern = cfg.get("layers_pattern")
     try:
         return LoraConfig(
-            targets=cfg["target_modules"] if isinstance(cfg["target_modules"], str) else list(cfg["target_modules"]),
+            targets=cfg["target_modules"]
+            if isinstance(cfg["target_modules"], str)
+            else list(cfg["target_modules"]),
             layers=[layers] if isinstance(layers, int) else layers,
             layers_pattern=pattern[0] if isinstance(pattern, list) else pattern,
             exclude=_as_list(cfg.get("exclude_modules")),
@@ -239,7 +245,9 @@ def config_from_peft(cfg: dict[str, Any]) -> LoraConfig:
             alpha_pattern=dict(cfg.get("alpha_pattern") or {}),
         )
     except (TypeError, ValueError) as e:
-        raise AdapterFileError(f"adapter config does not describe a usable LoRA adapter: {e}") from None
+        raise AdapterFileError(
+            f"adapter config does not describe a usable LoRA adapter: {e}"
+        ) from None
 
 
 def _as_list(value: Any) -> list[str]:
@@ -249,7 +257,11 @@ def _as_list(value: Any) -> list[str]:
 
 
 def load_adapter(
-    model: nn.Module, directory: str | os.PathLike[str], name: str = "default", *, trainable: bool = False
+    model: nn.Module,
+    directory: str | os.PathLike[str],
+    name: str = "default",
+    *,
+    trainable: bool = False,
 ) -> nn.Module:
     """Load an adapter folder written by leantune or peft into ``model`` as adapter ``name``.
 

@@ -16,7 +16,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
-import torch
 from torch import nn
 
 from leantune.errors import LeantuneError, TargetError
@@ -31,7 +30,7 @@ try:  # GPT-2 style layers; transformers is a dependency but keep the core impor
 except ImportError:  # pragma: no cover
     Conv1D = None  # type: ignore[assignment,misc]
 
-LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear,) + ((Conv1D,) if Conv1D else ())
+LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ())
 
 
 @runtime_checkable
@@ -180,7 +179,9 @@ def infer_task_type(model: nn.Module) -> str | None:
     return None
 
 
-def resolve_modules_to_save(model: nn.Module, config: AdapterConfig, task_type: str | None) -> list[str]:
+def resolve_modules_to_save(
+    model: nn.Module, config: AdapterConfig, task_type: str | None
+) -> list[str]:
     names = dict(model.named_modules())
     if config.modules_to_save is None:
         wanted = ["classifier", "score"] if task_type == "SEQ_CLS" else []
@@ -226,7 +227,10 @@ def match_targets(model: nn.Module, config: AdapterConfig, skip: Sequence[str] =
             continue
         if config.exclude and name_matches(name, config.exclude):
             continue
-        if config.layers is not None and layer_index(name, config.layers_pattern) not in config.layers:
+        if (
+            config.layers is not None
+            and layer_index(name, config.layers_pattern) not in config.layers
+        ):
             continue
         if not isinstance(module, supported):
             unsupported.append(f"{name} ({type(module).__name__})")
@@ -282,7 +286,9 @@ def inject(
     """
     if not adapter_name or adapter_name == BASE or "." in adapter_name:
         raise LeantuneError(f"adapter name {adapter_name!r} is reserved or has a dot; pick another")
-    taken = set(records(model)) | {n for _, layer in adapter_layers(model) for n in layer.adapter_names()}
+    taken = set(records(model)) | {
+        n for _, layer in adapter_layers(model) for n in layer.adapter_names()
+    }
     if adapter_name in taken:
         raise LeantuneError(
             f"adapter {adapter_name!r} is already in this model; pick another name, "
@@ -328,7 +334,9 @@ def inject(
 def _record(model: nn.Module, name: str | None) -> tuple[str, AdapterRecord]:
     recs = records(model)
     if not recs:
-        raise LeantuneError("this model holds no leantune adapter; inject() or load_adapter() first")
+        raise LeantuneError(
+            "this model holds no leantune adapter; inject() or load_adapter() first"
+        )
     if name is None:
         name = active_adapter(model)
     if name not in recs:
@@ -372,7 +380,9 @@ def mark_trainable(
     if modules:
         mods = [n for n, _ in model.named_modules() if n and name_matches(n, modules)]
         if not mods:
-            raise TargetError(f"modules {list(modules)} match no module; {_closest(modules[0], dict(model.named_modules()))}")
+            raise TargetError(
+                f"modules {list(modules)} match no module; {_closest(modules[0], dict(model.named_modules()))}"
+            )
         for mod_name in mods:
             for key, p in model.get_submodule(mod_name).named_parameters():
                 trainable[f"{mod_name}.{key}"] = p
@@ -382,7 +392,9 @@ def mark_trainable(
     return trainable
 
 
-def _broadcast(model: nn.Module, batch_names: Sequence[str] | None = None, disabled: bool = False) -> None:
+def _broadcast(
+    model: nn.Module, batch_names: Sequence[str] | None = None, disabled: bool = False
+) -> None:
     active = active_adapter(model) if records(model) else None
     for _, layer in adapter_layers(model):
         layer.set_adapter_state(active, disabled, batch_names)
@@ -432,7 +444,12 @@ def tied_modules(model: nn.Module) -> dict[str, list[str]]:
         weight = module._parameters.get("weight")
         if weight is not None:
             owners.setdefault(id(weight), []).append(mod_name)
-    return {n: [o for o in group if o != n] for group in owners.values() if len(group) > 1 for n in group}
+    return {
+        n: [o for o in group if o != n]
+        for group in owners.values()
+        if len(group) > 1
+        for n in group
+    }
 
 
 def merge(model: nn.Module, name: str | None = None) -> nn.Module:
@@ -460,7 +477,7 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 def remove_adapter(model: nn.Module, name: str) -> nn.Module:
     """Delete adapter ``name``; layers left with no adapter go back to their plain type."""
-    name, rec = _record(model, name)
+    name, _ = _record(model, name)
     for layer_name, layer in list(adapter_layers(model)):
         if name in layer.adapter_names():
             layer.remove_adapter(name)
@@ -545,4 +562,3 @@ def parameter_report(model: nn.Module, name: str | None = None) -> ParameterRepo
         trainable += p.numel() if p.requires_grad else 0
     size = adapter_file_bytes(model, name) if records(model) else 0
     return ParameterReport(trainable=trainable, total=total, adapter_bytes=size)
-

@@ -12,7 +12,7 @@ import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -93,7 +93,9 @@ class LoraConfig(AdapterConfig):
 
     def adapt(self, module: nn.Module, adapter_name: str, module_name: str) -> nn.Module:
         layer = module if isinstance(module, LoraLayer) else _lora_layer_for(module)
-        layer.add_adapter(adapter_name, self.rank_for(module_name), self.alpha_for(module_name), self)
+        layer.add_adapter(
+            adapter_name, self.rank_for(module_name), self.alpha_for(module_name), self
+        )
         return layer
 
 
@@ -110,7 +112,9 @@ def lora_scaling(r: int, alpha: float, rslora: bool) -> float:
 class LoraAdapter(nn.Module):
     """One named LoRA adapter of one layer: A (r, in), B (out, r) and, for DoRA, a magnitude."""
 
-    def __init__(self, in_features: int, out_features: int, r: int, alpha: float, config: LoraConfig):
+    def __init__(
+        self, in_features: int, out_features: int, r: int, alpha: float, config: LoraConfig
+    ):
         super().__init__()
         self.r, self.alpha, self.init = r, float(alpha), config.init
         self.rslora = config.rslora
@@ -124,6 +128,14 @@ class LoraAdapter(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         """scaling * B @ A, shape (out, in). Only merging and saving build it."""
         return (self.B @ self.A) * self.scaling
+
+    def initial_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """PiSSA's A0, B0 (kept as buffers)."""
+        return cast(torch.Tensor, self.A0), cast(torch.Tensor, self.B0)
+
+    def initial_delta(self) -> torch.Tensor:
+        A0, B0 = self.initial_factors()
+        return B0 @ A0
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha:g}, init={self.init}, variant={self.variant.name}"
@@ -154,8 +166,12 @@ class PlainLora:
     def forward(
         self, layer: LoraLayer, adapter: LoraAdapter, x: torch.Tensor, out: torch.Tensor
     ) -> torch.Tensor:
-        # In place: the base op does not keep its output for backward, so this saves a copy.
-        return out.add_(layer.lora_train_path(adapter, x), alpha=adapter.scaling)
+        h = layer.lora_down(adapter, x)
+        # out += s·h·Bᵀ in one in-place addmm: the base op does not keep its output for
+        # backward, so no (tokens, out) temporary is made for the update.
+        flat = out.view(-1, out.shape[-1])
+        flat.addmm_(h.reshape(-1, h.shape[-1]), adapter.B.T, alpha=adapter.scaling)
+        return out
 
     def merge(self, layer: LoraLayer, adapter: LoraAdapter, name: str) -> None:
         layer.weight_oi().add_(adapter.delta_weight().to(layer.weight.dtype))
@@ -226,35 +242,32 @@ PLAIN: LoraVariant = PlainLora()
 DORA: LoraVariant = Dora()
 
 
-class DropoutLora(torch.autograd.Function):
-    """B(A(dropout(x))) that keeps x and a 1-byte mask for backward instead of the dropped copy.
+class DropoutDown(torch.autograd.Function):
+    """A(dropout(x)) that keeps x and a 1-byte mask for backward instead of the dropped copy.
 
     x is usually kept anyway (query, key and value share it), so each LoRA layer with dropout
-    costs a byte per input element instead of the four or more of a separate dropped tensor.
+    costs a byte per input element instead of the four of a separate dropped tensor.
     """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, p: float) -> torch.Tensor:
-        keep = torch.empty_like(x, dtype=torch.bool).bernoulli_(1.0 - p)
-        h = F.linear(x * keep * (1.0 / (1.0 - p)), A)
-        ctx.save_for_backward(x, keep, A, B, h)
+    def forward(ctx: Any, x: torch.Tensor, A: torch.Tensor, p: float) -> torch.Tensor:
+        dropped, keep = torch.native_dropout(x, p, True)
+        ctx.save_for_backward(x, keep, A)
         ctx.p = p
-        return F.linear(h, B)
+        return F.linear(dropped, A)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, keep, A, B, h = ctx.saved_tensors
-        scale = 1.0 / (1.0 - ctx.p)
-        g2 = grad.reshape(-1, grad.shape[-1])
-        grad_h = g2 @ B
-        grad_B = g2.T @ h.reshape(-1, h.shape[-1]) if ctx.needs_input_grad[2] else None
+        x, keep, A = ctx.saved_tensors
+        # The dropout scale rides on the small (tokens, r) gradient, not on the wide tensors.
+        grad_h = grad.reshape(-1, grad.shape[-1]) * (1.0 / (1.0 - ctx.p))
         grad_A = None
         if ctx.needs_input_grad[1]:
-            grad_A = grad_h.T @ (x * keep * scale).reshape(-1, x.shape[-1])
+            grad_A = grad_h.T @ (x * keep).reshape(-1, x.shape[-1])
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = (grad_h @ A).reshape(x.shape) * keep * scale
-        return grad_x, grad_A, grad_B, None
+            grad_x = (grad_h @ A).mul_(keep.reshape(-1, x.shape[-1])).reshape(x.shape)
+        return grad_x, grad_A, None
 
 
 # ---------------------------------------------------------------------------- layers
@@ -283,7 +296,9 @@ class LoraLayer(nn.Module):
     def adopt(cls, base: nn.Module) -> LoraLayer:
         """A LoRA layer sharing ``base``'s parameters, buffers and hooks (``base`` is unchanged)."""
         new = cls.__new__(cls)
-        new.__dict__.update({k: copy.copy(v) if isinstance(v, dict) else v for k, v in base.__dict__.items()})
+        new.__dict__.update(
+            {k: copy.copy(v) if isinstance(v, dict) else v for k, v in base.__dict__.items()}
+        )
         new._base_class = type(base)
         new.lora = nn.ModuleDict()
         new.merged, new._dora_norms = [], {}
@@ -315,11 +330,11 @@ class LoraLayer(nn.Module):
         """B(A(x)) without scaling."""
         return F.linear(F.linear(x, adapter.A), adapter.B)
 
-    def lora_train_path(self, adapter: LoraAdapter, x: torch.Tensor) -> torch.Tensor:
-        """B(A(dropout(x))) without scaling."""
+    def lora_down(self, adapter: LoraAdapter, x: torch.Tensor) -> torch.Tensor:
+        """A(dropout(x)), shape (..., r)."""
         if self.training and isinstance(adapter.dropout, nn.Dropout) and torch.is_grad_enabled():
-            return DropoutLora.apply(x, adapter.A, adapter.B, adapter.dropout.p)
-        return self.lora_path(adapter, adapter.dropout(x))
+            return DropoutDown.apply(x, adapter.A, adapter.dropout.p)
+        return F.linear(adapter.dropout(x), adapter.A)
 
     def init_adapter(self, adapter: LoraAdapter) -> None:
         """Standard and gaussian inits; PiSSA is shared by all layer types."""
@@ -328,6 +343,9 @@ class LoraLayer(nn.Module):
         else:
             nn.init.kaiming_uniform_(adapter.A, a=math.sqrt(5))
         nn.init.zeros_(adapter.B)
+
+    def adapter(self, name: str) -> LoraAdapter:
+        return cast(LoraAdapter, self.lora[name])
 
     # --- AdapterModule protocol
 
@@ -351,7 +369,9 @@ class LoraLayer(nn.Module):
         with torch.no_grad():
             if config.init == "pissa":
                 if self.lora:
-                    raise LeantuneError("PiSSA rewrites the base weight; it cannot share a layer with another adapter")
+                    raise LeantuneError(
+                        "PiSSA rewrites the base weight; it cannot share a layer with another adapter"
+                    )
                 self._pissa_init(adapter)
             else:
                 self.init_adapter(adapter)
@@ -373,18 +393,18 @@ class LoraLayer(nn.Module):
     def remove_adapter(self, name: str) -> None:
         if name in self.merged:
             with torch.no_grad():
-                self.lora[name].variant.unmerge(self, self.lora[name], name)
+                self.adapter(name).variant.unmerge(self, self.adapter(name), name)
             self.merged.remove(name)
-        adapter = self.lora[name]
+        adapter = self.adapter(name)
         if adapter.init == "pissa":  # give the base layer its original weight back
             with torch.no_grad():
-                self.weight_oi().add_(adapter.scaling * adapter.B0 @ adapter.A0)
+                self.weight_oi().add_(adapter.scaling * adapter.initial_delta())
         del self.lora[name]
 
     def merge(self, name: str) -> None:
         if name in self.merged:
             return
-        adapter = self.lora[name]
+        adapter = self.adapter(name)
         with torch.no_grad():
             adapter.variant.merge(self, adapter, name)
         self.merged.append(name)
@@ -393,7 +413,7 @@ class LoraLayer(nn.Module):
         with torch.no_grad():
             while self.merged:
                 name = self.merged.pop()
-                self.lora[name].variant.unmerge(self, self.lora[name], name)
+                self.adapter(name).variant.unmerge(self, self.adapter(name), name)
 
     def set_adapter_state(
         self, active: str | None, disabled: bool, batch_names: Sequence[str] | None
@@ -403,18 +423,19 @@ class LoraLayer(nn.Module):
 
     def peft_tensors(self, name: str) -> dict[str, torch.Tensor]:
         """Adapter ``name`` as peft stores it, keyed relative to this layer."""
-        adapter = self.lora[name]
+        adapter = self.adapter(name)
         tensors = {k: p.detach() for k, p in adapter.named_parameters()}
         if adapter.init == "pissa":
             # PiSSA trained W_res + s·B·A where W_res = W - s·B0·A0: the same as plain LoRA on W
             # with A' = [A; A0], B' = [B, -B0], so the file loads onto the original base model.
-            tensors["A"] = torch.cat([tensors["A"], adapter.A0])
-            tensors["B"] = torch.cat([tensors["B"], -adapter.B0], dim=1)
+            A0, B0 = adapter.initial_factors()
+            tensors["A"] = torch.cat([tensors["A"], A0])
+            tensors["B"] = torch.cat([tensors["B"], -B0], dim=1)
         return {self.peft_keys[k]: t for k, t in tensors.items()}
 
     def saved_rank_alpha(self, name: str) -> tuple[int, float]:
         """Rank and alpha of the adapter as written to a file (PiSSA is saved at rank 2r)."""
-        adapter = self.lora[name]
+        adapter = self.adapter(name)
         if adapter.init != "pissa":
             return adapter.r, adapter.alpha
         r = 2 * adapter.r
@@ -429,7 +450,7 @@ class LoraLayer(nn.Module):
         name = self._active
         if self._disabled or name is None or name not in self.lora or name in self.merged:
             return out
-        adapter = self.lora[name]
+        adapter = self.adapter(name)
         return adapter.variant.forward(self, adapter, x, out)
 
     def _mixed_forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -443,36 +464,40 @@ class LoraLayer(nn.Module):
             if name == BASE or name not in self.lora:
                 continue
             idx = torch.tensor([i for i, n in enumerate(names) if n == name], device=out.device)
-            adapter = self.lora[name]
+            adapter = self.adapter(name)
             rows = adapter.variant.forward(self, adapter, x[idx], out[idx].clone())
             out = out.index_copy(0, idx, rows)
         return out
 
 
-class LoraLinear(LoraLayer, nn.Linear):
-    def base_forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+class LoraLinear(LoraLayer, nn.Linear):  # type: ignore[misc]
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
 
 class LoraConv1D(LoraLayer, Conv1D if Conv1D is not None else nn.Module):  # type: ignore[misc]
     """GPT-2's Conv1D: a linear layer whose weight is stored (in, out)."""
 
-    def base_forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         size_out = (*x.shape[:-1], self.weight.shape[1])
         flat = x.reshape(-1, x.shape[-1])
-        out = torch.addmm(self.bias, flat, self.weight) if self.bias is not None else flat @ self.weight
+        out = (
+            torch.addmm(self.bias, flat, self.weight)
+            if self.bias is not None
+            else flat @ self.weight
+        )
         return out.view(size_out)
 
     def weight_oi(self) -> torch.Tensor:
         return self.weight.T
 
 
-class LoraEmbedding(LoraLayer, nn.Embedding):
+class LoraEmbedding(LoraLayer, nn.Embedding):  # type: ignore[misc]
     """LoRA on an embedding table (num, dim): A is (r, num), B is (dim, r)."""
 
     peft_keys: ClassVar[dict[str, str]] = {"A": "lora_embedding_A", "B": "lora_embedding_B"}
 
-    def base_forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.Embedding.forward(self, x)
 
     def weight_oi(self) -> torch.Tensor:
@@ -483,18 +508,26 @@ class LoraEmbedding(LoraLayer, nn.Embedding):
         nn.init.zeros_(adapter.A)
         nn.init.normal_(adapter.B)
 
-    def lora_train_path(self, adapter: LoraAdapter, x: torch.Tensor) -> torch.Tensor:
-        return self.lora_path(adapter, x)  # ids take no dropout (as in peft)
+    def lora_down(self, adapter: LoraAdapter, x: torch.Tensor) -> torch.Tensor:
+        # Rows of Aᵀ for each id; ids take no dropout (as in peft).
+        return F.embedding(
+            x,
+            adapter.A.T,
+            self.padding_idx,
+            self.max_norm,
+            self.norm_type,
+            self.scale_grad_by_freq,
+            self.sparse,
+        )
 
     def lora_path(self, adapter: LoraAdapter, x: torch.Tensor) -> torch.Tensor:
-        rows = F.embedding(
-            x, adapter.A.T, self.padding_idx, self.max_norm, self.norm_type,
-            self.scale_grad_by_freq, self.sparse,
-        )
-        return rows @ adapter.B.T
+        return self.lora_down(adapter, x) @ adapter.B.T
 
 
-_LAYERS: dict[type[nn.Module], type[LoraLayer]] = {nn.Linear: LoraLinear, nn.Embedding: LoraEmbedding}
+_LAYERS: dict[type[nn.Module], type[LoraLayer]] = {
+    nn.Linear: LoraLinear,
+    nn.Embedding: LoraEmbedding,
+}
 if Conv1D is not None:
     _LAYERS[Conv1D] = LoraConv1D
 
