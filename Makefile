@@ -23,7 +23,7 @@ demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m leantune.demo
 
 bench: install
-	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_step.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_step.py --rounds 8 --json benchmarks/bench_step.json
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks

@@ -1,0 +1,37 @@
+"""The leantune command: output for good input, one stderr line and exit 2 for bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import build
+
+import leantune as lt
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "leantune.cli", *args], capture_output=True, text=True)
+
+
+def test_info_describes_an_adapter(tmp_path: Path) -> None:
+    model = build("bert")
+    lt.inject(model, lt.LoraConfig(r=4, targets=["query"], rank_pattern={"layer.0.attention.self.query": 2}))
+    lt.save_adapter(model, tmp_path / "a")
+    res = run("info", str(tmp_path / "a"))
+    assert res.returncode == 0, res.stderr
+    assert "rank / alpha     4 / 16" in res.stdout
+    assert "3 modules" in res.stdout and "SEQ_CLS" in res.stdout
+    expected = sum(t.numel() for t in lt.adapter_state_dict(model).values())
+    assert f"{expected:,} parameters" in res.stdout
+
+
+def test_info_bad_input_is_one_line_without_traceback(tmp_path: Path) -> None:
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "adapter_model.safetensors").write_bytes(b"\x80\x04not really")
+    for target in (tmp_path / "missing", tmp_path / "junk"):
+        res = run("info", str(target))
+        assert res.returncode == 2
+        assert res.stderr.count("\n") == 1 and res.stderr.startswith("leantune: ")
+        assert "Traceback" not in res.stderr
