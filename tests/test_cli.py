@@ -6,18 +6,22 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import build
-
 import leantune as lt
+from conftest import build
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "leantune.cli", *args], capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "leantune.cli", *args], capture_output=True, text=True
+    )
 
 
 def test_info_describes_an_adapter(tmp_path: Path) -> None:
     model = build("bert")
-    lt.inject(model, lt.LoraConfig(r=4, targets=["query"], rank_pattern={"layer.0.attention.self.query": 2}))
+    lt.inject(
+        model,
+        lt.LoraConfig(r=4, targets=["query"], rank_pattern={"layer.0.attention.self.query": 2}),
+    )
     lt.save_adapter(model, tmp_path / "a")
     res = run("info", str(tmp_path / "a"))
     assert res.returncode == 0, res.stderr

@@ -31,7 +31,9 @@ def fail(message: str) -> None:
 
 @app.command()
 def info(
-    path: Annotated[Path, typer.Argument(help="An adapter folder (adapter_config.json + safetensors).")],
+    path: Annotated[
+        Path, typer.Argument(help="An adapter folder (adapter_config.json + safetensors).")
+    ],
 ) -> None:
     """Show what an adapter folder holds: method, targets, ranks, tensors and sizes."""
     from leantune.formats import CONFIG_NAME, WEIGHTS_NAME, read_adapter_files
