@@ -1,0 +1,1 @@
+"""Training: the one loop (loop.py); schedules and regularizers join it later."""
