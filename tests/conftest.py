@@ -37,10 +37,10 @@ class MLP(nn.Module):
         return self.head(self.body(self.embed(input_ids)).mean(1))
 
 
-def tiny_bert() -> nn.Module:
+def tiny_bert(hidden: int = 32) -> nn.Module:
     cfg = BertConfig(
         vocab_size=VOCAB,
-        hidden_size=32,
+        hidden_size=hidden,
         num_hidden_layers=3,
         num_attention_heads=2,
         intermediate_size=48,

@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import save_file
 
 import leantune as lt
-from conftest import build, inputs, logits
+from conftest import build, inputs, logits, tiny_bert
 from leantune import formats
-from leantune.inject import adapter_layers
+from leantune.inject import adapter_layers, records
 from test_contract import randomize
 
 
@@ -32,7 +32,7 @@ def saved(tmp_path: Path) -> Path:
 
 def assert_untouched(model: torch.nn.Module, kind: str) -> None:
     assert not list(adapter_layers(model))
-    assert not lt.inject.__globals__["records"](model)
+    assert not records(model)
     torch.testing.assert_close(logits(model, inputs(kind)), logits(build(kind), inputs(kind)))
 
 
@@ -91,20 +91,8 @@ def test_adapter_for_other_modules_or_shapes(saved: Path) -> None:
         lt.load_adapter(llama, saved)
     assert_untouched(llama, "llama")
     # Same names, other sizes: a wider BERT.
-    from transformers import BertConfig, BertForSequenceClassification
-
     torch.manual_seed(0)
-    wide = BertForSequenceClassification(
-        BertConfig(
-            vocab_size=64,
-            hidden_size=48,
-            num_hidden_layers=3,
-            num_attention_heads=2,
-            intermediate_size=48,
-            max_position_embeddings=32,
-            num_labels=3,
-        )
-    ).eval()
+    wide = tiny_bert(hidden=48).eval()
     x = inputs("bert")
     expected = logits(wide, x)
     with pytest.raises(

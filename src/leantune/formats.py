@@ -27,6 +27,7 @@ from leantune.inject import (
     _record,
     adapter_layers,
     inject,
+    mark_trainable,
     name_matches,
     records,
     remove_adapter,
@@ -286,8 +287,6 @@ def load_adapter(
         remove_adapter(model, name)
         raise
     if trainable:
-        from leantune.inject import mark_trainable
-
         mark_trainable(model, name)
     else:
         for p in model.parameters():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, cast
@@ -25,8 +26,6 @@ INITS = ("standard", "gaussian", "pissa")
 
 
 def _matches_pattern(key: str, module_name: str) -> bool:
-    import re
-
     # peft's rule for rank_pattern / alpha_pattern keys.
     return re.match(rf"(.*\.)?({key})$", module_name) is not None
 
