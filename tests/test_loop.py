@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import signal
+from pathlib import Path
+
 import pytest
 import torch
 
 import leantune as lt
 from conftest import build
-from leantune.train.loop import TrainConfig, train, warmup_linear
+from leantune.train.loop import Progress, TrainConfig, train, warmup_linear
 
 
 def toy_batches(n: int = 48, batch: int = 8) -> list[dict[str, torch.Tensor]]:
@@ -39,10 +42,10 @@ def test_loop_learns_and_keeps_best() -> None:
         lambda epoch: data,
         lambda m: accuracy(m, data),
         TrainConfig(epochs=8, lr=3e-3, seed=0),
-        on_best=lambda m, row: kept.append(row["accuracy"]),
+        on_best=lambda m, row: kept.append(row["val_accuracy"]),
     )
-    assert result.best is not None and result.best["accuracy"] >= 0.9
-    assert kept == sorted(kept) and kept[-1] == result.best["accuracy"]
+    assert result.best is not None and result.best["val_accuracy"] >= 0.9
+    assert kept == sorted(kept) and kept[-1] == result.best["val_accuracy"]
     assert result.steps == 8 * len(data) and len(result.history) == 8
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
 
@@ -58,7 +61,7 @@ def test_early_stopping_after_patience() -> None:
         TrainConfig(epochs=6, patience=2),
     )
     assert result.stopped_early and len(result.history) == 4
-    assert result.best is not None and result.best["accuracy"] == 0.6
+    assert result.best is not None and result.best["val_accuracy"] == 0.6
 
 
 def test_same_seed_same_run_and_grad_accum() -> None:
@@ -89,3 +92,63 @@ def test_schedule_and_bad_settings() -> None:
         for p in model.parameters():
             p.requires_grad_(False)
         train(model, lambda e: toy_batches(), lambda m: {"accuracy": 0.0}, TrainConfig())
+
+
+def lora_bert() -> torch.nn.Module:
+    model = build("bert")
+    lt.inject(model, lt.LoraConfig(r=2, targets=["query", "value"], dropout=0.1))
+    return model
+
+
+def shuffled(epoch: int) -> list[dict[str, torch.Tensor]]:
+    data = toy_batches(40, 4)
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(epoch))
+    return [data[i] for i in order]
+
+
+@pytest.mark.parametrize("stop_at", [3, 10, 13])  # mid-epoch, epoch boundary, after an eval
+def test_ctrl_c_then_resume_matches_an_uninterrupted_run(tmp_path: Path, stop_at: int) -> None:
+    """SIGINT stops after the current step with a checkpoint; resuming ends where an
+    uninterrupted run with the same seed ends: same metrics, same weights."""
+    config = TrainConfig(epochs=3, lr=3e-3, grad_accum=2, eval_every=4, seed=1)
+    data = toy_batches()
+
+    def evaluate(m: torch.nn.Module) -> dict[str, float]:
+        loss = sum(m(**b).loss.item() for b in data)
+        return accuracy(m, data) | {"loss": loss}
+
+    straight = lora_bert()
+    expected = train(straight, shuffled, evaluate, config)
+
+    def interrupt(progress: Progress, total: int) -> None:
+        if progress.step == stop_at:
+            signal.raise_signal(signal.SIGINT)
+
+    first = lora_bert()
+    cut = train(first, shuffled, evaluate, config, on_step=interrupt, checkpoint=tmp_path)
+    assert cut.interrupted and cut.steps == stop_at
+    assert (tmp_path / "state.json").exists()
+    resumed_model = lora_bert()  # a fresh process would rebuild the model the same way
+    resumed = train(resumed_model, shuffled, evaluate, config, checkpoint=tmp_path, resume=True)
+    assert not resumed.interrupted and resumed.steps == expected.steps
+    timeless = [{k: v for k, v in row.items() if k != "train_seconds"} for row in expected.history]
+    assert [
+        {k: v for k, v in r.items() if k != "train_seconds"} for r in resumed.history
+    ] == timeless
+    assert resumed.curve == expected.curve
+    want = dict(straight.named_parameters())
+    for name, p in resumed_model.named_parameters():
+        assert torch.equal(p, want[name]), name
+    # The handler is removed afterwards: Ctrl-C behaves normally again.
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_max_steps_stops_and_evaluates() -> None:
+    res = train(
+        lora_bert(),
+        lambda e: toy_batches(),
+        lambda m: {"accuracy": 0.5},
+        TrainConfig(epochs=5, max_steps=4),
+    )
+    assert res.steps == 4 and len(res.history) == 1 and res.history[0]["step"] == 4
+    assert [s for s, _ in res.curve] == [1, 2, 3, 4]

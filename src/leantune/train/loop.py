@@ -1,25 +1,35 @@
-"""The one training loop (issue 3 groundwork). The method is whatever the model holds: the loop
-trains the parameters that require grad, nothing else.
+"""The one training loop. The method is whatever the model holds: the loop trains the parameters
+that require grad, nothing else, so LoRA, full fine-tuning and head-only share every line.
 
 AdamW over trainable parameters only, warmup then linear decay, gradient accumulation and
-clipping, evaluation every epoch (or every N optimizer steps), early stopping on a chosen metric,
-a callback when a new best is reached. Not yet here: resume from a checkpoint, Ctrl-C handling,
-progress bars (see issue 3).
+clipping, evaluation every epoch (and every N optimizer steps if asked), early stopping on a
+chosen metric, a callback on each new best, checkpoints that resume to the same result, and
+Ctrl-C that finishes the current optimizer step, saves a checkpoint and returns.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import signal
+import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from leantune.errors import LeantuneError
 
 Batch = Mapping[str, torch.Tensor]
+STATE_TENSORS = "state.safetensors"
+STATE_JSON = "state.json"
 
 
 @dataclass
@@ -42,6 +52,8 @@ class TrainConfig:
     metric: str = "accuracy"
     """Validation metric that picks the best checkpoint and drives early stopping."""
     higher_is_better: bool = True
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (the schedule still spans all epochs)."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -51,6 +63,30 @@ class TrainConfig:
             raise LeantuneError(f"learning rate must be positive, got {self.lr}")
         if not 0 <= self.warmup_ratio < 1:
             raise LeantuneError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        for name in ("eval_every", "patience", "max_steps"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise LeantuneError(f"{name} must be positive, got {value}")
+
+
+@dataclass
+class Progress:
+    """Where training stands; saved in every checkpoint so a resumed run continues exactly."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+    """Batches of ``epoch`` already consumed."""
+    examples: int = 0
+    seconds: float = 0.0
+    loss_sum: float = 0.0
+    """Sum of batch losses since the last evaluation (for the logged train_loss)."""
+    loss_count: int = 0
+    bad_evals: int = 0
+    best: dict[str, float] | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+    curve: list[tuple[int, float]] = field(default_factory=list)
+    """(optimizer step, mean loss of its batches) for every step."""
 
 
 @dataclass
@@ -61,6 +97,9 @@ class TrainResult:
     train_seconds: float
     examples: int
     history: list[dict[str, float]] = field(default_factory=list)
+    curve: list[tuple[int, float]] = field(default_factory=list)
+    interrupted: bool = False
+    """Ctrl-C: a checkpoint was saved at the last finished step; resume to continue."""
 
     @property
     def examples_per_s(self) -> float:
@@ -78,6 +117,104 @@ def warmup_linear(total: int, warmup: int) -> Callable[[int], float]:
     return factor
 
 
+# ---------------------------------------------------------------------------- checkpoints
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(
+    directory: Path, model: nn.Module, opt: torch.optim.Optimizer, sched: Any, progress: Progress
+) -> None:
+    """Trainable weights, optimizer moments and RNG state in safetensors; the rest in JSON.
+
+    Written beside the target and renamed into place, so an interrupted write leaves the
+    previous checkpoint whole.
+    """
+    tensors = {
+        f"param.{n}": p.detach().cpu().contiguous() for n, p in trainable_parameters(model).items()
+    }
+    opt_state = opt.state_dict()
+    for index, state in opt_state["state"].items():
+        for key, value in state.items():
+            tensors[f"opt.{index}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    meta = {
+        "progress": asdict(progress),
+        "param_groups": opt_state["param_groups"],
+        "scheduler": {k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"},
+    }
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp_tensors = directory / f".{STATE_TENSORS}.tmp"
+    tmp_json = directory / f".{STATE_JSON}.tmp"
+    save_file(tensors, str(tmp_tensors), metadata={"format": "pt"})
+    tmp_json.write_text(json.dumps(meta))
+    # JSON last: a state.json always names a complete tensor file.
+    os.replace(tmp_tensors, directory / STATE_TENSORS)
+    os.replace(tmp_json, directory / STATE_JSON)
+
+
+def load_checkpoint(
+    directory: Path, model: nn.Module, opt: torch.optim.Optimizer, sched: Any
+) -> Progress:
+    try:
+        meta = json.loads((directory / STATE_JSON).read_text())
+        tensors = load_file(str(directory / STATE_TENSORS))
+    except (OSError, ValueError) as e:
+        raise LeantuneError(f"no usable checkpoint in {directory}: {e}") from None
+    params = trainable_parameters(model)
+    saved = {k.removeprefix("param."): v for k, v in tensors.items() if k.startswith("param.")}
+    if set(saved) != set(params):
+        raise LeantuneError(
+            f"checkpoint in {directory} holds {len(saved)} trainable tensors, the model has "
+            f"{len(params)}; resume with the run's own config"
+        )
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(saved[name])
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("opt."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    sched.load_state_dict(meta["scheduler"] | {"lr_lambdas": [None] * len(opt.param_groups)})
+    torch.set_rng_state(tensors["rng.cpu"])
+    if torch.cuda.is_available():
+        cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+    progress = Progress(**meta["progress"])
+    progress.curve = [(int(s), float(v)) for s, v in progress.curve]
+    return progress
+
+
+@contextmanager
+def _stop_on_sigint() -> Iterator[Callable[[], bool]]:
+    """First Ctrl-C asks the loop to stop after the current step; a second one interrupts."""
+    requested = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield requested.is_set
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        requested.set()
+        signal.signal(signal.SIGINT, previous)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield requested.is_set
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+# ---------------------------------------------------------------------------- the loop
+
+
 def train(
     model: nn.Module,
     batches: Callable[[int], Sequence[Batch]],
@@ -85,11 +222,20 @@ def train(
     config: TrainConfig,
     on_best: Callable[[nn.Module, dict[str, float]], None] | None = None,
     log: Callable[[dict[str, float]], None] | None = None,
+    on_step: Callable[[Progress, int], None] | None = None,
+    checkpoint: Path | None = None,
+    resume: bool = False,
 ) -> TrainResult:
-    """Train ``model``'s trainable parameters; ``batches(epoch)`` gives that epoch's batches,
-    each holding the model's inputs and ``labels``."""
+    """Train ``model``'s trainable parameters.
+
+    ``batches(epoch)`` gives that epoch's batches (the same list each time it is asked for the
+    same epoch), each holding the model's inputs and ``labels``. ``evaluate`` returns validation
+    metrics; ``log`` sees each evaluation row; ``on_step(progress, total_steps)`` runs after
+    every optimizer step. With ``checkpoint`` a folder, a checkpoint is written after every
+    evaluation and on Ctrl-C; ``resume=True`` continues from it.
+    """
     torch.manual_seed(config.seed)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = list(trainable_parameters(model).values())
     if not params:
         raise LeantuneError("the model has no trainable parameters; inject an adapter first")
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -98,58 +244,95 @@ def train(
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, warmup_linear(total, round(total * config.warmup_ratio))
     )
+    if resume:
+        if checkpoint is None:
+            raise LeantuneError("resume needs a checkpoint folder")
+        progress = load_checkpoint(checkpoint, model, opt, sched)
+    else:
+        progress = Progress()
+    p = progress
     sign = 1.0 if config.higher_is_better else -1.0
-    best: dict[str, float] | None = None
-    history: list[dict[str, float]] = []
-    bad_evals = step = examples = 0
-    seconds = 0.0
+    limit = min(total, config.max_steps or total)
+    device = params[0].device
 
-    def run_eval(epoch: int, train_loss: float) -> bool:
-        """Evaluate, keep the best, and say whether to stop."""
-        nonlocal best, bad_evals
+    def result(stopped_early: bool, interrupted: bool = False) -> TrainResult:
+        return TrainResult(
+            p.best, p.step, stopped_early, p.seconds, p.examples, p.history, p.curve, interrupted
+        )
+
+    def run_eval() -> bool:
+        """Evaluate, keep the best, checkpoint, and say whether to stop."""
         model.eval()
         with torch.no_grad():
             metrics = dict(evaluate(model))
         model.train()
         if config.metric not in metrics:
             raise LeantuneError(f"metric {config.metric!r} not among {sorted(metrics)}")
-        row = {"step": float(step), "epoch": float(epoch), "train_loss": train_loss} | metrics
-        history.append(row)
-        if log:
-            log(row)
-        if best is None or sign * metrics[config.metric] > sign * best[config.metric]:
-            best, bad_evals = row, 0
+        row = {
+            "step": float(p.step),
+            "epoch": round(p.epoch + (p.batch / len(batches(p.epoch)) if p.batch else 0), 4),
+            "train_loss": p.loss_sum / max(1, p.loss_count),
+            "train_seconds": p.seconds,
+        } | {f"val_{k}": v for k, v in metrics.items()}
+        p.history.append(row)
+        p.loss_sum, p.loss_count = 0.0, 0
+        key = f"val_{config.metric}"
+        if p.best is None or sign * row[key] > sign * p.best[key]:
+            p.best, p.bad_evals = row, 0
             if on_best:
                 on_best(model, row)
-            return False
-        bad_evals += 1
-        return config.patience is not None and bad_evals >= config.patience
+        else:
+            p.bad_evals += 1
+        if log:
+            log(row)
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, model, opt, sched, p)
+        return config.patience is not None and p.bad_evals >= config.patience
 
     model.train()
-    for epoch in range(config.epochs):
-        epoch_batches = batches(epoch)
-        running, count = 0.0, 0
-        start = time.perf_counter()
-        for i, batch in enumerate(epoch_batches):
-            loss = model(**batch).loss
-            (loss / config.grad_accum).backward()
-            running, count = running + loss.item(), count + 1
-            examples += len(batch["labels"])
-            if (i + 1) % config.grad_accum and i + 1 != len(epoch_batches):
-                continue
-            if config.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            if config.eval_every and step % config.eval_every == 0:
-                seconds += time.perf_counter() - start
-                stop = run_eval(epoch, running / count)
+    with _stop_on_sigint() as stop_requested:
+        while p.epoch < config.epochs and p.step < limit:
+            epoch_batches = batches(p.epoch)
+            start = time.perf_counter()
+            step_loss, step_batches = 0.0, 0
+            while p.batch < len(epoch_batches):
+                batch = {k: v.to(device) for k, v in epoch_batches[p.batch].items()}
+                loss = model(**batch).loss
+                (loss / config.grad_accum).backward()
+                step_loss, step_batches = step_loss + loss.item(), step_batches + 1
+                p.batch += 1
+                p.examples += len(batch["labels"])
+                if step_batches < config.grad_accum and p.batch != len(epoch_batches):
+                    continue
+                if config.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                p.step += 1
+                p.loss_sum += step_loss
+                p.loss_count += step_batches
+                p.curve.append((p.step, step_loss / step_batches))
+                step_loss, step_batches = 0.0, 0
+                now = time.perf_counter()
+                p.seconds += now - start
+                start = now
+                if on_step:
+                    on_step(p, limit)
+                if p.batch == len(epoch_batches):
+                    break  # the end-of-epoch evaluation below covers this step
+                if config.eval_every and p.step % config.eval_every == 0 and run_eval():
+                    return result(True)
+                if p.step >= limit:
+                    return result(run_eval())
+                if stop_requested():
+                    if checkpoint is not None:
+                        save_checkpoint(checkpoint, model, opt, sched, p)
+                    return result(False, interrupted=True)
                 start = time.perf_counter()
-                if stop:
-                    return TrainResult(best, step, True, seconds, examples, history)
-        seconds += time.perf_counter() - start
-        if run_eval(epoch + 1, running / max(count, 1)):
-            return TrainResult(best, step, True, seconds, examples, history)
-    return TrainResult(best, step, False, seconds, examples, history)
+            p.epoch, p.batch = p.epoch + 1, 0
+            if run_eval():
+                return result(True)
+            if stop_requested():
+                return result(False, interrupted=True)
+    return result(False)
