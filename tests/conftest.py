@@ -8,6 +8,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -110,3 +111,100 @@ def logits(model: nn.Module, x: dict[str, torch.Tensor]) -> torch.Tensor:
 @pytest.fixture
 def make() -> Callable[..., nn.Module]:
     return build
+
+
+# ---------------------------------------------------------------------------- tune job fixtures
+
+TOPICS = {
+    "sport": ["goal", "match", "team", "coach", "league"],
+    "money": ["bank", "shares", "profit", "market", "trade"],
+    "tech": ["chip", "software", "phone", "robot", "data"],
+}
+FILLER = ["the", "a", "said", "on", "today", "new", "with", "for", "week", "after"]
+
+
+def topic_rows(n: int = 60, seed: int = 0) -> list[dict[str, str]]:
+    """Texts whose label is told by its topic words, with filler of varying length."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    names = sorted(TOPICS)
+    for i in range(n):
+        label = names[i % len(names)]
+        words = rng.choices(TOPICS[label], k=3) + rng.choices(FILLER, k=rng.randint(2, 12))
+        rng.shuffle(words)
+        rows.append({"text": " ".join(words), "label": label})
+    return rows
+
+
+def write_rows(path: Path, rows: list[dict[str, str]]) -> Path:
+    """CSV or JSON Lines by suffix."""
+    import csv
+    import json
+
+    if path.suffix == ".csv":
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def tiny_model_folder(path: Path, kind: str = "bert") -> Path:
+    """A saved tiny model with a word-level tokenizer: a local transformers folder, offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted({w for ws in TOPICS.values() for w in ws} | set(FILLER))
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+    vocab = {w: i for i, w in enumerate(specials + words)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    if kind == "bert":
+        tk.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+        )
+        tok = PreTrainedTokenizerFast(
+            tokenizer_object=tk,
+            unk_token="[UNK]",
+            pad_token="[PAD]",
+            cls_token="[CLS]",
+            sep_token="[SEP]",
+        )
+        torch.manual_seed(0)
+        model: nn.Module = BertForSequenceClassification(
+            BertConfig(
+                vocab_size=len(vocab),
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                intermediate_size=48,
+                max_position_embeddings=64,
+                num_labels=2,
+            )
+        )
+    else:
+        tok = PreTrainedTokenizerFast(
+            tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]", eos_token="[SEP]"
+        )
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=len(vocab),
+                hidden_size=32,
+                intermediate_size=48,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=64,
+                pad_token_id=0,
+                eos_token_id=3,
+                bos_token_id=2,
+            )
+        )
+    model.save_pretrained(path)  # type: ignore[operator]
+    tok.save_pretrained(path)
+    return path

@@ -221,7 +221,7 @@ def train(
     evaluate: Callable[[nn.Module], dict[str, float]],
     config: TrainConfig,
     on_best: Callable[[nn.Module, dict[str, float]], None] | None = None,
-    log: Callable[[dict[str, float]], None] | None = None,
+    log: Callable[[dict[str, float], list[dict[str, float]]], None] | None = None,
     on_step: Callable[[Progress, int], None] | None = None,
     checkpoint: Path | None = None,
     resume: bool = False,
@@ -230,7 +230,7 @@ def train(
 
     ``batches(epoch)`` gives that epoch's batches (the same list each time it is asked for the
     same epoch), each holding the model's inputs and ``labels``. ``evaluate`` returns validation
-    metrics; ``log`` sees each evaluation row; ``on_step(progress, total_steps)`` runs after
+    metrics; ``log`` sees each evaluation row and the history so far; ``on_step(progress, total_steps)`` runs after
     every optimizer step. With ``checkpoint`` a folder, a checkpoint is written after every
     evaluation and on Ctrl-C; ``resume=True`` continues from it.
     """
@@ -284,7 +284,7 @@ def train(
         else:
             p.bad_evals += 1
         if log:
-            log(row)
+            log(row, p.history)
         if checkpoint is not None:
             save_checkpoint(checkpoint, model, opt, sched, p)
         return config.patience is not None and p.bad_evals >= config.patience

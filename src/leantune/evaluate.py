@@ -1,0 +1,112 @@
+"""Task metrics: accuracy, macro-F1 and the confusion matrix for classification; perplexity for
+language modelling. Evaluation runs over length-sorted batches with dynamic padding."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from leantune.data import length_buckets, pad_batch
+
+
+@dataclass
+class Encoded:
+    """Token ids of one split, with class indices (classification) or none (causal LM)."""
+
+    ids: list[list[int]]
+    labels: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def make_batch(
+    enc: Encoded, rows: Sequence[int], pad_id: int, causal: bool
+) -> dict[str, torch.Tensor]:
+    batch = pad_batch([enc.ids[i] for i in rows], pad_id)
+    if causal:
+        batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    elif enc.labels:
+        batch["labels"] = torch.tensor([enc.labels[i] for i in rows], dtype=torch.long)
+    return batch
+
+
+def confusion_matrix(truth: Sequence[int], pred: Sequence[int], n: int) -> list[list[int]]:
+    """Rows are true classes, columns predicted classes."""
+    matrix = [[0] * n for _ in range(n)]
+    for t, p in zip(truth, pred, strict=True):
+        matrix[t][p] += 1
+    return matrix
+
+
+def macro_f1(matrix: Sequence[Sequence[int]]) -> float:
+    """Mean F1 over the classes that occur in the truth or the predictions."""
+    scores = []
+    for c in range(len(matrix)):
+        tp = matrix[c][c]
+        fn = sum(matrix[c]) - tp
+        fp = sum(row[c] for row in matrix) - tp
+        if tp + fn + fp:
+            scores.append(2 * tp / (2 * tp + fp + fn))
+    return sum(scores) / len(scores) if scores else 0.0
+
+
+@dataclass
+class Evaluation:
+    metrics: dict[str, float]
+    predictions: list[int] = field(default_factory=list)
+    probabilities: list[float] = field(default_factory=list)
+    confusion: list[list[int]] | None = None
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    enc: Encoded,
+    *,
+    causal: bool,
+    num_labels: int = 0,
+    pad_id: int = 0,
+    batch_size: int = 64,
+) -> Evaluation:
+    """Loss and task metrics of ``model`` on ``enc`` (mean over examples, or tokens for LMs)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total_loss, weight = 0.0, 0
+    order: list[int] = []
+    preds: list[int] = []
+    probs: list[float] = []
+    for rows in length_buckets([len(x) for x in enc.ids], batch_size, seed=None):
+        batch = {k: v.to(device) for k, v in make_batch(enc, rows, pad_id, causal).items()}
+        out = model(**batch)
+        if causal:
+            # transformers averages over predicted tokens: every real token after the first.
+            n = int((batch["labels"][:, 1:] != -100).sum())
+        else:
+            n = len(rows)
+            p = out.logits.float().softmax(-1).max(-1)
+            preds += p.indices.tolist()
+            probs += p.values.tolist()
+            order += rows
+        if out.loss is not None:
+            total_loss += out.loss.item() * n
+            weight += n
+    model.train(was_training)
+    loss = total_loss / max(weight, 1)
+    if causal:
+        return Evaluation({"loss": loss, "perplexity": math.exp(min(loss, 50.0))})
+    # Back to the caller's row order.
+    by_row = sorted(range(len(order)), key=lambda i: order[i])
+    preds = [preds[i] for i in by_row]
+    probs = [probs[i] for i in by_row]
+    if not enc.labels:
+        return Evaluation({}, preds, probs)
+    matrix = confusion_matrix(enc.labels, preds, num_labels)
+    right = sum(matrix[c][c] for c in range(num_labels))
+    metrics = {"loss": loss, "accuracy": right / max(len(enc), 1), "macro_f1": macro_f1(matrix)}
+    return Evaluation(metrics, preds, probs, matrix)

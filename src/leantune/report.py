@@ -1,0 +1,464 @@
+"""A run's results as PNG plots and one static ``report.html``.
+
+The HTML opens straight from disk: images by relative file name, CSS inline, no JavaScript and
+nothing fetched from the network. Every string put into it goes through :func:`html.escape`.
+
+Figures are drawn with matplotlib's Agg canvas on :class:`matplotlib.figure.Figure` objects, never
+through ``pyplot``: it works headless, leaves the process-wide backend alone (a notebook that calls
+:func:`write_report` keeps its inline plots) and keeps no global registry of open figures.
+Every file is written to a temporary name in ``run_dir`` and moved into place with
+:func:`os.replace`, so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+import math
+import numbers
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+LOSS_PNG = "loss.png"
+METRIC_PNG = "metric.png"
+CONFUSION_PNG = "confusion.png"
+REPORT_HTML = "report.html"
+
+# Above this many classes the confusion plot drops the per-cell counts (they would not fit).
+MAX_ANNOTATED_CLASSES = 30
+_DPI = 110
+
+_CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto;
+       max-width: 72em; padding: 0 1em; color: #222; }
+h1 { font-size: 1.5em; margin-bottom: 0.2em; }
+h2 { font-size: 1.15em; margin-top: 2em; border-bottom: 1px solid #ddd; padding-bottom: 0.2em; }
+.headline { font-size: 1.05em; background: #f4f6fa; padding: 0.6em 0.9em; border-radius: 4px; }
+.headline span { margin-right: 1.6em; white-space: nowrap; }
+.muted { color: #666; }
+table { border-collapse: collapse; font-size: 0.9em; margin: 0.5em 0; }
+th, td { border: 1px solid #ddd; padding: 0.25em 0.6em; text-align: left; vertical-align: top; }
+th { background: #f4f6fa; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.scroll { overflow-x: auto; }
+img { max-width: 100%; height: auto; border: 1px solid #eee; margin: 0.5em 0; }
+pre { margin: 0; white-space: pre-wrap; word-break: break-word; }
+"""
+
+
+def write_report(
+    run_dir: Path,
+    summary: Mapping[str, Any],
+    history: Sequence[Mapping[str, float]],
+    train_curve: Sequence[tuple[int, float]],
+    confusion: Sequence[Sequence[int]] | None = None,
+    label_names: Sequence[str] | None = None,
+    config: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write loss.png, metric.png, confusion.png (when confusion is given) and report.html into run_dir; return the html path.
+
+    Without ``confusion`` a ``confusion.png`` left in ``run_dir`` by an earlier report is removed.
+
+    ``history`` holds one mapping per validation evaluation (``step``, ``epoch``, ``train_loss``,
+    ``val_loss`` and either ``val_accuracy``/``val_macro_f1`` or ``val_perplexity``); it may be
+    empty, in which case ``metric.png`` says that no evaluation was run. ``train_curve`` is
+    ``(optimizer step, training loss)`` for every step. ``confusion`` is a square matrix of counts,
+    rows the true label and columns the prediction; ``label_names`` names its classes (class
+    indices are used when it is ``None``).
+
+    Raises:
+        ValueError: ``confusion`` is not square, or ``label_names`` does not have one name per
+            class.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    matrix: np.ndarray | None = None
+    names: list[str] = []
+    if confusion is not None:
+        matrix = _as_matrix(confusion)
+        n = matrix.shape[0]
+        names = [str(i) for i in range(n)] if label_names is None else [str(s) for s in label_names]
+        if len(names) != n:
+            raise ValueError(f"confusion matrix has {n} classes but {len(names)} label names")
+
+    _save_figure(_loss_figure(history, train_curve), run_dir / LOSS_PNG)
+    _save_figure(_metric_figure(history), run_dir / METRIC_PNG)
+    if matrix is not None:
+        _save_figure(_confusion_figure(matrix, names), run_dir / CONFUSION_PNG)
+    else:  # one left by an earlier report in this folder would not belong to this one
+        (run_dir / CONFUSION_PNG).unlink(missing_ok=True)
+
+    page = _render_html(run_dir, summary, history, train_curve, matrix, names, config)
+    out = run_dir / REPORT_HTML
+    _atomic_write(out, page.encode("utf-8"))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Files
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file next to ``path``, then rename it over ``path``."""
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp_name, 0o644)  # mkstemp makes it 0600; a report is meant to be shared
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def _save_figure(fig: Figure, path: Path) -> None:
+    buf = io.BytesIO()
+    try:
+        FigureCanvasAgg(fig).print_png(buf)
+    finally:
+        fig.clear()  # free the artists now rather than when the figure is collected
+    _atomic_write(path, buf.getvalue())
+
+
+# --------------------------------------------------------------------------------------------
+# Figures
+
+
+def _series(history: Sequence[Mapping[str, float]], key: str) -> tuple[list[float], list[float]]:
+    """(steps, values) of the evaluations that have a finite ``key``."""
+    xs: list[float] = []
+    ys: list[float] = []
+    for i, row in enumerate(history):
+        value = _finite(row.get(key))
+        if value is None:
+            continue
+        step = _finite(row.get("step"))
+        xs.append(float(i) if step is None else step)
+        ys.append(value)
+    return xs, ys
+
+
+def _finite(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    f = float(value)
+    return f if math.isfinite(f) else None
+
+
+def _moving_average(ys: np.ndarray, window: int) -> np.ndarray:
+    kernel = np.full(window, 1.0 / window)
+    return np.convolve(ys, kernel, mode="valid")
+
+
+def _no_data(ax: Any, message: str) -> None:
+    ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, color="#666")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _loss_figure(
+    history: Sequence[Mapping[str, float]], train_curve: Sequence[tuple[int, float]]
+) -> Figure:
+    fig = Figure(figsize=(8, 4.5), dpi=_DPI, layout="constrained")
+    ax = fig.add_subplot()
+    points = [(float(s), float(v)) for s, v in train_curve if _finite(v) is not None]
+    val_x, val_y = _series(history, "val_loss")
+    if not points and not val_x:
+        _no_data(ax, "No loss values were recorded")
+        ax.set_title("Loss")
+        return fig
+    if points:
+        xs = np.array([p[0] for p in points])
+        ys = np.array([p[1] for p in points])
+        window = max(1, len(ys) // 50)
+        thin = 0.35 if window > 1 else 0.9
+        ax.plot(xs, ys, lw=0.7, alpha=thin, color="tab:blue", label="train loss (per step)")
+        if window > 1:
+            ax.plot(
+                xs[window - 1 :],
+                _moving_average(ys, window),
+                lw=1.8,
+                color="tab:blue",
+                label=f"train loss ({window}-step moving average)",
+            )
+    if val_x:
+        ax.plot(val_x, val_y, "o-", color="tab:orange", lw=1.5, ms=5, label="validation loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title("Loss")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    return fig
+
+
+def _metric_figure(history: Sequence[Mapping[str, float]]) -> Figure:
+    fig = Figure(figsize=(8, 4.5), dpi=_DPI, layout="constrained")
+    ax = fig.add_subplot()
+    acc = _series(history, "val_accuracy")
+    f1 = _series(history, "val_macro_f1")
+    ppl = _series(history, "val_perplexity")
+    if acc[0] or f1[0]:
+        if acc[0]:
+            ax.plot(*acc, "o-", color="tab:green", label="validation accuracy")
+        if f1[0]:
+            ax.plot(*f1, "s--", color="tab:purple", label="validation macro-F1")
+        ax.set_ylabel("score")
+        ax.set_title("Validation accuracy and macro-F1")
+    elif ppl[0]:
+        ax.plot(*ppl, "o-", color="tab:red", label="validation perplexity")
+        lo, hi = min(ppl[1]), max(ppl[1])
+        if lo > 0 and hi / lo > 50:
+            ax.set_yscale("log")
+        ax.set_ylabel("perplexity")
+        ax.set_title("Validation perplexity")
+    else:
+        message = "No evaluation was run" if not history else "No validation metric was recorded"
+        _no_data(ax, message)
+        ax.set_title("Validation metric")
+        return fig
+    ax.set_xlabel("optimizer step")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    return fig
+
+
+def _as_matrix(confusion: Sequence[Sequence[int]]) -> np.ndarray:
+    rows = [list(r) for r in confusion]
+    n = len(rows)
+    if n == 0 or any(len(r) != n for r in rows):
+        raise ValueError("confusion matrix must be square with at least one class")
+    return np.array(rows, dtype=np.int64)
+
+
+def _plain_text(label: str) -> str:
+    """Stop matplotlib reading ``$...$`` in a label as math (a stray ``$`` would fail to draw)."""
+    return label.replace("$", r"\$")
+
+
+def _confusion_figure(matrix: np.ndarray, names: Sequence[str]) -> Figure:
+    n = matrix.shape[0]
+    side = min(16.0, max(4.5, 0.45 * n + 2.5))
+    fig = Figure(figsize=(side + 1.2, side), dpi=_DPI, layout="constrained")
+    ax = fig.add_subplot()
+    image = ax.imshow(matrix, cmap="Blues", interpolation="nearest", vmin=0)
+    fig.colorbar(image, ax=ax, shrink=0.8)
+    tick_size = 10 if n <= 10 else 8 if n <= 20 else 6
+    labels = [_plain_text(s) for s in names]
+    ax.set_xticks(range(n), labels, rotation=45, ha="right", rotation_mode="anchor")
+    ax.set_yticks(range(n), labels)
+    ax.tick_params(labelsize=tick_size)
+    ax.set_xlabel("predicted label")
+    ax.set_ylabel("true label")
+    ax.set_title("Confusion matrix")
+    if n <= MAX_ANNOTATED_CLASSES:
+        cell_size = 11 if n <= 8 else 8 if n <= 15 else 6 if n <= 22 else 5
+        threshold = matrix.max() / 2 if matrix.max() > 0 else 1
+        for i in range(n):
+            for j in range(n):
+                count = int(matrix[i, j])
+                ax.text(
+                    j,
+                    i,
+                    str(count),
+                    ha="center",
+                    va="center",
+                    fontsize=cell_size,
+                    color="white" if count > threshold else "black",
+                )
+    return fig
+
+
+# --------------------------------------------------------------------------------------------
+# Formatting
+
+
+def _fmt_number(value: numbers.Real) -> str:
+    if isinstance(value, numbers.Integral):
+        return f"{int(value):,}"
+    f = float(value)
+    if not math.isfinite(f):
+        return str(f)
+    if abs(f) >= 1e4:
+        return f"{f:,.0f}"
+    return f"{f:.4g}"
+
+
+def _fmt_bytes(value: float) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if abs(value) >= size:
+            return f"{value / size:.4g} {unit}"
+    return f"{value:.4g} B"
+
+
+def _format_value(key: str, value: Any) -> str:
+    """``value`` as shown in the report (plain text, not yet HTML-escaped).
+
+    Integers get thousands separators, floats 4 significant digits, ``*_bytes`` numbers also a
+    KB/MB/GB size, mappings and lists are JSON.
+    """
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, numbers.Real):
+        text = _fmt_number(value)
+        size = float(value)
+        if key.endswith("_bytes") and math.isfinite(size):
+            text = f"{round(size):,} B ({_fmt_bytes(size)})"
+        return text
+    if isinstance(value, Mapping | list | tuple):
+        return json.dumps(value, default=str, ensure_ascii=False)
+    return str(value)
+
+
+def _e(text: object) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def _cell(key: str, value: Any) -> str:
+    text = _format_value(key, value)
+    numeric = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    cls = ' class="num"' if numeric else ""
+    if isinstance(value, Mapping | list | tuple):
+        return f"<td><pre>{_e(text)}</pre></td>"
+    return f"<td{cls}>{_e(text)}</td>"
+
+
+def _key_value_table(data: Mapping[str, Any]) -> str:
+    rows = [f"<tr><th>{_e(k)}</th>{_cell(str(k), v)}</tr>" for k, v in data.items()]
+    return '<table class="kv">\n' + "\n".join(rows) + "\n</table>"
+
+
+def _history_table(history: Sequence[Mapping[str, float]]) -> str:
+    columns: list[str] = []
+    for row in history:
+        for key in row:
+            if key not in columns:
+                columns.append(key)
+    head = "".join(f"<th>{_e(c)}</th>" for c in columns)
+    body = []
+    for row in history:
+        cells = "".join(_cell(c, row[c]) if c in row else "<td></td>" for c in columns)
+        body.append(f"<tr>{cells}</tr>")
+    return (
+        '<div class="scroll"><table class="history">\n'
+        f"<thead><tr>{head}</tr></thead>\n<tbody>\n" + "\n".join(body) + "\n</tbody></table></div>"
+    )
+
+
+def _confusion_table(matrix: np.ndarray, names: Sequence[str]) -> str:
+    """Counts with support and recall per true class; names in the headers, escaped."""
+    head = "".join(f"<th>{_e(s)}</th>" for s in names)
+    body = []
+    for i, name in enumerate(names):
+        counts = "".join(f'<td class="num">{int(c):,}</td>' for c in matrix[i])
+        support = int(matrix[i].sum())
+        recall = f"{matrix[i, i] / support:.4g}" if support else "—"
+        body.append(
+            f"<tr><th>{_e(name)}</th>{counts}"
+            f'<td class="num">{support:,}</td><td class="num">{recall}</td></tr>'
+        )
+    return (
+        '<div class="scroll"><table class="confusion">\n'
+        f"<thead><tr><th>true \\ predicted</th>{head}<th>support</th><th>recall</th></tr></thead>\n"
+        "<tbody>\n" + "\n".join(body) + "\n</tbody></table></div>"
+    )
+
+
+# (summary key, label) for the line at the top; absent keys are left out.
+_HEADLINE: tuple[tuple[str, str], ...] = (
+    ("test_accuracy", "test accuracy"),
+    ("test_macro_f1", "test macro-F1"),
+    ("test_perplexity", "test perplexity"),
+    ("trainable_percent", "trainable"),
+    ("adapter_bytes", "adapter size"),
+    ("train_seconds", "train time"),
+    ("peak_memory_mb", "peak memory"),
+)
+
+
+def _headline(summary: Mapping[str, Any]) -> str:
+    parts = []
+    for key, label in _HEADLINE:
+        if key not in summary or summary[key] is None:
+            continue
+        value = summary[key]
+        text = _format_value(key, value)
+        if _finite(value) is not None:
+            if key == "trainable_percent":
+                text = f"{text}%"
+            elif key == "adapter_bytes":
+                text = _fmt_bytes(float(value))
+            elif key == "train_seconds":
+                text = f"{text} s"
+            elif key == "peak_memory_mb":
+                text = f"{text} MB"
+        parts.append(f"<span><b>{_e(label)}:</b> {_e(text)}</span>")
+    if not parts:
+        return ""
+    return '<p class="headline">' + "".join(parts) + "</p>"
+
+
+def _figure_html(name: str, alt: str) -> str:
+    return f'<img src="{_e(name)}" alt="{_e(alt)}">'
+
+
+def _render_html(
+    run_dir: Path,
+    summary: Mapping[str, Any],
+    history: Sequence[Mapping[str, float]],
+    train_curve: Sequence[tuple[int, float]],
+    matrix: np.ndarray | None,
+    names: Sequence[str],
+    config: Mapping[str, Any] | None,
+) -> str:
+    method = summary.get("method")
+    model = summary.get("model")
+    subtitle = " on ".join(str(x) for x in (method, model) if x)
+    title = "leantune report" + (f": {subtitle}" if subtitle else "")
+
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en">',
+        "<head>",
+        '<meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{_e(title)}</title>",
+        f"<style>{_CSS}</style>",
+        "</head>",
+        "<body>",
+        f"<h1>{_e(title)}</h1>",
+        f'<p class="muted">run folder: {_e(run_dir.name)}</p>',
+        _headline(summary),
+        "<h2>Loss</h2>",
+        _figure_html(LOSS_PNG, "training and validation loss over optimizer steps"),
+        f'<p class="muted">{len(train_curve):,} training steps, {len(history):,} evaluations.</p>',
+        "<h2>Validation metric</h2>",
+        _figure_html(METRIC_PNG, "validation metric over optimizer steps"),
+    ]
+    if not history:
+        parts.append('<p class="muted">No evaluation was run.</p>')
+    if matrix is not None:
+        parts += [
+            "<h2>Confusion matrix</h2>",
+            _figure_html(CONFUSION_PNG, "confusion matrix, rows true label, columns predicted"),
+            _confusion_table(matrix, names),
+        ]
+    parts += ["<h2>Summary</h2>", _key_value_table(summary)]
+    if history:
+        parts += ["<h2>Evaluations</h2>", _history_table(history)]
+    if config is not None:
+        parts += ["<h2>Configuration</h2>", _key_value_table(config)]
+    parts += ["</body>", "</html>", ""]
+    return "\n".join(parts)

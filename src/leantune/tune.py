@@ -1,0 +1,764 @@
+"""The tune job: config → model and data → method → the one loop → test metrics → run folder.
+
+Everything that can be wrong with the input (files, columns, labels, model folder, run folder)
+is checked before anything is written, so bad input never touches the disk.
+
+Run folder ``runs/<name>/``: config.yaml (re-runs the job), labels.json, metrics.jsonl (one
+line per validation), adapter/ (LoRA, peft format) or trained/ (full / head-only tensors),
+summary.json, report.html with PNG plots; checkpoint/ while the run is unfinished.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import itertools
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from leantune.data import (
+    TextTable,
+    encode_labels,
+    label_names,
+    length_buckets,
+    load_table,
+    stratified_split,
+)
+from leantune.errors import LeantuneError
+from leantune.evaluate import Encoded, Evaluation, evaluate, make_batch
+from leantune.formats import save_adapter
+from leantune.inject import inject, name_matches, output_head_names, parameter_report
+from leantune.methods.lora import LoraConfig
+from leantune.models import TASKS, load_model, load_tokenizer, max_positions, model_dir, num_layers
+from leantune.train.loop import Progress, TrainConfig, train, trainable_parameters
+
+METHODS = ("lora", "full", "head")
+DEFAULT_LR = {"lora": 2e-3, "full": 5e-5, "head": 5e-3}
+STATE = "checkpoint"
+
+
+@dataclass
+class TuneConfig:
+    """Everything a tune run needs; saved as config.yaml in the run folder."""
+
+    name: str | None = None
+    """Run folder name under runs_dir (default: <model>-<data>-<method>)."""
+    runs_dir: str = "runs"
+    """Folder that holds the run folders."""
+    model: str | None = None
+    """Local transformers model folder (default: the embedded MiniLM-L6)."""
+    task: str = "classify"
+    """classify (sequence classification) or causal-lm (language modelling; metric perplexity)."""
+    data: str | None = None
+    """Training data: .csv, .jsonl or a datasets save_to_disk folder (default: BBC News)."""
+    eval_data: str | None = None
+    """Validation data file; default: a split of --data."""
+    test_data: str | None = None
+    """Test data file; default: a split of --data."""
+    text_column: str = "text"
+    """Column holding the text."""
+    label_column: str = "label"
+    """Column holding the label (classification)."""
+    split: str = "0.7,0.1,0.2"
+    """Train,validation,test fractions of --data, stratified by label."""
+    max_length: int = 128
+    """Truncate texts to this many tokens (capped at the model's positions)."""
+    batch_size: int = 16
+    """Training batch size; batches group texts of similar length."""
+    eval_batch_size: int = 64
+    """Batch size for validation, test and predict."""
+    method: str = "lora"
+    """lora, full (every parameter) or head (the task head only)."""
+    r: int = 8
+    """LoRA rank."""
+    alpha: float = 16.0
+    """LoRA alpha (the update is scaled by alpha / r)."""
+    dropout: float = 0.0
+    """LoRA dropout."""
+    rslora: bool = False
+    """Rank-stabilized LoRA scaling alpha / sqrt(r)."""
+    dora: bool = False
+    """DoRA: learned magnitude plus a LoRA direction."""
+    init: str = "standard"
+    """LoRA init: standard, gaussian or pissa."""
+    targets: str = "all-linear"
+    """LoRA targets: all-linear, a comma list of module names, or a regex."""
+    layers: str = "upper-half"
+    """LoRA layers: upper-half, all, a range 3-5 or a list 3,4,5."""
+    epochs: int = 2
+    """Passes over the training data."""
+    lr: float | None = None
+    """Peak learning rate (default per method: lora 2e-3, full 5e-5, head 5e-3)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_ratio: float = 0.06
+    """Fraction of steps warming up before the linear decay."""
+    grad_accum: int = 1
+    """Batches per optimizer step."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0 turns clipping off)."""
+    eval_every: int | None = None
+    """Also validate every N optimizer steps (default: once per epoch)."""
+    patience: int | None = None
+    """Stop after N validations without improvement (default: never)."""
+    metric: str | None = None
+    """Validation metric for the best checkpoint (default: accuracy, or perplexity)."""
+    max_steps: int | None = None
+    """Stop after N optimizer steps (a quick look; the schedule still spans all epochs)."""
+    seed: int = 0
+    """Seed for the split, initialisation, batches and dropout."""
+    device: str = "auto"
+    """auto (CUDA when present), cpu, cuda or cuda:N."""
+
+    def __post_init__(self) -> None:
+        choices = {"task": TASKS, "method": METHODS, "init": ("standard", "gaussian", "pissa")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise LeantuneError(
+                    f"--{key} {getattr(self, key)!r} is unknown; use one of {allowed}"
+                )
+        for key in ("max_length", "batch_size", "eval_batch_size", "r", "epochs", "grad_accum"):
+            if getattr(self, key) <= 0:
+                raise LeantuneError(f"--{key.replace('_', '-')} must be positive")
+        if self.name is not None and (not self.name or Path(self.name).name != self.name):
+            raise LeantuneError(f"--name {self.name!r} must be a plain folder name")
+        self.fractions()  # validates
+
+    def fractions(self) -> tuple[float, float, float]:
+        try:
+            parts = tuple(float(x) for x in self.split.split(","))
+        except ValueError:
+            parts = ()
+        if len(parts) != 3 or min(parts) < 0 or abs(sum(parts) - 1) > 1e-6:
+            raise LeantuneError(
+                f"--split {self.split!r} must be three fractions summing to 1, like 0.7,0.1,0.2"
+            )
+        return parts[0], parts[1], parts[2]
+
+    @property
+    def causal(self) -> bool:
+        return self.task == "causal-lm"
+
+    def resolved(self) -> TuneConfig:
+        """Defaults that depend on other fields filled in, as saved in config.yaml."""
+        values = asdict(self)
+        if self.lr is None:
+            values["lr"] = DEFAULT_LR[self.method]
+        if self.metric is None:
+            values["metric"] = "perplexity" if self.causal else "accuracy"
+        if self.name is None:
+            model = Path(self.model).name if self.model else "minilm"
+            data = Path(self.data).stem if self.data else "bbc"
+            values["name"] = f"{model}-{data}-{self.method}"
+        return TuneConfig(**values)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Field docstrings (the string right after each field): CLI help and YAML comments."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for node, nxt in itertools.pairwise(body):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+        ):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """A YAML mapping of TuneConfig fields; unknown keys are refused by name."""
+    try:
+        values = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise LeantuneError(f"cannot read config {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise LeantuneError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise LeantuneError(f"{path} must hold a mapping of option: value")
+    known = {f.name for f in fields(TuneConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise LeantuneError(f"{path}: unknown option {unknown[0]!r}; options are {sorted(known)}")
+    return values
+
+
+def write_config(config: TuneConfig, path: Path) -> None:
+    docs = field_docs(TuneConfig)
+    lines = ["# leantune tune --config this-file   (command-line options override it)"]
+    for key, value in asdict(config).items():
+        lines.append(f"# {docs.get(key, '')}")
+        lines.append(yaml.safe_dump({key: value}, default_flow_style=False, width=1000).strip())
+    atomic_write(path, "\n".join(lines) + "\n")
+
+
+def make_config(values: Mapping[str, Any]) -> TuneConfig:
+    try:
+        return TuneConfig(**values)
+    except TypeError as e:
+        raise LeantuneError(f"bad option: {e}") from None
+
+
+# ---------------------------------------------------------------------------- files
+
+
+def atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def unique_tensors(named: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tied tensors once (safetensors refuses shared memory), detached, on the CPU."""
+    seen: set[int] = set()
+    out = {}
+    for name, t in named.items():
+        if id(t) not in seen:
+            seen.add(id(t))
+            out[name] = t.detach().cpu().contiguous()
+    return out
+
+
+def save_tensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(dict(tensors), str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path)
+
+
+def load_into(model: nn.Module, tensors: Mapping[str, torch.Tensor], where: Path) -> None:
+    params = dict(model.named_parameters(remove_duplicate=False))
+    missing = [n for n in tensors if n not in params]
+    if missing:
+        raise LeantuneError(f"{where} holds {missing[0]!r}, which the model does not have")
+    with torch.no_grad():
+        for name, t in tensors.items():
+            if params[name].shape != t.shape:
+                raise LeantuneError(
+                    f"{where}: {name} has shape {tuple(t.shape)}, the model "
+                    f"{tuple(params[name].shape)}"
+                )
+            params[name].copy_(t)
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak CUDA memory allocated, or the process's peak resident memory on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ---------------------------------------------------------------------------- data
+
+
+@dataclass
+class Splits:
+    train: TextTable
+    val: TextTable
+    test: TextTable
+    label_names: list[str]
+
+
+def _subset(table: TextTable, rows: list[int]) -> TextTable:
+    labels = [table.labels[i] for i in rows] if table.labels else []
+    return TextTable([table.texts[i] for i in rows], labels)
+
+
+def load_splits(config: TuneConfig) -> Splits:
+    label_column = None if config.causal else config.label_column
+    if config.data is None:
+        from leantune.defaults import bbc_news
+
+        bbc = bbc_news()
+        labels = [] if config.causal else [bbc.label_names[y] for y in bbc.labels]
+        data = TextTable(bbc.texts, labels)
+    else:
+        data = load_table(config.data, config.text_column, label_column)
+
+    def side(path: str | None) -> TextTable | None:
+        return None if path is None else load_table(path, config.text_column, label_column)
+
+    val, test = side(config.eval_data), side(config.test_data)
+    train_f, val_f, test_f = config.fractions()
+    val_f, test_f = (0.0 if val else val_f), (0.0 if test else test_f)
+    total = train_f + val_f + test_f
+    if total <= 0:
+        raise LeantuneError("--split leaves no training data")
+    strata = data.labels or ["_"] * len(data.texts)
+    index = {n: i for i, n in enumerate(sorted(set(strata)))}
+    parts = stratified_split(
+        [index[s] for s in strata], (train_f / total, val_f / total, test_f / total), config.seed
+    )
+    train_part = _subset(data, parts[0])
+    val = val or _subset(data, parts[1])
+    test = test or _subset(data, parts[2])
+    for what, table in (("training", train_part), ("validation", val), ("test", test)):
+        if not table.texts:
+            raise LeantuneError(
+                f"the {what} split is empty: {config.data or 'the data'} has {len(data.texts)} "
+                "rows; give more rows, a separate file, or other --split fractions"
+            )
+    names = [] if config.causal else label_names(train_part.labels)
+    if not config.causal and len(names) < 2:
+        raise LeantuneError(
+            f"the training data has {len(names)} label value(s) in column "
+            f"{config.label_column!r}; classification needs at least 2"
+        )
+    return Splits(train_part, val, test, names)
+
+
+def encode(tok: Any, table: TextTable, names: list[str], max_length: int, where: str) -> Encoded:
+    ids = tok(table.texts, truncation=True, max_length=max_length)["input_ids"]
+    labels = encode_labels(table.labels, names, where) if names else []
+    return Encoded(ids, labels)
+
+
+# ---------------------------------------------------------------------------- methods
+
+
+def parse_targets(spec: str) -> str | list[str]:
+    if spec == "all-linear":
+        return spec
+    if "," in spec or re.fullmatch(r"[\w.]+", spec):
+        return [t.strip() for t in spec.split(",") if t.strip()]
+    return spec  # a regex
+
+
+def parse_layers(spec: str, n: int | None) -> list[int] | None:
+    if spec == "all":
+        return None
+    if n is None:
+        raise LeantuneError(
+            f"--layers {spec!r} needs the model's layer count, which its config does not give; "
+            "use --layers all"
+        )
+    if spec == "upper-half":
+        return list(range(n // 2, n))
+    try:
+        if re.fullmatch(r"\d+-\d+", spec):
+            lo, hi = (int(x) for x in spec.split("-"))
+            layers = list(range(lo, hi + 1))
+        else:
+            layers = [int(x) for x in spec.split(",")]
+    except ValueError:
+        raise LeantuneError(
+            f"--layers {spec!r}: use upper-half, all, a range like 3-5 or a list like 3,4,5"
+        ) from None
+    bad = [i for i in layers if not 0 <= i < n]
+    if bad or not layers:
+        raise LeantuneError(f"--layers {spec!r}: the model has layers 0-{n - 1}")
+    return layers
+
+
+def head_modules(model: nn.Module, causal: bool) -> list[str]:
+    if causal:
+        return sorted(output_head_names(model))
+    names = [n for n, _ in model.named_modules() if n and name_matches(n, ["classifier", "score"])]
+    return [n for n in names if not any(n.startswith(o + ".") for o in names)]
+
+
+def apply_method(model: nn.Module, config: TuneConfig) -> None:
+    """Make the parameters of ``config.method`` trainable (LoRA: inject adapters)."""
+    if config.method == "lora":
+        lora = LoraConfig(
+            r=config.r,
+            alpha=config.alpha,
+            dropout=config.dropout,
+            rslora=config.rslora,
+            dora=config.dora,
+            init=config.init,
+            targets=parse_targets(config.targets),
+            layers=parse_layers(config.layers, num_layers(model)),
+        )
+        inject(model, lora)
+        return
+    if config.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return
+    heads = head_modules(model, config.causal)
+    if not heads:
+        raise LeantuneError("--method head: the model has no classifier/score/output head")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    modules = dict(model.named_modules())
+    for name in heads:
+        for p in modules[name].parameters():
+            p.requires_grad_(True)
+
+
+def save_trained(model: nn.Module, run: Path, config: TuneConfig) -> Path:
+    """adapter/ for LoRA (peft format); trained/ (safetensors + JSON) for full and head."""
+    if config.method == "lora":
+        return save_adapter(model, run / "adapter")
+    final = run / "trained"
+    tmp = Path(tempfile.mkdtemp(prefix=".trained-", dir=run))
+    tensors = unique_tensors(trainable_parameters(model))
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    meta = {
+        "method": config.method,
+        "base_model": str(model_dir(config.model)),
+        "tensors": len(tensors),
+    }
+    (tmp / "leantune.json").write_text(json.dumps(meta, indent=2) + "\n")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+# ---------------------------------------------------------------------------- the run
+
+
+@dataclass
+class Prepared:
+    """A model and tokenized data, ready to train or evaluate."""
+
+    config: TuneConfig
+    model: nn.Module
+    tok: Any
+    splits: Splits
+    train: Encoded
+    val: Encoded
+    test: Encoded
+    device: torch.device
+    _cache: dict[int, list[dict[str, torch.Tensor]]] = field(default_factory=dict)
+
+    def evaluate(self, enc: Encoded) -> Evaluation:
+        return evaluate(
+            self.model,
+            enc,
+            causal=self.config.causal,
+            num_labels=len(self.splits.label_names),
+            pad_id=self.tok.pad_token_id,
+            batch_size=self.config.eval_batch_size,
+        )
+
+    def batches(self, epoch: int) -> list[dict[str, torch.Tensor]]:
+        """This epoch's training batches: similar lengths together, padded per batch."""
+        if epoch in self._cache:
+            return self._cache[epoch]
+        rows = length_buckets(
+            [len(x) for x in self.train.ids],
+            self.config.batch_size,
+            seed=self.config.seed * 100_003 + epoch,
+        )
+        pad = self.tok.pad_token_id
+        self._cache = {epoch: [make_batch(self.train, r, pad, self.config.causal) for r in rows]}
+        return self._cache[epoch]
+
+
+def pick_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise LeantuneError(f"--device {spec!r} is not a device; use auto, cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LeantuneError("--device cuda: no CUDA device is available here; use --device auto")
+    return device
+
+
+def prepare(config: TuneConfig, with_method: bool = True) -> Prepared:
+    """Load and check everything; writes nothing."""
+    device = pick_device(config.device)
+    folder = model_dir(config.model)
+    splits = load_splits(config)
+    tok = load_tokenizer(folder)
+    random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    model = load_model(folder, config.task, splits.label_names, tok.pad_token_id)
+    length = min(config.max_length, max_positions(model) or config.max_length)
+    names = splits.label_names
+    train_enc = encode(tok, splits.train, names, length, "the training data")
+    val_enc = encode(tok, splits.val, names, length, config.eval_data or "the validation split")
+    test_enc = encode(tok, splits.test, names, length, config.test_data or "the test split")
+    if config.causal:
+        for enc in (train_enc, val_enc, test_enc):  # a 1-token text predicts nothing
+            enc.ids = [x for x in enc.ids if len(x) > 1]
+        if not train_enc.ids or not val_enc.ids or not test_enc.ids:
+            raise LeantuneError("causal-lm needs texts of at least 2 tokens in every split")
+    if with_method:
+        apply_method(model, config)
+    model.to(device)
+    return Prepared(config, model, tok, splits, train_enc, val_enc, test_enc, device)
+
+
+def check_run_folder(run: Path, resume: bool, overwrite: bool) -> None:
+    if resume and overwrite:
+        raise LeantuneError("--resume and --overwrite contradict each other; pick one")
+    exists = run.exists() and any(run.iterdir())
+    if resume:
+        if (run / "summary.json").exists():
+            raise LeantuneError(f"{run} has finished (summary.json is there); nothing to resume")
+        if not (run / STATE / "state.json").exists():
+            raise LeantuneError(f"{run} has no checkpoint to resume; start it without --resume")
+        return
+    if not exists:
+        return
+    if not overwrite:
+        raise LeantuneError(
+            f"run folder {run} exists; pass --overwrite to replace it, --resume to continue it, "
+            "or --name for a new run"
+        )
+    if not (run / "config.yaml").exists():
+        raise LeantuneError(f"{run} is not a leantune run folder (no config.yaml); not deleting it")
+
+
+def run_tune(
+    config: TuneConfig,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    log: Callable[[str], None] | None = None,
+    on_step: Callable[[Progress, int], None] | None = None,
+) -> dict[str, Any]:
+    """Run the tune job; returns the summary (``{"interrupted": True, ...}`` after Ctrl-C)."""
+    from leantune.report import write_report
+
+    config = config.resolved()
+    say = log or (lambda s: None)
+    run = Path(config.runs_dir) / str(config.name)
+    check_run_folder(run, resume, overwrite)
+    prep = prepare(config)
+    model = prep.model
+    report = parameter_report(model)
+    say(
+        f"{config.method} on {model_dir(config.model).name}: {report.trainable:,} of "
+        f"{report.total:,} parameters trainable ({report.percent:.2f}%); "
+        f"{len(prep.train)} train / {len(prep.val)} validation / {len(prep.test)} test texts"
+    )
+    if overwrite and run.exists():
+        shutil.rmtree(run)
+    run.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        write_config(config, run / "config.yaml")
+        atomic_write(run / "labels.json", json.dumps(prep.splits.label_names, indent=1) + "\n")
+    state = run / STATE
+
+    def on_best(m: nn.Module, row: dict[str, float]) -> None:
+        save_tensors(unique_tensors(trainable_parameters(m)), state / "best.safetensors")
+
+    def on_eval(row: dict[str, float], history: list[dict[str, float]]) -> None:
+        shown = {k: round(v, 4) for k, v in row.items() if k.startswith("val_")}
+        say(f"step {int(row['step'])} (epoch {row['epoch']:g}): {shown}")
+        # Rewritten whole from the loop's history, so a resumed run's file stays complete.
+        atomic_write(run / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+
+    train_config = TrainConfig(
+        epochs=config.epochs,
+        lr=float(config.lr or 0),
+        weight_decay=config.weight_decay,
+        warmup_ratio=config.warmup_ratio,
+        grad_accum=config.grad_accum,
+        max_grad_norm=config.max_grad_norm or None,
+        eval_every=config.eval_every,
+        patience=config.patience,
+        metric=str(config.metric),
+        higher_is_better=config.metric != "perplexity" and config.metric != "loss",
+        max_steps=config.max_steps,
+        seed=config.seed,
+    )
+    state.mkdir(exist_ok=True)
+    result = train(
+        model,
+        prep.batches,
+        lambda m: prep.evaluate(prep.val).metrics,
+        train_config,
+        on_best=on_best,
+        log=on_eval,
+        on_step=on_step,
+        checkpoint=state,
+        resume=resume,
+    )
+    if result.interrupted:
+        return {"interrupted": True, "step": result.steps, "run": str(run)}
+    load_into(model, load_file(str(state / "best.safetensors")), state / "best.safetensors")
+    saved = save_trained(model, run, config)
+    test = prep.evaluate(prep.test)
+    best = result.best or {}
+    summary: dict[str, Any] = {
+        "run": str(run),
+        "model": str(model_dir(config.model)),
+        "task": config.task,
+        "method": config.method,
+        **{f"test_{k}": v for k, v in test.metrics.items()},
+        **report.as_dict(),
+        "adapter_bytes": folder_bytes(saved),
+        "adapter_path": str(saved),
+        "peak_memory_mb": round(peak_memory_mb(prep.device), 1),
+        "train_seconds": round(result.train_seconds, 2),
+        "examples_per_s": round(result.examples_per_s, 2),
+        "steps": result.steps,
+        "stopped_early": result.stopped_early,
+        "best_step": int(best.get("step", 0)),
+        f"best_val_{config.metric}": best.get(f"val_{config.metric}"),
+        "train_examples": len(prep.train),
+        "val_examples": len(prep.val),
+        "test_examples": len(prep.test),
+        "device": str(prep.device),
+    }
+    atomic_write(run / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_report(
+        run,
+        summary,
+        result.history,
+        result.curve,
+        test.confusion,
+        prep.splits.label_names or None,
+        asdict(config),
+    )
+    shutil.rmtree(state)
+    return summary
+
+
+# ---------------------------------------------------------------------------- saved runs
+
+
+@dataclass
+class SavedRun:
+    config: TuneConfig
+    model: nn.Module
+    tok: Any
+    label_names: list[str]
+    max_length: int
+
+
+def load_run(run: Path) -> SavedRun:
+    """The base model with the run's trained weights (adapter/ or trained/) put back."""
+    from leantune.formats import load_adapter
+
+    run = Path(run)
+    if not (run / "config.yaml").is_file():
+        raise LeantuneError(f"{run} is not a leantune run folder (no config.yaml)")
+    config = make_config(read_config(run / "config.yaml"))
+    if not (run / "summary.json").is_file():
+        raise LeantuneError(f"{run} has not finished; finish it with leantune tune --resume")
+    names = json.loads((run / "labels.json").read_text()) if (run / "labels.json").exists() else []
+    folder = model_dir(config.model)
+    tok = load_tokenizer(folder)
+    torch.manual_seed(config.seed)
+    model = load_model(folder, config.task, names, tok.pad_token_id)
+    if config.method == "lora":
+        load_adapter(model, run / "adapter")
+    else:
+        weights = run / "trained" / "model.safetensors"
+        if not weights.is_file():
+            raise LeantuneError(f"{weights} is missing; the run folder is incomplete")
+        load_into(model, load_file(str(weights)), weights)
+    model.eval().to(pick_device(config.device))
+    length = min(config.max_length, max_positions(model) or config.max_length)
+    return SavedRun(config, model, tok, names, length)
+
+
+def evaluate_run(run: Path, data: Path | None = None, split: str = "test") -> dict[str, Any]:
+    """Metrics of a saved run on its own test (or val) split, or on another labelled file."""
+    if split not in ("test", "val"):
+        raise LeantuneError(f"--split {split!r}: use test or val")
+    saved = load_run(run)
+    cfg = saved.config
+    if data is not None:
+        table = load_table(data, cfg.text_column, None if cfg.causal else cfg.label_column)
+        where = str(data)
+    else:
+        splits = load_splits(cfg)
+        table = splits.test if split == "test" else splits.val
+        where = f"the {split} split"
+    enc = encode(saved.tok, table, saved.label_names, saved.max_length, where)
+    if cfg.causal:
+        enc.ids = [x for x in enc.ids if len(x) > 1]
+    result = evaluate(
+        saved.model,
+        enc,
+        causal=cfg.causal,
+        num_labels=len(saved.label_names),
+        pad_id=saved.tok.pad_token_id,
+        batch_size=cfg.eval_batch_size,
+    )
+    out: dict[str, Any] = {"data": where, "examples": len(enc), **result.metrics}
+    if result.confusion is not None:
+        out["confusion"] = result.confusion
+        out["label_names"] = saved.label_names
+    return out
+
+
+def predict_run(
+    run: Path, texts: list[str], input_file: Path | None = None
+) -> list[dict[str, Any]]:
+    """Label and probability for each text, in the order given."""
+    saved = load_run(run)
+    if saved.config.causal:
+        raise LeantuneError(f"{run} is a causal-lm run; predict classifies texts")
+    if input_file is not None:
+        texts = texts + load_table(input_file, saved.config.text_column, None).texts
+    if not texts:
+        raise LeantuneError("no texts to predict")
+    enc = Encoded(saved.tok(texts, truncation=True, max_length=saved.max_length)["input_ids"])
+    result = evaluate(
+        saved.model,
+        enc,
+        causal=False,
+        num_labels=len(saved.label_names),
+        pad_id=saved.tok.pad_token_id,
+        batch_size=saved.config.eval_batch_size,
+    )
+    return [
+        {"text": t, "label": saved.label_names[p], "score": round(s, 6)}
+        for t, p, s in zip(texts, result.predictions, result.probabilities, strict=True)
+    ]
+
+
+def merge_run(run: Path, out: Path, overwrite: bool = False) -> Path:
+    """Write the run's model, adapter merged in, as a plain transformers folder."""
+    from leantune.inject import unload
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise LeantuneError(f"{out} exists and is not empty; pass --overwrite to replace it")
+        if not (out / "config.json").exists():
+            raise LeantuneError(f"{out} is not a model folder (no config.json); not deleting it")
+    saved = load_run(run)
+    model = unload(saved.model, merge_active=True).cpu()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)  # type: ignore[operator]
+        saved.tok.save_pretrained(tmp)
+    except Exception:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
