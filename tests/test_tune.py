@@ -7,15 +7,16 @@ import json
 import math
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from typer.testing import CliRunner
 
 from conftest import tiny_model_folder, topic_rows, write_rows
+from leantune.cli import app
 from leantune.train.loop import Progress
 from leantune.tune import TuneConfig, read_config, run_tune
 
@@ -45,9 +46,8 @@ def config(tmp_path: Path, bert_dir: Path, data_file: Path, **kw: object) -> Tun
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "leantune.cli", *args], capture_output=True, text=True
-    )
+    res = CliRunner().invoke(app, list(args))
+    return subprocess.CompletedProcess(list(args), res.exit_code, res.stdout, res.stderr)
 
 
 def test_run_folder_holds_everything_promised(
@@ -192,16 +192,18 @@ def test_causal_lm_on_a_tiny_llama(tmp_path: Path, data_file: Path) -> None:
             task="causal-lm",
             data=str(data_file),
             runs_dir=str(tmp_path / "runs"),
-            epochs=4,
+            epochs=8,
             batch_size=8,
-            lr=1e-2,
+            lr=3e-2,
             layers="all",
         )
     )
-    rows = (Path(summary["run"]) / "metrics.jsonl").read_text().splitlines()
-    ppl = [json.loads(r)["val_perplexity"] for r in rows]
-    vocab = 34  # specials + topic words + filler
-    assert ppl[0] < vocab and min(ppl) < ppl[0]  # learns something beyond uniform guessing
+    rows = [
+        json.loads(r) for r in (Path(summary["run"]) / "metrics.jsonl").read_text().splitlines()
+    ]
+    ppl = [r["val_perplexity"] for r in rows]
+    # A random tiny Llama is a poor base, so LoRA moves it slowly; it must still move it.
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"] and min(ppl) < ppl[0] < 34  # vocab
     assert math.isfinite(summary["test_perplexity"]) and "test_accuracy" not in summary
     assert summary["best_val_perplexity"] == min(ppl)
     res = cli("eval", summary["run"])

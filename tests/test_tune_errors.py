@@ -9,14 +9,28 @@ import sys
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 from conftest import tiny_model_folder, topic_rows, write_rows
+from leantune.cli import app
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "leantune.cli", *args], capture_output=True, text=True
+    """In-process (fast); an uncaught exception shows as exit code 1 and fails the test."""
+    res = CliRunner().invoke(app, list(args))
+    return subprocess.CompletedProcess(list(args), res.exit_code, res.stdout, res.stderr)
+
+
+def test_bad_input_from_a_real_process_has_no_traceback(tmp_path: Path) -> None:
+    res = subprocess.run(
+        [sys.executable, "-m", "leantune.cli", "tune", "--data", str(tmp_path / "no.csv")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
     )
+    assert res.returncode == 2 and res.stdout == ""
+    assert res.stderr == f"leantune: data file {tmp_path / 'no.csv'} does not exist\n"
+    assert list(tmp_path.iterdir()) == []  # no runs/ folder made
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -58,7 +72,6 @@ CASES = {
     ),
     "missing model folder": (["--model", "{root}/nowhere"], "does not exist"),
     "existing run folder": (["--name", "existing"], "exists; pass --overwrite"),
-    "resume without a checkpoint": (["--name", "existing", "--resume"], "finished"),
     "unknown method": (["--method", "prefix"], "--method 'prefix' is unknown"),
     "bad split": (["--split", "0.5,0.5"], "three fractions"),
     "bad layers": (["--layers", "7-9"], "the model has layers 0-1"),
@@ -96,6 +109,8 @@ def test_saved_run_commands_bad_input(world: Path, tmp_path: Path) -> None:
         (["predict", str(world / "runs" / "existing")], "give texts with --text"),
         (["merge", str(world), "--out", str(tmp_path / "m")], "not a leantune run folder"),
         (["tune", "--config", str(tmp_path / "missing.yaml")], "cannot read config"),
+        (["tune", "--runs-dir", str(world / "runs"), "--name", "existing", "--resume"], "finished"),
+        (["tune", "--name", "x", "--resume", "--lr", "0.1"], "drop --lr"),
     ):
         res = cli(*args)
         assert res.returncode == 2, res.stderr

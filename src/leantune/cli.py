@@ -53,7 +53,11 @@ def _tune(config: Path | None, resume: bool, overwrite: bool, quiet: bool, **opt
                 fail(f"--resume continues the run's saved config.yaml; drop {shown}")
             name = given.get("name") or make_config(given).resolved().name
             run = Path(given.get("runs_dir", "runs")) / str(name)
-            values = read_config(run / "config.yaml")
+            # The folder is where it is now, whatever its config says.
+            values = read_config(run / "config.yaml") | {
+                "name": run.name,
+                "runs_dir": str(run.parent),
+            }
         else:
             values = read_config(config) if config else {}
             values.update(given)
@@ -112,10 +116,23 @@ def _run_with_progress(
             speed=speed,
         )
 
-    with bar:
+    # The bar appears with the first step, so bad input never draws one before its message.
+    started = False
+
+    def first_step(progress: Any, total: int) -> None:
+        nonlocal started
+        if not started:
+            bar.start()
+            started = True
+        on_step(progress, total)
+
+    try:
         return run_tune(
-            cfg, resume=resume, overwrite=overwrite, log=bar.console.print, on_step=on_step
+            cfg, resume=resume, overwrite=overwrite, log=console.print, on_step=first_step
         )
+    finally:
+        if started:
+            bar.stop()
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
