@@ -174,37 +174,12 @@ def tiny_model_folder(path: Path, kind: str = "bert") -> Path:
             cls_token="[CLS]",
             sep_token="[SEP]",
         )
-        torch.manual_seed(0)
-        model: nn.Module = BertForSequenceClassification(
-            BertConfig(
-                vocab_size=len(vocab),
-                hidden_size=32,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                intermediate_size=48,
-                max_position_embeddings=64,
-                num_labels=2,
-            )
-        )
     else:
         tok = PreTrainedTokenizerFast(
             tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]", eos_token="[SEP]"
         )
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(
-            LlamaConfig(
-                vocab_size=len(vocab),
-                hidden_size=32,
-                intermediate_size=48,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                max_position_embeddings=64,
-                pad_token_id=0,
-                eos_token_id=3,
-                bos_token_id=2,
-            )
-        )
+    # The model's vocabulary (64) covers the tokenizer's 34 ids.
+    model = build("bert" if kind == "bert" else "llama")
     model.save_pretrained(path)  # type: ignore[operator]
     tok.save_pretrained(path)
     return path

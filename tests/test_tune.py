@@ -137,6 +137,10 @@ def test_eval_predict_and_merge_on_a_saved_run(
     assert metrics["accuracy"] == pytest.approx(summary["test_accuracy"])
     assert metrics["loss"] == pytest.approx(summary["test_loss"], rel=1e-5)
 
+    res = cli("info", run)
+    assert res.returncode == 0, res.stderr
+    assert f"test_accuracy    {summary['test_accuracy']}" in res.stdout and "LORA" in res.stdout
+
     texts = ["goal match the team", "bank profit shares today"]
     res = cli("predict", run, "--text", texts[0], "--text", texts[1])
     assert res.returncode == 0, res.stderr
@@ -203,7 +207,7 @@ def test_causal_lm_on_a_tiny_llama(tmp_path: Path, data_file: Path) -> None:
     ]
     ppl = [r["val_perplexity"] for r in rows]
     # A random tiny Llama is a poor base, so LoRA moves it slowly; it must still move it.
-    assert rows[-1]["train_loss"] < rows[0]["train_loss"] and min(ppl) < ppl[0] < 34  # vocab
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"] and min(ppl) < ppl[0] < 64  # vocab
     assert math.isfinite(summary["test_perplexity"]) and "test_accuracy" not in summary
     assert summary["best_val_perplexity"] == min(ppl)
     res = cli("eval", summary["run"])

@@ -74,7 +74,7 @@ CASES = {
     "existing run folder": (["--name", "existing"], "exists; pass --overwrite"),
     "unknown method": (["--method", "prefix"], "--method 'prefix' is unknown"),
     "bad split": (["--split", "0.5,0.5"], "three fractions"),
-    "bad layers": (["--layers", "7-9"], "the model has layers 0-1"),
+    "bad layers": (["--layers", "7-9"], "the model has layers 0-2"),
 }
 
 

@@ -160,12 +160,13 @@ def _print_summary(summary: dict[str, Any]) -> None:
         typer.echo(f"{key:<{width}}  {value}")
 
 
-def _tune_command() -> Any:
-    """``tune`` with one option per TuneConfig field, all defaulting to "not given"."""
-    from leantune.tune import TuneConfig, field_docs
+def _config_options(extra: list[inspect.Parameter]) -> list[inspect.Parameter]:
+    """``--config`` and ``extra``, then one option per TuneConfig field, all "not given" by
+    default so a YAML file's values survive unless the command line names them."""
+    from leantune.tune import TuneConfig, option_docs
 
     hints = typing.get_type_hints(TuneConfig)
-    docs = field_docs(TuneConfig)
+    docs = option_docs()
     params = [
         inspect.Parameter(
             "config",
@@ -176,30 +177,7 @@ def _tune_command() -> Any:
                 typer.Option(help="YAML file of options; options given here override it."),
             ],
         ),
-        inspect.Parameter(
-            "resume",
-            inspect.Parameter.KEYWORD_ONLY,
-            default=False,
-            annotation=Annotated[
-                bool, typer.Option("--resume", help="Continue the run folder's last checkpoint.")
-            ],
-        ),
-        inspect.Parameter(
-            "overwrite",
-            inspect.Parameter.KEYWORD_ONLY,
-            default=False,
-            annotation=Annotated[
-                bool, typer.Option("--overwrite", help="Replace an existing run folder.")
-            ],
-        ),
-        inspect.Parameter(
-            "quiet",
-            inspect.Parameter.KEYWORD_ONLY,
-            default=False,
-            annotation=Annotated[
-                bool, typer.Option("--quiet", help="No progress bar or per-eval lines.")
-            ],
-        ),
+        *extra,
     ]
     for f in fields(TuneConfig):
         base = next(
@@ -217,26 +195,105 @@ def _tune_command() -> Any:
                 annotation=Annotated[Optional[base], option],  # noqa: UP045
             )
         )
+    return params
 
-    def tune(**kwargs: Any) -> None:
-        """Fine-tune a model on a task; writes runs/<name>/ with the adapter, metrics and report.
 
-        With no options: LoRA on the embedded MiniLM-L6 and BBC News (70/10/20 split, seed 0).
-        """
-        _tune(
-            kwargs.pop("config"),
-            kwargs.pop("resume"),
-            kwargs.pop("overwrite"),
-            kwargs.pop("quiet"),
-            **kwargs,
+def _flag(name: str, help: str) -> inspect.Parameter:
+    return inspect.Parameter(
+        name,
+        inspect.Parameter.KEYWORD_ONLY,
+        default=False,
+        annotation=Annotated[bool, typer.Option(f"--{name}", help=help)],
+    )
+
+
+def _with_signature(func: Any, params: list[inspect.Parameter]) -> Any:
+    func.__signature__ = inspect.Signature(params)
+    func.__annotations__ = {p.name: p.annotation for p in params} | {"return": None}
+    return func
+
+
+def tune(**kwargs: Any) -> None:
+    """Fine-tune a model on a task; writes runs/<name>/ with the adapter, metrics and report.
+
+    With no options: LoRA on the embedded MiniLM-L6 and BBC News (70/10/20 split, seed 0).
+    """
+    _tune(
+        kwargs.pop("config"),
+        kwargs.pop("resume"),
+        kwargs.pop("overwrite"),
+        kwargs.pop("quiet"),
+        **kwargs,
+    )
+
+
+def select(**kwargs: Any) -> None:
+    """Score which parameters matter for the task on a few training batches and spend --budget
+    on them: prints a ranked table, writes plan.json (give it to tune --plan) and a heatmap."""
+    from leantune.tune import make_config, read_config, run_select
+
+    config, out = kwargs.pop("config"), kwargs.pop("out")
+    given = {k: v for k, v in kwargs.items() if v is not None}
+    try:
+        cfg = make_config((read_config(config) if config else {}) | given)
+        plan, scores = run_select(cfg, out)
+    except LeantuneError as e:
+        fail(str(e))
+    ranks = {e.module: e.size for e in plan.lora()}
+    top = sorted(scores.modules, key=lambda m: -sum(m.spectrum[:8]))[:20]
+    rows = [("module", "fisher", "taylor", "grad norm", "rank")] + [
+        (
+            m.name,
+            f"{m.fisher:.3g}",
+            f"{m.taylor:.3g}",
+            f"{m.grad_norm:.3g}",
+            str(ranks.get(m.name, "-")),
         )
+        for m in top
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    for r in rows:
+        typer.echo(
+            "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(r, widths, strict=True))
+            )
+        )
+    typer.echo(
+        f"plan: {len(ranks)} LoRA modules + {len(plan.heads())} head(s), {plan.params:,} of "
+        f"{plan.budget:,} budgeted parameters ({100 * plan.params / plan.base_params:.3f}% of "
+        f"{plan.base_params:,}); scored {scores.examples} examples in {scores.seconds:.1f} s"
+    )
+    typer.echo(f"wrote {out} and {Path(out).with_suffix('.png')}")
 
-    tune.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
-    tune.__annotations__ = {p.name: p.annotation for p in params} | {"return": None}
-    return tune
 
-
-app.command("tune")(_tune_command())
+app.command("tune")(
+    _with_signature(
+        tune,
+        _config_options(
+            [
+                _flag("resume", "Continue the run folder's last checkpoint."),
+                _flag("overwrite", "Replace an existing run folder."),
+                _flag("quiet", "No progress bar or per-eval lines."),
+            ]
+        ),
+    )
+)
+app.command("select")(
+    _with_signature(
+        select,
+        _config_options(
+            [
+                inspect.Parameter(
+                    "out",
+                    inspect.Parameter.KEYWORD_ONLY,
+                    default=Path("plan.json"),
+                    annotation=Annotated[Path, typer.Option(help="Where to write the plan.")],
+                )
+            ]
+        ),
+    )
+)
 
 
 # ---------------------------------------------------------------------------- eval / predict

@@ -62,6 +62,7 @@ def write_report(
     confusion: Sequence[Sequence[int]] | None = None,
     label_names: Sequence[str] | None = None,
     config: Mapping[str, Any] | None = None,
+    selection: tuple[str, Sequence[Mapping[str, Any]]] | None = None,
 ) -> Path:
     """Write loss.png, metric.png, confusion.png (when confusion is given) and report.html into run_dir; return the html path.
 
@@ -97,7 +98,7 @@ def write_report(
     else:  # one left by an earlier report in this folder would not belong to this one
         (run_dir / CONFUSION_PNG).unlink(missing_ok=True)
 
-    page = _render_html(run_dir, summary, history, train_curve, matrix, names, config)
+    page = _render_html(run_dir, summary, history, train_curve, matrix, names, config, selection)
     out = run_dir / REPORT_HTML
     _atomic_write(out, page.encode("utf-8"))
     return out
@@ -422,6 +423,7 @@ def _render_html(
     matrix: np.ndarray | None,
     names: Sequence[str],
     config: Mapping[str, Any] | None,
+    selection: tuple[str, Sequence[Mapping[str, Any]]] | None = None,
 ) -> str:
     method = summary.get("method")
     model = summary.get("model")
@@ -455,6 +457,14 @@ def _render_html(
             _figure_html(CONFUSION_PNG, "confusion matrix, rows true label, columns predicted"),
             _confusion_table(matrix, names),
         ]
+    if selection is not None:
+        heatmap, entries = selection
+        parts += [
+            "<h2>Parameter selection</h2>",
+            _figure_html(heatmap, "importance per layer and module type"),
+            f'<p class="muted">The plan: {len(entries)} entries (plan.json).</p>',
+            _history_table(entries),
+        ]
     parts += ["<h2>Summary</h2>", _key_value_table(summary)]
     if history:
         parts += ["<h2>Evaluations</h2>", _history_table(history)]
@@ -462,3 +472,28 @@ def _render_html(
         parts += ["<h2>Configuration</h2>", _key_value_table(config)]
     parts += ["</body>", "</html>", ""]
     return "\n".join(parts)
+
+
+def write_heatmap(
+    path: Path, grid: Mapping[tuple[int | None, str], float], title: str = "importance"
+) -> Path:
+    """Layers × module types, colour = score (log scale), for ``leantune select``."""
+    layers = sorted({k[0] for k in grid if k[0] is not None})
+    kinds = sorted({k[1] for k in grid if k[0] is not None})
+    values = np.full((len(layers), len(kinds)), np.nan)
+    for (layer, kind), v in grid.items():
+        if layer is not None:
+            values[layers.index(layer), kinds.index(kind)] = v
+    fig = Figure(figsize=(1.2 + 0.9 * max(len(kinds), 2), 1.2 + 0.45 * max(len(layers), 2)))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    shown = np.log10(np.where(values > 0, values, np.nan))
+    image = ax.imshow(shown, aspect="auto", cmap="viridis")
+    ax.set_xticks(range(len(kinds)), [_plain_text(k) for k in kinds], rotation=35, ha="right")
+    ax.set_yticks(range(len(layers)), [str(i) for i in layers])
+    ax.set_ylabel("layer")
+    ax.set_title(_plain_text(title))
+    fig.colorbar(image, ax=ax, label="log10 score")
+    fig.tight_layout()
+    _save_figure(fig, Path(path))
+    return Path(path)

@@ -19,8 +19,9 @@ import random
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,8 @@ from leantune.formats import save_adapter
 from leantune.inject import inject, name_matches, output_head_names, parameter_report
 from leantune.methods.lora import LoraConfig
 from leantune.models import TASKS, load_model, load_tokenizer, max_positions, model_dir, num_layers
+from leantune.plan import Plan, allocate, parse_budget
+from leantune.select import Scores, score
 from leantune.train.loop import Progress, TrainConfig, train, trainable_parameters
 
 METHODS = ("lora", "full", "head")
@@ -82,22 +85,26 @@ class TuneConfig:
     """Batch size for validation, test and predict."""
     method: str = "lora"
     """lora, full (every parameter) or head (the task head only)."""
+    # LoRA's own options: their help is LoraConfig's field docstrings (see option_docs).
     r: int = 8
-    """LoRA rank."""
     alpha: float = 16.0
-    """LoRA alpha (the update is scaled by alpha / r)."""
     dropout: float = 0.0
-    """LoRA dropout."""
     rslora: bool = False
-    """Rank-stabilized LoRA scaling alpha / sqrt(r)."""
     dora: bool = False
-    """DoRA: learned magnitude plus a LoRA direction."""
     init: str = "standard"
-    """LoRA init: standard, gaussian or pissa."""
     targets: str = "all-linear"
     """LoRA targets: all-linear, a comma list of module names, or a regex."""
     layers: str = "upper-half"
     """LoRA layers: upper-half, all, a range 3-5 or a list 3,4,5."""
+    select: str | None = None
+    """auto: score the parameters on a few training batches and spend --budget on the ones that
+    matter (LoRA ranks per module + the head); replaces --targets, --layers and --r."""
+    budget: str = "0.5%"
+    """Trainable parameters for --select auto: a count (68000) or a share of the model (0.5%)."""
+    plan: str | None = None
+    """A plan.json (from leantune select or --select auto, maybe edited) to tune by."""
+    score_examples: int = 64
+    """Training examples --select auto scores the parameters on."""
     epochs: int = 2
     """Passes over the training data."""
     lr: float | None = None
@@ -136,6 +143,14 @@ class TuneConfig:
         if self.name is not None and (not self.name or Path(self.name).name != self.name):
             raise LeantuneError(f"--name {self.name!r} must be a plain folder name")
         self.fractions()  # validates
+        if self.select not in (None, "auto"):
+            raise LeantuneError(f"--select {self.select!r}: the one selector is auto")
+        if self.select and self.plan:
+            raise LeantuneError("--select auto makes a plan and --plan gives one; pick one")
+        if (self.select or self.plan) and self.method != "lora":
+            raise LeantuneError("--select / --plan choose their own methods; drop --method")
+        if self.score_examples <= 0:
+            raise LeantuneError("--score-examples must be positive")
 
     def fractions(self) -> tuple[float, float, float]:
         try:
@@ -182,6 +197,12 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
+def option_docs() -> dict[str, str]:
+    """Help for every TuneConfig field; the LoRA ones come from LoraConfig."""
+    lora = {k: f"LoRA: {v}" for k, v in field_docs(LoraConfig).items()}
+    return lora | field_docs(TuneConfig)
+
+
 def read_config(path: Path) -> dict[str, Any]:
     """A YAML mapping of TuneConfig fields; unknown keys are refused by name."""
     try:
@@ -202,7 +223,7 @@ def read_config(path: Path) -> dict[str, Any]:
 
 
 def write_config(config: TuneConfig, path: Path) -> None:
-    docs = field_docs(TuneConfig)
+    docs = option_docs()
     lines = ["# leantune tune --config this-file   (command-line options override it)"]
     for key, value in asdict(config).items():
         lines.append(f"# {docs.get(key, '')}")
@@ -451,6 +472,8 @@ class Prepared:
     val: Encoded
     test: Encoded
     device: torch.device
+    plan: Plan | None = None
+    scores: Scores | None = None
     _cache: dict[int, list[dict[str, torch.Tensor]]] = field(default_factory=dict)
 
     def evaluate(self, enc: Encoded) -> Evaluation:
@@ -508,10 +531,55 @@ def prepare(config: TuneConfig, with_method: bool = True) -> Prepared:
             enc.ids = [x for x in enc.ids if len(x) > 1]
         if not train_enc.ids or not val_enc.ids or not test_enc.ids:
             raise LeantuneError("causal-lm needs texts of at least 2 tokens in every split")
-    if with_method:
+    model.to(device)
+    plan, scores = None, None
+    if with_method and (config.select or config.plan):
+        plan, scores = make_plan(model, config, train_enc, tok.pad_token_id)
+        apply_plan(model, plan)
+    elif with_method:
         apply_method(model, config)
     model.to(device)
-    return Prepared(config, model, tok, splits, train_enc, val_enc, test_enc, device)
+    return Prepared(config, model, tok, splits, train_enc, val_enc, test_enc, device, plan, scores)
+
+
+def make_plan(
+    model: nn.Module, config: TuneConfig, train: Encoded, pad_id: int
+) -> tuple[Plan, Scores | None]:
+    """The run's Plan: read from --plan, or scored on a few training batches and allocated."""
+    modules = dict(model.named_modules())
+    heads = [
+        (n, sum(p.numel() for p in modules[n].parameters()))
+        for n in head_modules(model, config.causal)
+    ]
+    if config.plan:
+        plan = Plan.load(config.plan)
+        plan.check(model)
+        return plan, None
+    base = sum(p.numel() for p in model.parameters())
+    budget = parse_budget(config.budget, base)
+    rows = list(range(len(train)))
+    random.Random(config.seed).shuffle(rows)
+    rows = rows[: config.score_examples]
+    batches = [
+        make_batch(train, rows[i : i + config.batch_size], pad_id, config.causal)
+        for i in range(0, len(rows), config.batch_size)
+    ]
+    scores = score(model, batches, skip=[h for h, _ in heads])
+    return allocate(scores, budget, base, heads), scores
+
+
+def apply_plan(model: nn.Module, plan: Plan) -> None:
+    """LoRA at the plan's ranks on its modules, its heads trained in full, the rest frozen."""
+    lora = plan.lora_config()
+    if lora is not None:
+        inject(model, lora)
+        return
+    for p in model.parameters():
+        p.requires_grad_(False)
+    modules = dict(model.named_modules())
+    for name in plan.heads():
+        for p in modules[name].parameters():
+            p.requires_grad_(True)
 
 
 def check_run_folder(run: Path, resume: bool, overwrite: bool) -> None:
@@ -544,13 +612,18 @@ def run_tune(
     on_step: Callable[[Progress, int], None] | None = None,
 ) -> dict[str, Any]:
     """Run the tune job; returns the summary (``{"interrupted": True, ...}`` after Ctrl-C)."""
-    from leantune.report import write_report
+    from leantune.report import write_heatmap, write_report
 
+    wall = time.perf_counter()
     config = config.resolved()
     say = log or (lambda s: None)
     run = Path(config.runs_dir) / str(config.name)
     check_run_folder(run, resume, overwrite)
-    prep = prepare(config)
+    if resume and (run / "plan.json").exists():  # the plan the run started with, not a new one
+        prep = prepare(replace(config, select=None, plan=str(run / "plan.json")))
+        prep.config = config
+    else:
+        prep = prepare(config)
     model = prep.model
     report = parameter_report(model)
     say(
@@ -564,6 +637,14 @@ def run_tune(
     if not resume:
         write_config(config, run / "config.yaml")
         atomic_write(run / "labels.json", json.dumps(prep.splits.label_names, indent=1) + "\n")
+        if prep.plan is not None:
+            prep.plan.save(run / "plan.json")
+    if prep.scores is not None:
+        write_heatmap(run / "importance.png", prep.scores.by_layer_and_kind("fisher"), "Fisher")
+        say(
+            f"selected {len(prep.plan.lora() if prep.plan else [])} modules for LoRA in "
+            f"{prep.scores.seconds:.1f} s on {prep.scores.examples} examples"
+        )
     state = run / STATE
 
     def on_best(m: nn.Module, row: dict[str, float]) -> None:
@@ -628,6 +709,11 @@ def run_tune(
         "test_examples": len(prep.test),
         "device": str(prep.device),
     }
+    if prep.scores is not None:
+        summary["select_seconds"] = round(prep.scores.seconds, 2)
+        summary["select_share_of_wall"] = round(
+            prep.scores.seconds / (time.perf_counter() - wall), 4
+        )
     atomic_write(run / "summary.json", json.dumps(summary, indent=2) + "\n")
     write_report(
         run,
@@ -637,6 +723,11 @@ def run_tune(
         test.confusion,
         prep.splits.label_names or None,
         asdict(config),
+        selection=(
+            ("importance.png", [asdict(e) for e in prep.plan.entries])
+            if prep.plan is not None and (run / "importance.png").exists()
+            else None
+        ),
     )
     shutil.rmtree(state)
     return summary
@@ -762,3 +853,20 @@ def merge_run(run: Path, out: Path, overwrite: bool = False) -> Path:
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out
+
+
+def run_select(config: TuneConfig, out: str | os.PathLike[str]) -> tuple[Plan, Scores]:
+    """Score and allocate without training: writes the plan and its heatmap beside it."""
+    from leantune.report import write_heatmap
+
+    out = Path(out)
+    if out.exists() and not out.is_file():
+        raise LeantuneError(f"{out} is not a file; give a path for plan.json")
+    if not out.parent.exists():
+        raise LeantuneError(f"folder {out.parent} does not exist")
+    prep = prepare(replace(config.resolved(), select="auto", plan=None, method="lora"), False)
+    plan, scores = make_plan(prep.model, prep.config, prep.train, prep.tok.pad_token_id)
+    assert scores is not None
+    plan.save(out)
+    write_heatmap(out.with_suffix(".png"), scores.by_layer_and_kind("fisher"), "Fisher")
+    return plan, scores

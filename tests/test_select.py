@@ -1,0 +1,133 @@
+"""Importance scores, budget allocation into a Plan, and tuning by a Plan (issue 4, part one)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import leantune as lt
+from conftest import build, tiny_model_folder, topic_rows, write_rows
+from leantune.plan import Plan, PlanEntry, allocate, parse_budget
+from leantune.select import score
+from leantune.tune import TuneConfig, run_tune
+
+
+def batches(n: int = 4, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        {
+            "input_ids": torch.randint(1, 64, (4, 9), generator=g),
+            "labels": torch.tensor([0, 1, 2, 1]),
+        }
+        for _ in range(n)
+    ]
+
+
+def test_scores_are_deterministic_and_leave_flags_alone() -> None:
+    model = build("bert")
+    model.classifier.weight.requires_grad_(False)
+    first = score(model, batches(), skip=["classifier"])
+    second = score(build("bert"), batches(), skip=["classifier"])
+    assert [m.name for m in first.modules] == [m.name for m in second.modules]
+    assert [m.fisher for m in first.modules] == [m.fisher for m in second.modules]
+    assert [m.spectrum for m in first.modules] == [m.spectrum for m in second.modules]
+    assert not model.classifier.weight.requires_grad  # restored
+    assert all(p.grad is None for p in model.parameters())
+    assert first.examples == 16 and "classifier" not in {m.name for m in first.modules}
+    query = next(m for m in first.modules if m.name.endswith("layer.0.attention.self.query"))
+    assert query.kind == "attention.self.query" and query.layer == 0 and query.shape == (32, 32)
+    # Σσ² of the mean gradient is its squared Frobenius norm.
+    assert sum(query.spectrum) == pytest.approx(query.grad_norm**2, rel=1e-4)
+
+
+def test_a_module_with_zero_gradient_gets_nothing() -> None:
+    model = build("bert")
+    # The last layer's attention value is multiplied by zero: no gradient reaches it.
+    value = model.bert.encoder.layer[2].attention.self.value
+    value.register_forward_hook(lambda m, i, o: o * 0)
+    scores = score(model, batches(), skip=["classifier"])
+    dead = next(m for m in scores.modules if m.name.endswith("layer.2.attention.self.value"))
+    assert dead.grad_norm == 0 and dead.spectrum == []
+    plan = allocate(scores, 50_000, 60_000, heads=[("classifier", 99)])
+    assert dead.name not in {e.module for e in plan.entries}
+    assert plan.lora()  # others do get ranks
+
+
+@pytest.mark.parametrize("budget", [200, 700, 3_000, 20_000])
+def test_plan_never_exceeds_the_budget(budget: int) -> None:
+    scores = score(build("bert"), batches(), skip=["classifier"])
+    plan = allocate(scores, budget, 60_000, heads=[("classifier", 99)])
+    assert plan.params <= budget
+    assert plan.heads() == ["classifier"]
+    # Greedy spends what it can: what is left is less than the cheapest rank unit.
+    cheapest = min(m.rank_cost for m in scores.modules if m.spectrum)
+    assert budget - plan.params < cheapest or all(
+        e.size == len(next(m for m in scores.modules if m.name == e.module).spectrum)
+        for e in plan.lora()
+    )
+
+
+def test_plan_json_round_trips_and_builds_lora(tmp_path: Path) -> None:
+    scores = score(build("bert"), batches(), skip=["classifier"])
+    plan = allocate(scores, 3_000, 60_000, heads=[("classifier", 99)])
+    loaded = Plan.load(plan.save(tmp_path / "plan.json"))
+    assert loaded == plan
+    model = build("bert")
+    loaded.check(model)
+    lt.inject(model, loaded.lora_config())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == plan.params  # LoRA ranks and the head, exactly as planned
+
+
+def test_plan_and_budget_bad_input(tmp_path: Path) -> None:
+    for spec in ("0", "-3", "0%", "lots"):
+        with pytest.raises(lt.LeantuneError, match="budget"):
+            parse_budget(spec, 1000)
+    with pytest.raises(lt.LeantuneError, match="exceeds the model"):
+        parse_budget("2000", 1000)
+    assert parse_budget("0.5%", 20_000) == 100 and parse_budget("1,500", 20_000) == 1500
+    plan = Plan(100, 1000, [PlanEntry("bert.encoder.layer.9.output.dense", "lora", 2, 10)])
+    with pytest.raises(lt.LeantuneError, match=r"lacks, first 'bert\.encoder\.layer\.9"):
+        plan.check(build("bert"))
+    with pytest.raises(lt.LeantuneError, match="no examples"):
+        score(build("bert"), [])
+    with pytest.raises(lt.LeantuneError, match="smaller than the task head"):
+        allocate(score(build("bert"), batches(1)), 50, 1000, heads=[("classifier", 99)])
+    (tmp_path / "p.json").write_text(json.dumps({"budget": 1}))
+    with pytest.raises(lt.LeantuneError, match="plan layout"):
+        Plan.load(tmp_path / "p.json")
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")  # what we show: no input grads
+def test_backward_stops_at_the_first_trainable_layer() -> None:
+    """With adapters only in layer 2, autograd computes nothing for layers 0 and 1."""
+    model = build("bert")
+    lt.inject(model, lt.LoraConfig(r=2, targets="all-linear", layers=[2]))
+    reached: list[int] = []
+    for i, layer in enumerate(model.bert.encoder.layer):
+        layer.register_full_backward_hook(lambda m, gi, go, i=i: reached.append(i))
+    model.train()
+    model(**batches(1)[0]).loss.backward()
+    assert reached == [2]
+
+
+def test_tune_with_select_auto_and_with_a_plan(tmp_path: Path) -> None:
+    model = tiny_model_folder(tmp_path / "tiny-bert")
+    data = write_rows(tmp_path / "topics.jsonl", topic_rows(60))
+    common = {"model": str(model), "data": str(data), "runs_dir": str(tmp_path / "runs")}
+    summary = run_tune(
+        TuneConfig(**common, name="auto", select="auto", budget="3000", epochs=1, batch_size=8)
+    )
+    run = tmp_path / "runs" / "auto"
+    plan = Plan.load(run / "plan.json")
+    assert summary["trainable_params"] == plan.params <= 3000
+    assert (run / "importance.png").read_bytes()[:4] == b"\x89PNG"
+    assert "importance.png" in (run / "report.html").read_text()
+    assert 0 < summary["select_share_of_wall"] < 1
+    again = run_tune(
+        TuneConfig(**common, name="again", plan=str(run / "plan.json"), epochs=1, batch_size=8)
+    )
+    assert again["test_accuracy"] == summary["test_accuracy"]
