@@ -247,3 +247,12 @@ def test_yaml_config_and_command_line_override(
             ]
         )
     )
+
+
+def test_tune_with_the_frozen_prefix_cache(tmp_path: Path, bert_dir: Path, data_file: Path) -> None:
+    said: list[str] = []
+    summary = run_tune(
+        config(tmp_path, bert_dir, data_file, layers="2", cache_prefix=True), log=said.append
+    )
+    assert "layers below 2 are cached" in " ".join(said)
+    assert summary["steps"] == 3 * 6 and 0 <= summary["test_accuracy"] <= 1

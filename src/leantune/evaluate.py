@@ -25,9 +25,12 @@ class Encoded:
 
 
 def make_batch(
-    enc: Encoded, rows: Sequence[int], pad_id: int, causal: bool
+    enc: Encoded, rows: Sequence[int], pad_id: int, causal: bool, with_rows: bool = False
 ) -> dict[str, torch.Tensor]:
+    """Padded inputs and labels; ``with_rows`` adds the example indices as ``rows``."""
     batch = pad_batch([enc.ids[i] for i in rows], pad_id)
+    if with_rows:
+        batch["rows"] = torch.tensor(list(rows), dtype=torch.long)
     if causal:
         batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     elif enc.labels:

@@ -47,6 +47,7 @@ from leantune.models import TASKS, load_model, load_tokenizer, max_positions, mo
 from leantune.plan import Plan, allocate, parse_budget
 from leantune.select import Scores, score
 from leantune.train.loop import Progress, TrainConfig, train, trainable_parameters
+from leantune.train.prefix import PrefixCache
 
 METHODS = ("lora", "full", "head")
 DEFAULT_LR = {"lora": 2e-3, "full": 5e-5, "head": 5e-3}
@@ -105,6 +106,9 @@ class TuneConfig:
     """A plan.json (from leantune select or --select auto, maybe edited) to tune by."""
     score_examples: int = 64
     """Training examples --select auto scores the parameters on."""
+    cache_prefix: bool = False
+    """Run the frozen bottom layers without dropout and reuse their outputs after the first
+    epoch: later epochs skip them (faster; holds their outputs in memory)."""
     epochs: int = 2
     """Passes over the training data."""
     lr: float | None = None
@@ -496,7 +500,10 @@ class Prepared:
             seed=self.config.seed * 100_003 + epoch,
         )
         pad = self.tok.pad_token_id
-        self._cache = {epoch: [make_batch(self.train, r, pad, self.config.causal) for r in rows]}
+        rows_too = self.config.cache_prefix
+        self._cache = {
+            epoch: [make_batch(self.train, r, pad, self.config.causal, rows_too) for r in rows]
+        }
         return self._cache[epoch]
 
 
@@ -627,7 +634,7 @@ def run_tune(
     model = prep.model
     report = parameter_report(model)
     say(
-        f"{config.method} on {model_dir(config.model).name}: {report.trainable:,} of "
+        f"{config.method} on {config.model or 'the embedded MiniLM-L6'}: {report.trainable:,} of "
         f"{report.total:,} parameters trainable ({report.percent:.2f}%); "
         f"{len(prep.train)} train / {len(prep.val)} validation / {len(prep.test)} test texts"
     )
@@ -671,6 +678,14 @@ def run_tune(
         seed=config.seed,
     )
     state.mkdir(exist_ok=True)
+    prefix = None
+    if config.cache_prefix:
+        prefix = PrefixCache(model, [len(x) for x in prep.train.ids])
+        say(
+            f"frozen prefix: layers below {prefix.start} are cached after the first epoch"
+            if prefix.active
+            else "frozen prefix: nothing to cache (the lowest layer or embeddings are trained)"
+        )
     result = train(
         model,
         prep.batches,
@@ -681,6 +696,7 @@ def run_tune(
         on_step=on_step,
         checkpoint=state,
         resume=resume,
+        forward=prefix.forward if prefix is not None else None,
     )
     if result.interrupted:
         return {"interrupted": True, "step": result.steps, "run": str(run)}

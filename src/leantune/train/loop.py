@@ -225,6 +225,7 @@ def train(
     on_step: Callable[[Progress, int], None] | None = None,
     checkpoint: Path | None = None,
     resume: bool = False,
+    forward: Callable[[nn.Module, Batch], Any] | None = None,
 ) -> TrainResult:
     """Train ``model``'s trainable parameters.
 
@@ -232,7 +233,8 @@ def train(
     same epoch), each holding the model's inputs and ``labels``. ``evaluate`` returns validation
     metrics; ``log`` sees each evaluation row and the history so far; ``on_step(progress, total_steps)`` runs after
     every optimizer step. With ``checkpoint`` a folder, a checkpoint is written after every
-    evaluation and on Ctrl-C; ``resume=True`` continues from it.
+    evaluation and on Ctrl-C; ``resume=True`` continues from it. ``forward(model, batch)``
+    replaces ``model(**batch)`` (the frozen-prefix cache uses it).
     """
     torch.manual_seed(config.seed)
     params = list(trainable_parameters(model).values())
@@ -297,7 +299,7 @@ def train(
             step_loss, step_batches = 0.0, 0
             while p.batch < len(epoch_batches):
                 batch = {k: v.to(device) for k, v in epoch_batches[p.batch].items()}
-                loss = model(**batch).loss
+                loss = (forward(model, batch) if forward else model(**batch)).loss
                 (loss / config.grad_accum).backward()
                 step_loss, step_batches = step_loss + loss.item(), step_batches + 1
                 p.batch += 1

@@ -1,0 +1,122 @@
+"""Selected parameters vs hand-placed LoRA at the same budget (issue 4).
+
+For each budget (a share of MiniLM's parameters) and seed, on the embedded MiniLM + BBC News
+(the tune job's split): (a) ``--select auto`` (the scored Plan), (b) LoRA on query,value and
+(c) LoRA on all linear layers of all layers, both at the largest rank whose trainable count
+(head included) fits the budget (rank 1 at least), plus full fine-tuning once per seed. Every
+run is ``run_tune`` in its own child process (peak RSS = that process's VmHWM); everything else
+is the tune defaults (2 epochs, lr 2e-3 for LoRA, 5e-5 for full).
+
+Usage: python benchmarks/bench_select.py [--budgets 0.1% 0.3% 1%] [--seeds 0 1 2]
+       [--no-full] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any
+
+MINILM_PARAMS = 22_713_216  # base parameters without the 5-class head
+HEAD = 384 * 5 + 5
+# Parameters one unit of LoRA rank costs across all 6 layers.
+PER_RANK = {"query,value": 6 * 2 * (384 + 384), "all-linear": 6 * (4 * 768 + 2 * (384 + 1536))}
+
+
+def peak_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def budget_count(spec: str) -> int:
+    return int(float(spec.rstrip("%")) / 100 * (MINILM_PARAMS + HEAD))
+
+
+def recipe_options(recipe: str, budget: str) -> dict[str, Any]:
+    if recipe == "auto":
+        return {"select": "auto", "budget": budget}
+    if recipe == "full":
+        return {"method": "full"}
+    rank = max(1, (budget_count(budget) - HEAD) // PER_RANK[recipe])
+    return {
+        "targets": "query,value" if recipe == "query,value" else "all-linear",
+        "layers": "all",
+        "r": rank,
+        "alpha": 2.0 * rank,
+    }
+
+
+def child_run(options: dict[str, Any], out: Any) -> None:
+    from leantune.tune import TuneConfig, run_tune
+
+    with tempfile.TemporaryDirectory() as tmp:
+        summary = run_tune(TuneConfig(runs_dir=tmp, name="b", **options))
+    keep = (
+        "test_accuracy",
+        "test_macro_f1",
+        "train_seconds",
+        "trainable_params",
+        "select_seconds",
+        "select_share_of_wall",
+    )
+    out.put({k: summary[k] for k in keep if k in summary} | {"peak_rss_mb": peak_rss_mb()})
+
+
+def run(options: dict[str, Any]) -> dict[str, Any]:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=child_run, args=(options, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result  # type: ignore[no-any-return]
+
+
+def mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.4g}"
+    return f"{statistics.mean(values):.4g} ± {statistics.stdev(values):.2g}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budgets", nargs="+", default=["0.3%"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--no-full", action="store_true")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    rows: list[dict[str, Any]] = []
+    for seed in args.seeds:
+        for budget in args.budgets:
+            for recipe in ("auto", "query,value", "all-linear"):
+                res = run(recipe_options(recipe, budget) | {"seed": seed})
+                rows.append({"budget": budget, "recipe": recipe, "seed": seed, **res})
+                print(json.dumps(rows[-1]), flush=True)
+        if not args.no_full:
+            res = run(recipe_options("full", "") | {"seed": seed})
+            rows.append({"budget": "100%", "recipe": "full", "seed": seed, **res})
+            print(json.dumps(rows[-1]), flush=True)
+    print("\n| budget | recipe | trainable | test acc | train s | peak RSS MB |")
+    print("|---|---|---|---|---|---|")
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["budget"], r["recipe"]), []).append(r)
+    for (budget, recipe), rs in groups.items():
+        print(
+            f"| {budget} | {recipe} | {rs[0]['trainable_params']:,} | "
+            f"{mean_std([r['test_accuracy'] for r in rs])} | "
+            f"{mean_std([r['train_seconds'] for r in rs])} | "
+            f"{mean_std([r['peak_rss_mb'] for r in rs])} |"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
