@@ -10,6 +10,7 @@ import torch
 
 import leantune as lt
 from conftest import build, tiny_model_folder, topic_rows, write_rows
+from leantune.inject import layer_index
 from leantune.plan import Plan, PlanEntry, allocate, parse_budget
 from leantune.select import score
 from leantune.tune import TuneConfig, run_tune
@@ -124,6 +125,8 @@ def test_tune_with_select_auto_and_with_a_plan(tmp_path: Path) -> None:
     run = tmp_path / "runs" / "auto"
     plan = Plan.load(run / "plan.json")
     assert summary["trainable_params"] == plan.params <= 3000
+    # --layers (default upper-half: 1-2 of 3) bounds where the plan goes.
+    assert {layer_index(e.module) for e in plan.lora()} <= {1, 2, None}
     assert (run / "importance.png").read_bytes()[:4] == b"\x89PNG"
     assert "importance.png" in (run / "report.html").read_text()
     assert 0 < summary["select_share_of_wall"] < 1
@@ -131,3 +134,32 @@ def test_tune_with_select_auto_and_with_a_plan(tmp_path: Path) -> None:
         TuneConfig(**common, name="again", plan=str(run / "plan.json"), epochs=1, batch_size=8)
     )
     assert again["test_accuracy"] == summary["test_accuracy"]
+
+
+def test_select_command_prints_the_ranking_and_writes_the_plan(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from leantune.cli import app
+
+    model = tiny_model_folder(tmp_path / "tiny-bert")
+    data = write_rows(tmp_path / "topics.jsonl", topic_rows(60))
+    out = tmp_path / "plan.json"
+    args = ["select", "--model", str(model), "--data", str(data), "--budget", "0.5%"]
+    res = CliRunner().invoke(app, [*args, "--out", str(out)])
+    assert res.exit_code == 0, res.stderr
+    plan = Plan.load(out)
+    assert plan.params <= plan.budget == int(0.005 * plan.base_params)
+    assert res.stdout.splitlines()[0].split() == [
+        "module",
+        "fisher",
+        "taylor",
+        "grad",
+        "norm",
+        "rank",
+    ]
+    assert f"{plan.params:,} of {plan.budget:,} budgeted" in res.stdout
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    before = out.read_bytes()
+    res = CliRunner().invoke(app, [*args[:-1], "0", "--out", str(out)])
+    assert res.exit_code == 2 and res.stderr.count("\n") == 1 and "budget" in res.stderr
+    assert out.read_bytes() == before  # a failed select leaves the old plan alone

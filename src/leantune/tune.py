@@ -99,7 +99,7 @@ class TuneConfig:
     """LoRA layers: upper-half, all, a range 3-5 or a list 3,4,5."""
     select: str | None = None
     """auto: score the parameters on a few training batches and spend --budget on the ones that
-    matter (LoRA ranks per module + the head); replaces --targets, --layers and --r."""
+    matter (LoRA ranks per module + the head) within --layers; replaces --targets and --r."""
     budget: str = "0.5%"
     """Trainable parameters for --select auto: a count (68000) or a share of the model (0.5%)."""
     plan: str | None = None
@@ -572,7 +572,15 @@ def make_plan(
         for i in range(0, len(rows), config.batch_size)
     ]
     scores = score(model, batches, skip=[h for h, _ in heads])
-    return allocate(scores, budget, base, heads), scores
+    # --layers bounds where the plan may go (default: the upper half, so backward stays short
+    # and the frozen bottom can be cached); modules outside the layer stack stay candidates.
+    allowed = parse_layers(config.layers, num_layers(model))
+    candidates = Scores(
+        [m for m in scores.modules if allowed is None or m.layer is None or m.layer in allowed],
+        scores.examples,
+        scores.seconds,
+    )
+    return allocate(candidates, budget, base, heads), scores
 
 
 def apply_plan(model: nn.Module, plan: Plan) -> None:
