@@ -8,7 +8,7 @@ run is ``run_tune`` in its own child process (peak RSS = that process's VmHWM); 
 is the tune defaults (2 epochs, lr 2e-3 for LoRA, 5e-5 for full).
 
 Usage: python benchmarks/bench_select.py [--budgets 0.1% 0.3% 1%] [--seeds 0 1 2]
-       [--no-full] [--json out.json]
+       [--no-full] [--recipes auto query,value all-linear] [--layers all] [--json out.json]
 """
 
 from __future__ import annotations
@@ -89,13 +89,18 @@ def main() -> None:
     parser.add_argument("--budgets", nargs="+", default=["0.3%"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--no-full", action="store_true")
+    parser.add_argument(
+        "--recipes", nargs="+", default=["auto", "query,value", "all-linear"], help="a subset"
+    )
+    parser.add_argument("--layers", default=None, help="--layers for auto (default upper-half)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     rows: list[dict[str, Any]] = []
     for seed in args.seeds:
         for budget in args.budgets:
-            for recipe in ("auto", "query,value", "all-linear"):
-                res = run(recipe_options(recipe, budget) | {"seed": seed})
+            for recipe in args.recipes:
+                extra = {"layers": args.layers} if recipe == "auto" and args.layers else {}
+                res = run(recipe_options(recipe, budget) | {"seed": seed} | extra)
                 rows.append({"budget": budget, "recipe": recipe, "seed": seed, **res})
                 print(json.dumps(rows[-1]), flush=True)
         if not args.no_full:
