@@ -228,8 +228,10 @@ def tune(**kwargs: Any) -> None:
 
 
 def select(**kwargs: Any) -> None:
-    """Score which parameters matter for the task on a few training batches and spend --budget
-    on them: prints a ranked table, writes plan.json (give it to tune --plan) and a heatmap."""
+    """Score which parameters matter for the task and spend --budget on them (a Plan).
+
+    Prints a ranked table, writes plan.json (give it to tune --plan) and a heatmap PNG beside it.
+    """
     from leantune.tune import make_config, read_config, run_select
 
     config, out = kwargs.pop("config"), kwargs.pop("out")
@@ -359,8 +361,10 @@ def merge(
         bool, typer.Option("--overwrite", help="Replace an existing --out folder.")
     ] = False,
 ) -> None:
-    """Export the run as one plain transformers model folder (adapter merged in, tokenizer
-    included) that loads with from_pretrained and needs neither leantune nor peft."""
+    """Export the run as a plain transformers model folder, adapter merged in.
+
+    The folder holds the tokenizer too and loads with from_pretrained, without leantune or peft.
+    """
     from leantune.tune import merge_run
 
     try:
