@@ -21,17 +21,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from leantune.memory import peak_memory_mb
+
 MINILM_PARAMS = 22_713_216  # base parameters without the 5-class head
 HEAD = 384 * 5 + 5
 # Parameters one unit of LoRA rank costs across all 6 layers.
 PER_RANK = {"query,value": 6 * 2 * (384 + 384), "all-linear": 6 * (4 * 768 + 2 * (384 + 1536))}
-
-
-def peak_rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def budget_count(spec: str) -> int:
@@ -65,7 +60,7 @@ def child_run(options: dict[str, Any], out: Any) -> None:
         "select_seconds",
         "select_share_of_wall",
     )
-    out.put({k: summary[k] for k in keep if k in summary} | {"peak_rss_mb": peak_rss_mb()})
+    out.put({k: summary[k] for k in keep if k in summary} | {"peak_rss_mb": peak_memory_mb()})
 
 
 def run(options: dict[str, Any]) -> dict[str, Any]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from transformers.utils import logging as hf_logging
 
 import leantune as lt
 from leantune.defaults import minilm_dir
+from leantune.memory import peak_memory_mb
 
 BATCH, LENGTH, R, ALPHA, DROPOUT = 16, 128, 8, 16, 0.1
 RECIPES = {"query,value": ["query", "value"], "all-linear": "all-linear"}
@@ -89,20 +89,7 @@ def child(lib: str, recipe: str, steps: int) -> None:
     batch = make_batch()
     for _ in range(steps):
         step(model, opt, batch)
-    print(peak_rss_mb())
-
-
-def peak_rss_mb() -> float:
-    """This process's peak RSS. VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a
-    child started by a big parent would report the parent's peak."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(peak_memory_mb())
 
 
 def main() -> None:

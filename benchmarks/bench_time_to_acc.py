@@ -20,15 +20,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from leantune.memory import peak_memory_mb
+
 TARGET = 0.95
 EVAL_EVERY = 10
-
-
-def peak_rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def run_leantune(out: Any) -> None:
@@ -49,7 +44,7 @@ def run_leantune(out: Any) -> None:
             "train_seconds": summary["train_seconds"],
             "steps": summary["steps"],
             "trainable_params": summary["trainable_params"],
-            "peak_rss_mb": peak_rss_mb(),
+            "peak_rss_mb": peak_memory_mb(),
         }
     )
 
@@ -87,7 +82,7 @@ def run_peft(out: Any) -> None:
             "test_accuracy_final": result.test_accuracy_final,
             "train_seconds": result.train_seconds,
             "steps": result.steps,
-            "peak_rss_mb": peak_rss_mb(),
+            "peak_rss_mb": peak_memory_mb(),
         }
     )
 

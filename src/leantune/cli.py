@@ -42,7 +42,7 @@ def fail(message: str) -> typing.NoReturn:
 
 
 def _tune(config: Path | None, resume: bool, overwrite: bool, quiet: bool, **options: Any) -> None:
-    from leantune.tune import TuneConfig, make_config, read_config, run_tune
+    from leantune.tune import TuneConfig, make_config, read_config
 
     given = {k: v for k, v in options.items() if v is not None}
     try:
@@ -62,7 +62,7 @@ def _tune(config: Path | None, resume: bool, overwrite: bool, quiet: bool, **opt
             values = read_config(config) if config else {}
             values.update(given)
         cfg: TuneConfig = make_config(values)
-        summary = _run_with_progress(cfg, resume, overwrite, quiet, run_tune)
+        summary = _run_with_progress(cfg, resume, overwrite, quiet)
     except LeantuneError as e:
         fail(str(e))
     if summary.get("interrupted"):
@@ -75,9 +75,7 @@ def _tune(config: Path | None, resume: bool, overwrite: bool, quiet: bool, **opt
     _print_summary(summary)
 
 
-def _run_with_progress(
-    cfg: Any, resume: bool, overwrite: bool, quiet: bool, run_tune: Any
-) -> dict[str, Any]:
+def _run_with_progress(cfg: Any, resume: bool, overwrite: bool, quiet: bool) -> dict[str, Any]:
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -86,6 +84,8 @@ def _run_with_progress(
         TimeElapsedColumn,
         TimeRemainingColumn,
     )
+
+    from leantune.tune import run_tune
 
     console = Console(stderr=True)
     if quiet:

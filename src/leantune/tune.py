@@ -42,6 +42,7 @@ from leantune.errors import LeantuneError
 from leantune.evaluate import Encoded, Evaluation, evaluate, make_batch
 from leantune.formats import save_adapter
 from leantune.inject import inject, name_matches, output_head_names, parameter_report
+from leantune.memory import peak_memory_mb
 from leantune.methods.lora import LoraConfig
 from leantune.models import TASKS, load_model, load_tokenizer, max_positions, model_dir, num_layers
 from leantune.plan import Plan, allocate, parse_budget
@@ -285,21 +286,6 @@ def load_into(model: nn.Module, tensors: Mapping[str, torch.Tensor], where: Path
 
 def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak CUDA memory allocated, or the process's peak resident memory on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # ---------------------------------------------------------------------------- data
