@@ -8,7 +8,7 @@ run is ``run_tune`` in its own child process (peak RSS = that process's VmHWM); 
 is the tune defaults (2 epochs, lr 2e-3 for LoRA, 5e-5 for full).
 
 Usage: python benchmarks/bench_select.py [--budgets 0.1% 0.3% 1%] [--seeds 0 1 2]
-       [--no-full] [--recipes auto query,value all-linear] [--layers all] [--json out.json]
+       [--no-full] [--full-seeds 0] [--recipes auto query,value all-linear] [--layers all] [--json out.json]
 """
 
 from __future__ import annotations
@@ -85,6 +85,9 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--no-full", action="store_true")
     parser.add_argument(
+        "--full-seeds", nargs="+", type=int, default=None, help="seeds for full FT (default all)"
+    )
+    parser.add_argument(
         "--recipes", nargs="+", default=["auto", "query,value", "all-linear"], help="a subset"
     )
     parser.add_argument("--layers", default=None, help="--layers for auto (default upper-half)")
@@ -98,7 +101,7 @@ def main() -> None:
                 res = run(recipe_options(recipe, budget) | {"seed": seed} | extra)
                 rows.append({"budget": budget, "recipe": recipe, "seed": seed, **res})
                 print(json.dumps(rows[-1]), flush=True)
-        if not args.no_full:
+        if not args.no_full and (args.full_seeds is None or seed in args.full_seeds):
             res = run(recipe_options("full", "") | {"seed": seed})
             rows.append({"budget": "100%", "recipe": "full", "seed": seed, **res})
             print(json.dumps(rows[-1]), flush=True)

@@ -3,6 +3,11 @@
 Tensor keys are ``base_model.model.<module>.<peft name>`` (``lora_A.weight`` ...), trained heads
 ``base_model.model.<head>.<param>``. leantune writes explicit module names in ``target_modules``
 and per-module ranks in ``rank_pattern``, so peft rebuilds exactly the layers leantune had.
+
+LoRA adapters are written as peft's ``LORA`` type. Adapters peft has no type for (BitFit,
+LayerNorm tuning, sparse masks, and Plans mixing methods) are written in the same folder layout
+with ``"peft_type": "LEANTUNE"`` and a ``modules`` table giving each module's method and size;
+their tensors are ``<module>.leantune_<method>.<name>`` (docs/FORMAT.md).
 Only safetensors and JSON are ever read: nothing is unpickled.
 """
 
@@ -11,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections import Counter
@@ -32,11 +38,18 @@ from leantune.inject import (
     records,
     remove_adapter,
 )
-from leantune.methods.lora import LoraConfig, LoraLayer
+from leantune.methods.bitfit import BitFitConfig
+from leantune.methods.delta import DeltaLayer
+from leantune.methods.layernorm import LayerNormConfig
+from leantune.methods.lora import DORA, LoraConfig, LoraLayer
+from leantune.methods.mixed import MixedConfig
+from leantune.methods.sparse import SparseConfig
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+LEANTUNE_TYPE = "LEANTUNE"
+FORMAT_VERSION = 1
 _PICKLE_NAMES = ("adapter_model.bin", "pytorch_model.bin", "adapter_model.pt", "adapter_model.pth")
 
 
@@ -48,9 +61,14 @@ def adapter_state_dict(model: nn.Module, name: str | None = None) -> dict[str, t
     name, rec = _record(model, name)
     out: dict[str, torch.Tensor] = {}
     for layer_name, layer in adapter_layers(model):
-        if isinstance(layer, LoraLayer) and name in layer.adapter_names():
+        if name not in layer.adapter_names():
+            continue
+        if isinstance(layer, LoraLayer):
             for key, t in layer.peft_tensors(name).items():
                 out[f"{PREFIX}{layer_name}.{key}"] = t
+        elif isinstance(layer, DeltaLayer):
+            for key, t in layer.file_tensors(name).items():
+                out[f"{PREFIX}{layer_name}.leantune_{layer.method}.{key}"] = t
     for mod_name in rec.modules_to_save:
         for key, t in model.get_submodule(mod_name).state_dict().items():
             out[f"{PREFIX}{mod_name}.{key}"] = t
@@ -63,7 +81,7 @@ def adapter_config(model: nn.Module, name: str | None = None) -> dict[str, Any]:
     name, rec = _record(model, name)
     cfg = rec.config
     if not isinstance(cfg, LoraConfig):
-        raise LeantuneError(f"saving method {cfg.method!r} in peft format is not supported yet")
+        return leantune_config(model, name)
     per_module: dict[str, tuple[int, float]] = {}
     fan_in_fan_out = False
     for layer_name, layer in adapter_layers(model):
@@ -97,6 +115,41 @@ def adapter_config(model: nn.Module, name: str | None = None) -> dict[str, Any]:
         "layers_to_transform": None,
         "layers_pattern": None,
         "exclude_modules": None,
+    }
+
+
+def leantune_config(model: nn.Module, name: str) -> dict[str, Any]:
+    """adapter_config.json for an adapter peft has no type for: each module's method and size."""
+    _, rec = _record(model, name)
+    modules: dict[str, dict[str, Any]] = {}
+    for layer_name, layer in adapter_layers(model):
+        if name not in layer.adapter_names():
+            continue
+        if isinstance(layer, LoraLayer):
+            r, alpha = layer.saved_rank_alpha(name)
+            adapter = layer.adapter(name)
+            dropout = adapter.dropout.p if isinstance(adapter.dropout, nn.Dropout) else 0.0
+            modules[layer_name] = {
+                "method": "lora",
+                "r": r,
+                "alpha": _num(alpha),
+                "dropout": dropout,
+                "rslora": adapter.rslora,
+                "dora": adapter.variant is DORA,
+            }
+        elif isinstance(layer, DeltaLayer):
+            size = layer.delta_size(layer.delta[name])
+            modules[layer_name] = {"method": layer.method, "size": size}
+        else:
+            raise LeantuneError(f"{layer_name}: {type(layer).__name__} has no file format")
+    base = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    return {
+        "peft_type": LEANTUNE_TYPE,
+        "format_version": FORMAT_VERSION,
+        "task_type": rec.task_type,
+        "base_model_name_or_path": base,
+        "modules_to_save": rec.modules_to_save or None,
+        "modules": modules,
     }
 
 
@@ -208,11 +261,73 @@ _UNSUPPORTED = {
 }
 
 
+DELTA_METHODS = {"bitfit": BitFitConfig, "layernorm": LayerNormConfig, "sparse": SparseConfig}
+
+
+def config_from_leantune(cfg: dict[str, Any], tensors: dict[str, torch.Tensor]) -> MixedConfig:
+    """The adapter config of a ``LEANTUNE`` folder; ``tensors`` are its tensors, prefix removed
+    (sparse masks come from them)."""
+    version = cfg.get("format_version")
+    if version != FORMAT_VERSION:
+        raise AdapterFileError(
+            f"leantune adapter format_version {version!r} is not {FORMAT_VERSION}; "
+            "update leantune to read it"
+        )
+    modules = cfg.get("modules")
+    if not isinstance(modules, dict) or not modules:
+        raise AdapterFileError("leantune adapter config has no modules table")
+    by_method: dict[str, dict[str, dict[str, Any]]] = {}
+    for module, spec in modules.items():
+        method = spec.get("method") if isinstance(spec, dict) else None
+        if method != "lora" and method not in DELTA_METHODS:
+            raise AdapterFileError(
+                f"adapter config: module {module!r} has method {method!r}; leantune knows "
+                f"lora, {', '.join(DELTA_METHODS)}"
+            )
+        by_method.setdefault(method, {})[module] = spec
+    to_save = _as_list(cfg.get("modules_to_save"))
+    parts: list[Any] = []
+    try:
+        if "lora" in by_method:
+            specs = by_method["lora"]
+            first = next(iter(specs.values()))
+            parts.append(
+                LoraConfig(
+                    targets=list(specs),
+                    r=int(first["r"]),
+                    alpha=float(first["alpha"]),
+                    dropout=float(first.get("dropout", 0.0)),
+                    rslora=bool(first.get("rslora", False)),
+                    dora=bool(first.get("dora", False)),
+                    rank_pattern={re.escape(m): int(s["r"]) for m, s in specs.items()},
+                    alpha_pattern={re.escape(m): float(s["alpha"]) for m, s in specs.items()},
+                    modules_to_save=[],
+                )
+            )
+        for method, config_cls in DELTA_METHODS.items():
+            if method not in by_method:
+                continue
+            names = list(by_method[method])
+            extra: dict[str, Any] = {}
+            if method == "sparse":
+                missing = [m for m in names if f"{m}.leantune_sparse.indices" not in tensors]
+                if missing:
+                    raise AdapterFileError(f"adapter file lacks the sparse mask of {missing[0]}")
+                extra["masks"] = {m: tensors[f"{m}.leantune_sparse.indices"] for m in names}
+            parts.append(config_cls(targets=names, modules_to_save=[], **extra))
+        return MixedConfig(parts=parts, modules_to_save=to_save, task_type=cfg.get("task_type"))
+    except (TypeError, ValueError, KeyError, LeantuneError) as e:
+        if isinstance(e, AdapterFileError):
+            raise
+        raise AdapterFileError(f"adapter config does not describe a usable adapter: {e}") from None
+
+
 def config_from_peft(cfg: dict[str, Any]) -> LoraConfig:
     """A LoraConfig from a peft (or leantune) adapter_config.json."""
     if cfg.get("peft_type") != "LORA":
         raise AdapterFileError(
-            f"peft_type {cfg.get('peft_type')!r} is not supported; leantune loads LORA adapters"
+            f"peft_type {cfg.get('peft_type')!r} is not supported; leantune loads LORA adapters "
+            f"and its own {LEANTUNE_TYPE!r} ones"
         )
     for key, (ok, why) in _UNSUPPORTED.items():
         if cfg.get(key, ok) not in (ok, None, {}, []):
@@ -271,15 +386,19 @@ def load_adapter(
     adapter becomes active; with ``trainable`` its parameters (and heads) are left trainable.
     """
     raw, tensors = read_adapter_files(directory)
-    config = config_from_peft(raw)
-    # peft lists both usual head names ("classifier", "score"); keep those this model has.
-    names = [n for n, _ in model.named_modules() if n]
-    present = [m for m in config.modules_to_save or [] if any(name_matches(n, [m]) for n in names)]
-    config = dataclasses.replace(config, modules_to_save=present)
     bad = [k for k in tensors if not k.startswith(PREFIX)]
     if bad:
         raise AdapterFileError(f"tensor {bad[0]!r} lacks the {PREFIX!r} prefix peft files have")
     tensors = {k.removeprefix(PREFIX): v for k, v in tensors.items()}
+    config: LoraConfig | MixedConfig
+    if raw.get("peft_type") == LEANTUNE_TYPE:
+        config = config_from_leantune(raw, tensors)
+    else:
+        config = config_from_peft(raw)
+    # peft lists both usual head names ("classifier", "score"); keep those this model has.
+    names = [n for n, _ in model.named_modules() if n]
+    present = [m for m in config.modules_to_save or [] if any(name_matches(n, [m]) for n in names)]
+    config = dataclasses.replace(config, modules_to_save=present)
     inject(model, config, name, freeze=False)
     try:
         _fill(model, name, tensors)
@@ -297,7 +416,13 @@ def load_adapter(
 def _fill(model: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> None:
     wanted: dict[str, torch.Tensor] = {}  # file key -> model tensor to copy into
     for layer_name, layer in adapter_layers(model):
-        if not isinstance(layer, LoraLayer) or name not in layer.adapter_names():
+        if name not in layer.adapter_names():
+            continue
+        if isinstance(layer, DeltaLayer):
+            for key, t in layer.file_targets(name).items():
+                wanted[f"{layer_name}.leantune_{layer.method}.{key}"] = t
+            continue
+        if not isinstance(layer, LoraLayer):
             continue
         params = dict(layer.lora[name].named_parameters())
         for short, key in layer.peft_keys.items():

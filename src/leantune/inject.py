@@ -70,8 +70,9 @@ class AdapterConfig:
 
     targets: str | list[str] = "all-linear"
     """Modules to adapt: a list of exact names or dotted suffixes ("query", "attn.c_attn"), one
-    string taken as a regex that must match a whole module name, or "all-linear" (every
-    nn.Linear and Conv1D except the output head and the modules in ``modules_to_save``)."""
+    string taken as a regex that must match a whole module name, "all-linear" (every
+    nn.Linear and Conv1D except the output head and the modules in ``modules_to_save``), or
+    "all" (every layer the method can adapt, except those)."""
     layers: list[int] | None = None
     """Only modules inside these layer indices (the number after "layer.", "layers.", "h." ...)."""
     layers_pattern: str | None = None
@@ -86,7 +87,7 @@ class AdapterConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, str):
-            if self.targets != "all-linear":
+            if self.targets not in ("all-linear", "all"):
                 try:
                     re.compile(self.targets)
                 except re.error as e:
@@ -103,6 +104,10 @@ class AdapterConfig:
     def supported_types(self) -> tuple[type[nn.Module], ...]:
         """Layer types this method can adapt."""
         raise NotImplementedError
+
+    def includes(self, module: nn.Module) -> bool:
+        """Whether targets="all" takes ``module``."""
+        return isinstance(module, self.supported_types())
 
     def adapt(self, module: nn.Module, adapter_name: str, module_name: str) -> nn.Module:
         """Add adapter ``adapter_name`` to ``module``; return the layer to put in its place."""
@@ -222,6 +227,9 @@ def match_targets(model: nn.Module, config: AdapterConfig, skip: Sequence[str] =
         if config.targets == "all-linear":
             # Adapter layers subclass the layers they adapt, so they are found again here.
             if not isinstance(module, LINEAR_TYPES) or name in head:
+                continue
+        elif config.targets == "all":
+            if name in head or not config.includes(module):
                 continue
         elif not name_matches(name, config.targets):
             continue

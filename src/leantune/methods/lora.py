@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from leantune.errors import LeantuneError
-from leantune.inject import BASE, LINEAR_TYPES, AdapterConfig, Conv1D, register
+from leantune.errors import LeantuneError, TargetError
+from leantune.inject import BASE, LINEAR_TYPES, AdapterConfig, AdapterModule, Conv1D, register
 
 INITS = ("standard", "gaussian", "pissa")
 
@@ -91,6 +91,11 @@ class LoraConfig(AdapterConfig):
         return (*LINEAR_TYPES, nn.Embedding)
 
     def adapt(self, module: nn.Module, adapter_name: str, module_name: str) -> nn.Module:
+        if isinstance(module, AdapterModule) and not isinstance(module, LoraLayer):
+            raise TargetError(
+                f"{module_name} already holds a {type(module).__name__} adapter; leantune puts "
+                "one method on a module, so LoRA cannot go there too"
+            )
         layer = module if isinstance(module, LoraLayer) else _lora_layer_for(module)
         layer.add_adapter(
             adapter_name, self.rank_for(module_name), self.alpha_for(module_name), self

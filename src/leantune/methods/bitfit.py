@@ -1,0 +1,65 @@
+"""BitFit (Ben Zaken et al., 2022): train only bias terms.
+
+Each adapted layer gets a learned change Δb to its bias, added to its output; merging adds Δb
+into the bias. Adapts linear layers (nn.Linear, GPT-2 Conv1D) and LayerNorms that have a bias.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, cast
+
+import torch
+from torch import nn
+
+from leantune.errors import TargetError
+from leantune.inject import LINEAR_TYPES, AdapterConfig, register
+from leantune.methods.delta import DeltaLayer
+
+
+@dataclass
+class BitFitConfig(AdapterConfig):
+    """BitFit: a trainable change to the bias of each targeted layer."""
+
+    method: ClassVar[str] = "bitfit"
+
+    targets: str | list[str] = "all"
+    """Modules whose bias is trained; "all" is every linear layer and LayerNorm with a bias."""
+
+    def supported_types(self) -> tuple[type[nn.Module], ...]:
+        return (*LINEAR_TYPES, nn.LayerNorm)
+
+    def includes(self, module: nn.Module) -> bool:
+        bias = getattr(module, "bias", None)
+        return isinstance(module, self.supported_types()) and isinstance(bias, torch.Tensor)
+
+    def adapt(self, module: nn.Module, adapter_name: str, module_name: str) -> nn.Module:
+        bias = getattr(module, "bias", None)
+        if not isinstance(bias, torch.Tensor):
+            raise TargetError(f"{module_name} has no bias for BitFit to train; leave it out")
+        layer = BitFitLayer.wrap(module, module_name)
+        layer.add_adapter(adapter_name, bias.numel(), module_name)
+        return layer
+
+
+register("bitfit", BitFitConfig)
+
+
+class BiasDelta(nn.Module):
+    def __init__(self, size: int, dtype: torch.dtype):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(size, dtype=dtype))
+
+
+class BitFitLayer(DeltaLayer):
+    method: ClassVar[str] = "bitfit"
+    bias: nn.Parameter
+
+    def new_delta(self, size: int, module_name: str) -> nn.Module:
+        return BiasDelta(size, self.bias.dtype)
+
+    def contribution(self, delta: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return out + cast(BiasDelta, delta).bias
+
+    def fold(self, delta: nn.Module, sign: float) -> None:
+        self.bias.add_(cast(BiasDelta, delta).bias.to(self.bias.dtype), alpha=sign)

@@ -1,0 +1,111 @@
+"""Sparse fine-tuning with a fixed mask (FISH masks, Sung et al., 2021): W + M ⊙ Δ.
+
+Only k chosen entries of a weight train. The mask is chosen before training, by the empirical
+Fisher score of each entry (``leantune.select.fisher_masks``, or a Plan's sparse entries), and
+stored as flat indices into the weight seen as an (out, in) matrix. The unmerged forward adds
+x · scatter(Δ)ᵀ to the base output; merging adds the k values into W, so merged equals
+unmerged up to float rounding. Files hold the indices (int64) and the values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, cast
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from leantune.errors import LeantuneError, TargetError
+from leantune.inject import LINEAR_TYPES, AdapterConfig, Conv1D, register
+from leantune.methods.delta import DeltaLayer
+
+
+@dataclass
+class SparseConfig(AdapterConfig):
+    """Sparse fine-tuning of the masked entries of each targeted linear weight."""
+
+    method: ClassVar[str] = "sparse"
+
+    masks: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    """Per module name, the flat (out, in) indices of the entries that train."""
+    lr_scale: float = 0.05
+    """The values train at this fraction of the run's learning rate: a single weight entry
+    moved at a LoRA-sized rate overshoots (0.05 × 2e-3 = 1e-4, full fine-tuning's range)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.lr_scale > 0:
+            raise LeantuneError(f"sparse lr_scale must be positive, got {self.lr_scale!r}")
+
+    def supported_types(self) -> tuple[type[nn.Module], ...]:
+        return LINEAR_TYPES
+
+    def adapt(self, module: nn.Module, adapter_name: str, module_name: str) -> nn.Module:
+        mask = self.masks.get(module_name)
+        if mask is None:
+            raise TargetError(
+                f"sparse fine-tuning has no mask for {module_name}; choose one with "
+                "leantune.select.fisher_masks() or a Plan (leantune select)"
+            )
+        layer = SparseLayer.wrap(module, module_name)
+        assert isinstance(layer, SparseLayer)
+        layer.pending_mask = mask
+        layer.add_adapter(adapter_name, mask.numel(), module_name)
+        for p in layer.delta[adapter_name].parameters():
+            p.lr_scale = self.lr_scale  # type: ignore[attr-defined]
+        return layer
+
+
+register("sparse", SparseConfig)
+
+
+class MaskDelta(nn.Module):
+    indices: torch.Tensor
+
+    def __init__(self, indices: torch.Tensor, dtype: torch.dtype):
+        super().__init__()
+        self.register_buffer("indices", indices)
+        self.values = nn.Parameter(torch.zeros(indices.numel(), dtype=dtype))
+
+
+class SparseLayer(DeltaLayer):
+    method: ClassVar[str] = "sparse"
+    pending_mask: torch.Tensor | None = None
+
+    def shape_oi(self) -> tuple[int, int]:
+        out, inp = self.weight.shape
+        return (inp, out) if Conv1D is not None and isinstance(self, Conv1D) else (out, inp)
+
+    def weight_oi(self) -> torch.Tensor:
+        return self.weight.T if Conv1D is not None and isinstance(self, Conv1D) else self.weight
+
+    def new_delta(self, size: int, module_name: str) -> nn.Module:
+        mask = self.pending_mask
+        self.pending_mask = None
+        assert mask is not None
+        out, inp = self.shape_oi()
+        mask = mask.to(torch.int64).flatten()
+        if mask.numel() and (int(mask.min()) < 0 or int(mask.max()) >= out * inp):
+            raise TargetError(
+                f"sparse mask of {module_name} indexes outside its {out}x{inp} weight"
+            )
+        if mask.unique().numel() != mask.numel():
+            raise TargetError(f"sparse mask of {module_name} repeats an index")
+        return MaskDelta(mask.clone(), self.weight.dtype)
+
+    def dense(self, delta: nn.Module) -> torch.Tensor:
+        """M ⊙ Δ as an (out, in) matrix."""
+        d = cast(MaskDelta, delta)
+        out, inp = self.shape_oi()
+        return d.values.new_zeros(out * inp).index_add(0, d.indices, d.values).view(out, inp)
+
+    def contribution(self, delta: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return out + F.linear(x, self.dense(delta).to(x.dtype))
+
+    def fold(self, delta: nn.Module, sign: float) -> None:
+        d = cast(MaskDelta, delta)
+        _, inp = self.shape_oi()
+        rows, cols = d.indices // inp, d.indices % inp
+        values = d.values.to(self.weight.dtype) * sign
+        self.weight_oi().index_put_((rows, cols), values, accumulate=True)
