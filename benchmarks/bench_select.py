@@ -3,7 +3,9 @@
 For each budget (a share of MiniLM's parameters) and seed, on the embedded MiniLM + BBC News
 (the tune job's split): (a) ``--select auto`` (the scored Plan), (b) LoRA on query,value and
 (c) LoRA on all linear layers of all layers, both at the largest rank whose trainable count
-(head included) fits the budget (rank 1 at least), plus full fine-tuning once per seed. Every
+(head included) fits the budget (rank 1 at least), plus full fine-tuning once per seed.
+Other recipes: auto-mixed (the plan may also buy BitFit, LayerNorm and sparse units) and
+sparse (a FISH mask over the upper half at the budget). Every
 run is ``run_tune`` in its own child process (peak RSS = that process's VmHWM); everything else
 is the tune defaults (2 epochs, lr 2e-3 for LoRA, 5e-5 for full).
 
@@ -36,6 +38,10 @@ def budget_count(spec: str) -> int:
 def recipe_options(recipe: str, budget: str) -> dict[str, Any]:
     if recipe == "auto":
         return {"select": "auto", "budget": budget}
+    if recipe == "auto-mixed":  # the plan may also buy biases, norms and sparse entries
+        return {"select": "auto", "budget": budget, "plan_methods": "lora,bitfit,layernorm,sparse"}
+    if recipe == "sparse":  # a FISH mask over the upper half at the budget
+        return {"method": "sparse", "budget": budget}
     if recipe == "full":
         return {"method": "full"}
     rank = max(1, (budget_count(budget) - HEAD) // PER_RANK[recipe])
@@ -97,7 +103,7 @@ def main() -> None:
     for seed in args.seeds:
         for budget in args.budgets:
             for recipe in args.recipes:
-                extra = {"layers": args.layers} if recipe == "auto" and args.layers else {}
+                extra = {"layers": args.layers} if recipe.startswith("auto") and args.layers else {}
                 res = run(recipe_options(recipe, budget) | {"seed": seed} | extra)
                 rows.append({"budget": budget, "recipe": recipe, "seed": seed, **res})
                 print(json.dumps(rows[-1]), flush=True)

@@ -163,3 +163,119 @@ def test_select_command_prints_the_ranking_and_writes_the_plan(tmp_path: Path) -
     res = CliRunner().invoke(app, [*args[:-1], "0", "--out", str(out)])
     assert res.exit_code == 2 and res.stderr.count("\n") == 1 and "budget" in res.stderr
     assert out.read_bytes() == before  # a failed select leaves the old plan alone
+
+
+ALL_METHODS = ("lora", "bitfit", "layernorm", "sparse")
+
+
+@pytest.mark.parametrize("budget", [300, 2_000, 12_000])
+def test_mixed_plan_keeps_the_budget_one_method_a_module_and_round_trips(
+    budget: int, tmp_path: Path
+) -> None:
+    scores = score(build("bert"), batches(), skip=["classifier"])
+    plan = allocate(scores, budget, 60_000, heads=[("classifier", 99)], methods=ALL_METHODS)
+    assert plan.params <= budget
+    modules = [e.module for e in plan.entries]
+    assert len(modules) == len(set(modules))
+    assert {e.method for e in plan.entries} <= {*ALL_METHODS, "head"}
+    loaded = Plan.load(plan.save(tmp_path / "plan.json"))
+    assert loaded == plan
+    assert loaded.masks.keys() == plan.masks.keys()
+    for name, mask in plan.masks.items():
+        assert torch.equal(loaded.masks[name], mask)
+    model = build("bert")
+    lt.inject(model, loaded.adapter_config())
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == plan.params
+
+
+def test_cheap_methods_win_when_their_gain_per_parameter_is_best() -> None:
+    scores = score(build("bert"), batches(), skip=["classifier"])
+    plan = allocate(scores, 2_000, 60_000, heads=[("classifier", 99)], methods=ALL_METHODS)
+    # On the tiny model a bias or a norm carries more gradient energy per parameter than a rank
+    # unit of its weight, so the mixed plan buys some, and more gain than LoRA alone.
+    assert {"bitfit", "layernorm"} & {e.method for e in plan.entries}
+    lora_only = allocate(scores, 2_000, 60_000, heads=[("classifier", 99)])
+    assert sum(e.gain for e in plan.entries) > sum(e.gain for e in lora_only.entries)
+
+
+def test_sparse_masks_are_the_top_fisher_entries() -> None:
+    model = build("bert")
+    scores = score(model, batches(), skip=["classifier"])
+    plan = allocate(scores, 700, 60_000, heads=[("classifier", 99)], methods=["sparse"])
+    assert plan.of("sparse")
+    # Recompute the per-entry empirical Fisher of one chosen module by hand.
+    name = plan.of("sparse")[0].module
+    weight = model.get_submodule(name).weight
+    fisher = torch.zeros_like(weight)
+    for b in batches():
+        model.zero_grad()
+        model(**b).loss.backward()
+        fisher += weight.grad.pow(2)  # type: ignore[union-attr]
+    mask = plan.masks[name]
+    cut = fisher.flatten()[mask].min()
+    outside = torch.ones(fisher.numel(), dtype=torch.bool)
+    outside[mask] = False
+    assert fisher.flatten()[outside].max() <= cut * (1 + 1e-5)
+
+
+def test_a_zero_gradient_module_gets_nothing_from_any_method() -> None:
+    model = build("bert")
+    value = model.bert.encoder.layer[2].attention.self.value
+    value.register_forward_hook(lambda m, i, o: o * 0)
+    scores = score(model, batches(), skip=["classifier"])
+    plan = allocate(scores, 50_000, 60_000, heads=[("classifier", 99)], methods=ALL_METHODS)
+    assert "bert.encoder.layer.2.attention.self.value" not in {e.module for e in plan.entries}
+
+
+def test_a_sparse_plan_without_its_masks_or_with_an_edited_size_is_refused(tmp_path: Path) -> None:
+    scores = score(build("bert"), batches(), skip=["classifier"])
+    plan = allocate(scores, 900, 60_000, heads=[("classifier", 99)], methods=["sparse"])
+    path = plan.save(tmp_path / "plan.json")
+    raw = json.loads(path.read_text())
+    next(e for e in raw["entries"] if e["method"] == "sparse")["size"] += 1
+    path.write_text(json.dumps(raw))
+    with pytest.raises(lt.LeantuneError, match="cannot be edited by hand"):
+        Plan.load(path)
+    (tmp_path / "plan.masks.safetensors").unlink()
+    with pytest.raises(lt.LeantuneError, match="masks file"):
+        Plan.load(path)
+    with pytest.raises(lt.LeantuneError, match="plan methods"):
+        allocate(scores, 900, 60_000, methods=["lora", "magic"])
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"method": "bitfit"},
+        {"method": "layernorm"},
+        {"method": "sparse", "budget": "2000"},
+        {"select": "auto", "budget": "4000", "plan_methods": "lora,bitfit,layernorm,sparse"},
+    ],
+    ids=["bitfit", "layernorm", "sparse", "mixed-plan"],
+)
+def test_tune_saves_and_reloads_every_adapter_method(options: dict, tmp_path: Path) -> None:
+    from leantune.tune import evaluate_run
+
+    model = tiny_model_folder(tmp_path / "tiny-bert")
+    data = write_rows(tmp_path / "topics.jsonl", topic_rows(60))
+    summary = run_tune(
+        TuneConfig(
+            model=str(model),
+            data=str(data),
+            runs_dir=str(tmp_path / "runs"),
+            name="r",
+            epochs=1,
+            batch_size=8,
+            **options,
+        )
+    )
+    run = tmp_path / "runs" / "r"
+    assert (run / "adapter" / "adapter_config.json").exists()
+    assert json.loads((run / "adapter" / "adapter_config.json").read_text())["peft_type"] in (
+        "LEANTUNE",
+        "LORA",
+    )
+    again = evaluate_run(run)
+    assert again["accuracy"] == pytest.approx(summary["test_accuracy"])
+    if "budget" in options:
+        assert summary["trainable_params"] <= int(options["budget"])

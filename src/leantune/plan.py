@@ -13,6 +13,12 @@ costs (in + out) parameters and captures σ²_{r+1} of m's mean gradient (see se
 marginal gains fall as r grows, so taking the best gain per parameter until the budget is spent
 is the optimal allocation of this first-order model. The task head is always trained and is
 paid for first.
+
+With more methods allowed (``methods``), their units join the same heap: a layer's bias
+(BitFit, ‖ḡ_b‖² for ``out`` parameters), a norm's scale and shift (LayerNorm tuning), and chunks
+of the top-Fisher entries of a weight (sparse, Σ ḡ² per chunk). A module takes one method: the
+first unit bought on it decides. Sparse masks are kept beside plan.json in
+``<plan>.masks.safetensors`` (flat (out, in) indices per module).
 """
 
 from __future__ import annotations
@@ -22,23 +28,29 @@ import json
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from leantune.errors import LeantuneError
-from leantune.select import Scores
+from leantune.select import SPARSE_CHUNK, Scores
 
-PLAN_METHODS = ("lora", "head")
+PLAN_METHODS = ("lora", "bitfit", "layernorm", "sparse", "head")
+ALLOCATED = ("lora", "bitfit", "layernorm", "sparse")
+"""Methods a Plan can spend its budget on (the head is always paid first)."""
 
 
 @dataclass
 class PlanEntry:
     module: str
     method: str
-    """lora (size = rank) or head (trained in full; size = parameters)."""
+    """lora (size = rank), bitfit or layernorm (size = parameters), sparse (size = entries, mask
+    in the masks file) or head (trained in full; size = parameters)."""
     size: int
     params: int
     """Trainable parameters this entry costs."""
@@ -52,6 +64,8 @@ class Plan:
     base_params: int
     entries: list[PlanEntry] = field(default_factory=list)
     score: str = "spectrum"
+    masks: dict[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+    """Sparse entries' masks (not in the JSON: in the masks file beside it)."""
 
     @property
     def params(self) -> int:
@@ -60,14 +74,26 @@ class Plan:
     def lora(self) -> list[PlanEntry]:
         return [e for e in self.entries if e.method == "lora"]
 
+    def of(self, method: str) -> list[PlanEntry]:
+        return [e for e in self.entries if e.method == method]
+
     def heads(self) -> list[str]:
         return [e.module for e in self.entries if e.method == "head"]
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1) + "\n"
+        data = asdict(self)
+        data.pop("masks")
+        return json.dumps(data, indent=1) + "\n"
 
     def save(self, path: str | os.PathLike[str]) -> Path:
+        """plan.json, and its masks file when the plan has sparse entries (each atomically)."""
         path = Path(path)
+        if self.of("sparse"):
+            masks = masks_path(path)
+            tmp_masks = masks.with_name(f".{masks.name}.tmp")
+            tensors = {e.module: self.masks[e.module].contiguous() for e in self.of("sparse")}
+            save_file(tensors, str(tmp_masks))
+            os.replace(tmp_masks, masks)
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(self.to_json())
         os.replace(tmp, path)
@@ -95,6 +121,24 @@ class Plan:
                 raise LeantuneError(
                     f"plan {path}: {entry.module} has size {entry.size!r}; use a positive int"
                 )
+        sparse = plan.of("sparse")
+        if sparse:
+            masks = masks_path(Path(path))
+            try:
+                plan.masks = load_file(str(masks))
+            except (OSError, SafetensorError) as e:
+                raise LeantuneError(
+                    f"plan {path} has sparse entries but its masks file {masks} cannot be read "
+                    f"({e}); rerun leantune select"
+                ) from None
+            for entry in sparse:
+                mask = plan.masks.get(entry.module)
+                if mask is None or mask.numel() != entry.size:
+                    raise LeantuneError(
+                        f"plan {path}: the sparse mask of {entry.module} does not have "
+                        f"{entry.size} entries; a sparse size cannot be edited by hand, rerun "
+                        "leantune select"
+                    )
         return plan
 
     def check(self, model: nn.Module) -> None:
@@ -119,10 +163,48 @@ class Plan:
             r=base,
             alpha=alpha_ratio * base,
             targets="|".join(re.escape(e.module) for e in lora),
-            rank_pattern={e.module: e.size for e in lora if e.size != base},
-            alpha_pattern={e.module: alpha_ratio * e.size for e in lora if e.size != base},
+            rank_pattern={re.escape(e.module): e.size for e in lora if e.size != base},
+            alpha_pattern={
+                re.escape(e.module): alpha_ratio * e.size for e in lora if e.size != base
+            },
             modules_to_save=self.heads(),
         )
+
+    def adapter_config(self, alpha_ratio: float = 2.0) -> Any:
+        """The adapter config for this plan: a plain LoraConfig (peft loads it) when the plan is
+        LoRA only, else a MixedConfig of one part per method; None when only heads train."""
+        from leantune.methods.bitfit import BitFitConfig
+        from leantune.methods.layernorm import LayerNormConfig
+        from leantune.methods.mixed import MixedConfig
+        from leantune.methods.sparse import SparseConfig
+
+        if not any(self.of(m) for m in ("bitfit", "layernorm", "sparse")):
+            return self.lora_config(alpha_ratio)
+        parts: list[Any] = []
+        lora = self.lora_config(alpha_ratio)
+        if lora is not None:
+            parts.append(replace(lora, targets=[e.module for e in self.lora()], modules_to_save=[]))
+        if self.of("bitfit"):
+            parts.append(BitFitConfig(targets=[e.module for e in self.of("bitfit")]))
+        if self.of("layernorm"):
+            parts.append(LayerNormConfig(targets=[e.module for e in self.of("layernorm")]))
+        if self.of("sparse"):
+            names = [e.module for e in self.of("sparse")]
+            parts.append(SparseConfig(targets=names, masks={n: self.masks[n] for n in names}))
+        return MixedConfig(parts=parts, modules_to_save=self.heads())
+
+
+def masks_path(plan_path: Path) -> Path:
+    return plan_path.with_name(plan_path.stem + ".masks.safetensors")
+
+
+def parse_methods(spec: str | Sequence[str]) -> tuple[str, ...]:
+    """'lora,bitfit' → ('lora', 'bitfit'); unknown names refused."""
+    names = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
+    bad = [n for n in names if n not in ALLOCATED]
+    if bad or not names:
+        raise LeantuneError(f"plan methods {spec!r}: use a comma list of {', '.join(ALLOCATED)}")
+    return tuple(dict.fromkeys(names))
 
 
 def parse_budget(spec: str | float | int, base_params: int) -> int:
@@ -147,10 +229,13 @@ def allocate(
     base_params: int,
     heads: Sequence[tuple[str, int]] = (),
     max_rank: int = 64,
+    methods: Sequence[str] = ("lora",),
 ) -> Plan:
-    """Spend ``budget`` parameters: the heads first, then LoRA ranks by gain per parameter."""
+    """Spend ``budget`` parameters: the heads first, then units of ``methods`` by gain per
+    parameter, one method per module."""
     if budget <= 0:
         raise LeantuneError(f"budget must be more than 0, got {budget}")
+    methods = parse_methods(methods)
     head_cost = sum(n for _, n in heads)
     if head_cost > budget:
         raise LeantuneError(
@@ -159,25 +244,69 @@ def allocate(
         )
     plan = Plan(budget, base_params, [PlanEntry(m, "head", n, n) for m, n in heads])
     left = budget - head_cost
-    ranks: dict[str, int] = {}
-    gains: dict[str, float] = {}
     by_name = {m.name: m for m in scores.modules}
-    # (−gain per parameter, name): the best next rank unit on top of the heap.
-    heap = [(-m.spectrum[0] / m.rank_cost, m.name) for m in scores.modules if m.spectrum]
-    heapq.heapify(heap)
+    norms = {n.name: n for n in scores.norms}
+
+    # unit (gain, cost) of `method` number `i` on `name`, or None when there is no such unit.
+    def unit(method: str, name: str, i: int) -> tuple[float, int] | None:
+        if method == "lora":
+            m = by_name[name]
+            ok = i < min(max_rank, len(m.spectrum))
+            return (m.spectrum[i], m.rank_cost) if ok else None
+        if method == "sparse":
+            m = by_name[name]
+            if i >= len(m.sparse_gains) or m.sparse_order is None:
+                return None
+            return m.sparse_gains[i], min(SPARSE_CHUNK, len(m.sparse_order) - i * SPARSE_CHUNK)
+        if i > 0:
+            return None  # bitfit and layernorm are one unit each
+        if method == "bitfit":
+            m = by_name[name]
+            return (m.bias_gain, m.bias_size) if m.bias_size else None
+        return norms[name].gain, norms[name].size
+
+    heap: list[tuple[float, str, str]] = []  # (−gain per parameter, module, method)
+
+    def push(method: str, name: str, i: int) -> None:
+        u = unit(method, name, i)
+        if u is not None and u[0] > 0:
+            heapq.heappush(heap, (-u[0] / u[1], name, method))
+
+    for method in methods:
+        for name in norms if method == "layernorm" else by_name:
+            push(method, name, 0)
+    taken: dict[str, str] = {}
+    count: dict[str, int] = {}
+    gains: dict[str, float] = {}
     while heap:
-        _, name = heapq.heappop(heap)
-        m = by_name[name]
-        if m.rank_cost > left:
-            continue  # too big for what is left; a smaller module may still fit
-        r = ranks.get(name, 0)
-        ranks[name] = r + 1
-        gains[name] = gains.get(name, 0.0) + m.spectrum[r]
-        left -= m.rank_cost
-        if r + 1 < min(max_rank, len(m.spectrum)):
-            heapq.heappush(heap, (-m.spectrum[r + 1] / m.rank_cost, name))
-    for m in scores.modules:  # model order, so the file reads top to bottom
-        if m.name in ranks:
-            r = ranks[m.name]
-            plan.entries.append(PlanEntry(m.name, "lora", r, r * m.rank_cost, gains[m.name]))
+        _, name, method = heapq.heappop(heap)
+        if taken.get(name, method) != method:
+            continue  # the module already took another method
+        i = count.get(name, 0)
+        u = unit(method, name, i)
+        assert u is not None
+        if u[1] > left:
+            continue  # too big for what is left; a smaller unit may still fit
+        taken[name] = method
+        count[name] = i + 1
+        gains[name] = gains.get(name, 0.0) + u[0]
+        left -= u[1]
+        push(method, name, i + 1)
+    order = [m.name for m in scores.modules] + [n.name for n in scores.norms]
+    for name in order:  # model order, so the file reads top to bottom
+        if name not in taken:
+            continue
+        method, n = taken[name], count[name]
+        if method == "lora":
+            size, params = n, n * by_name[name].rank_cost
+        elif method == "sparse":
+            order_idx = by_name[name].sparse_order
+            assert order_idx is not None
+            plan.masks[name] = order_idx[: n * SPARSE_CHUNK].clone()
+            size = params = plan.masks[name].numel()
+        elif method == "bitfit":
+            size = params = by_name[name].bias_size
+        else:
+            size = params = norms[name].size
+        plan.entries.append(PlanEntry(name, method, size, params, gains[name]))
     return plan

@@ -10,12 +10,19 @@ For every linear layer (and the task head) of the model, on ``batches`` of task 
   Σ_{i≤r} σ_i² of the gradient's energy, so this prices LoRA rank directly: the first-order loss
   decrease of a rank-r step of fixed norm is ∝ ‖P_r(ḡ)‖. The Plan allocates ranks by it.
 
+For the other methods a Plan can use, the same energy measure prices each unit: ‖ḡ_b‖² of a
+linear layer's bias (BitFit), ‖ḡ_γ‖² + ‖ḡ_β‖² of a norm layer (LayerNorm tuning), and, for sparse
+fine-tuning, Σ ḡ² over the entries the empirical Fisher ranks highest (a FISH mask), in chunks of
+``SPARSE_CHUNK`` entries. A step of fixed norm inside a parameter subspace lowers the loss by at
+most its norm times ‖P ḡ‖, so these gains are comparable across methods.
+
 Scoring runs the model in eval mode (no dropout), so the same weights and batches give the same
 scores. Parameters' ``requires_grad`` flags are restored afterwards.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +34,8 @@ from leantune.errors import LeantuneError
 from leantune.inject import LINEAR_TYPES, layer_index
 
 Batch = Mapping[str, torch.Tensor]
+SPARSE_CHUNK = 256
+"""Entries per sparse-fine-tuning unit the Plan buys."""
 
 
 @dataclass
@@ -41,6 +50,13 @@ class ModuleScore:
     taylor: float = 0.0
     grad_norm: float = 0.0
     spectrum: list[float] = field(default_factory=list)
+    bias_size: int = 0
+    bias_gain: float = 0.0
+    """‖ḡ‖² of the layer's bias (0 without one)."""
+    sparse_order: torch.Tensor | None = field(default=None, repr=False)
+    """Flat (out, in) indices of the top entries by Fisher score, best first."""
+    sparse_gains: list[float] = field(default_factory=list)
+    """Σ ḡ² of each successive SPARSE_CHUNK entries of sparse_order."""
 
     @property
     def params(self) -> int:
@@ -53,10 +69,22 @@ class ModuleScore:
 
 
 @dataclass
+class NormScore:
+    name: str
+    kind: str
+    layer: int | None
+    size: int
+    """Trainable values LayerNorm tuning adds (scale and shift)."""
+    gain: float
+    """‖ḡ‖² of the norm's scale and shift."""
+
+
+@dataclass
 class Scores:
     modules: list[ModuleScore]
     examples: int
     seconds: float
+    norms: list[NormScore] = field(default_factory=list)
 
     def by_layer_and_kind(self, metric: str = "fisher") -> dict[tuple[int | None, str], float]:
         out: dict[tuple[int | None, str], float] = {}
@@ -88,8 +116,12 @@ def score(
     *,
     skip: Sequence[str] = (),
     max_rank: int = 64,
+    max_entries: int = 16 * SPARSE_CHUNK,
 ) -> Scores:
-    """Importance of every linear layer of ``model`` for the loss on ``batches``."""
+    """Importance of every linear layer (and norm layer) of ``model`` for the loss on
+    ``batches``; ``max_entries`` bounds the sparse units ranked per layer (0: none)."""
+    from leantune.methods.layernorm import is_norm
+
     if not batches:
         raise LeantuneError("the scoring set has no examples; give at least one batch")
     modules = scorable_modules(model, skip)
@@ -99,54 +131,94 @@ def score(
     flags = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training
     device = next(model.parameters()).device
+    inside = tuple(s + "." for s in skip)
+    norms = {
+        n: m
+        for n, m in model.named_modules()
+        if is_norm(m) and n not in skip and not n.startswith(inside)
+    }
     weights = {n: _weight(m) for n, m in modules.items()}
+    # Every tensor whose gradient is read: layer weights, their biases, norm scales and shifts.
+    tracked: dict[str, nn.Parameter] = {f"{n}.weight": w for n, w in weights.items()}
+    for n, m in [*modules.items(), *norms.items()]:
+        for key, p in m.named_parameters(recurse=False):
+            tracked[f"{n}.{key}"] = p
     fisher = {n: 0.0 for n in modules}
-    grad_sum = {n: torch.zeros_like(w, dtype=torch.float32) for n, w in weights.items()}
+    entry_fisher = {n: torch.zeros_like(w, dtype=torch.float32) for n, w in weights.items()}
+    grad_sum = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in tracked.items()}
     examples = 0
     try:
         for p in model.parameters():
             p.requires_grad_(False)
-        for w in weights.values():
-            w.requires_grad_(True)
+        for p in tracked.values():
+            p.requires_grad_(True)
         model.eval()
         for batch in batches:
-            for w in weights.values():
-                w.grad = None
+            for p in tracked.values():
+                p.grad = None
             out = model(**{k: v.to(device) for k, v in batch.items()})
             out.loss.backward()
             examples += len(batch["labels"])
+            for key, p in tracked.items():
+                if p.grad is not None:
+                    grad_sum[key] += p.grad.float()
             for n, w in weights.items():
                 if w.grad is not None:
-                    g = w.grad.float()
-                    fisher[n] += float(g.pow(2).sum())
-                    grad_sum[n] += g
+                    g2 = w.grad.float().pow(2)
+                    fisher[n] += float(g2.sum())
+                    if max_entries:
+                        entry_fisher[n] += g2
     finally:
-        for w in weights.values():
-            w.grad = None
+        for p in tracked.values():
+            p.grad = None
         for p, flag in flags.items():
             p.requires_grad_(flag)
         model.train(was_training)
     results = []
+    nb = len(batches)
     with torch.no_grad():
         for n, module in modules.items():
-            mean = grad_sum[n] / len(batches)
+            mean = grad_sum[f"{n}.weight"] / nb
             wf = weights[n].detach().float()
             as_linear = mean if isinstance(module, nn.Linear) else mean.t()
             sv = torch.linalg.svdvals(as_linear.cpu())[:max_rank] if mean.any() else torch.zeros(0)
             out_f, in_f = as_linear.shape
-            results.append(
-                ModuleScore(
+            bias = grad_sum.get(f"{n}.bias")
+            m = ModuleScore(
+                name=n,
+                kind=_kind(n),
+                layer=layer_index(n),
+                shape=(out_f, in_f),
+                fisher=fisher[n] / nb,
+                taylor=float((wf * mean).abs().sum()),
+                grad_norm=float(mean.norm()),
+                spectrum=[float(s) ** 2 for s in sv if s > 0],
+                bias_size=0 if bias is None else bias.numel(),
+                bias_gain=0.0 if bias is None else float((bias / nb).pow(2).sum()),
+            )
+            if max_entries and mean.any():
+                ef = entry_fisher[n] if isinstance(module, nn.Linear) else entry_fisher[n].t()
+                k = min(max_entries, ef.numel())
+                order = ef.flatten().topk(k).indices
+                g2 = as_linear.flatten()[order].pow(2)
+                m.sparse_order = order.cpu()
+                chunks = [float(c.sum()) for c in g2.split(SPARSE_CHUNK)]
+                # Fisher order puts zero-gradient entries last: stop at the first empty chunk.
+                m.sparse_gains = list(itertools.takewhile(lambda gain: gain > 0, chunks))
+            results.append(m)
+        norm_scores = []
+        for n, module in norms.items():
+            grads = [grad_sum[f"{n}.{k}"] for k, _ in module.named_parameters(recurse=False)]
+            norm_scores.append(
+                NormScore(
                     name=n,
                     kind=_kind(n),
                     layer=layer_index(n),
-                    shape=(out_f, in_f),
-                    fisher=fisher[n] / len(batches),
-                    taylor=float((wf * mean).abs().sum()),
-                    grad_norm=float(mean.norm()),
-                    spectrum=[float(s) ** 2 for s in sv if s > 0],
+                    size=sum(g.numel() for g in grads),
+                    gain=sum(float((g / nb).pow(2).sum()) for g in grads),
                 )
             )
-    return Scores(results, examples, time.perf_counter() - start)
+    return Scores(results, examples, time.perf_counter() - start, norm_scores)
 
 
 def _kind(name: str) -> str:

@@ -43,15 +43,26 @@ from leantune.evaluate import Encoded, Evaluation, evaluate, make_batch
 from leantune.formats import save_adapter
 from leantune.inject import inject, name_matches, output_head_names, parameter_report
 from leantune.memory import peak_memory_mb
+from leantune.methods.bitfit import BitFitConfig
+from leantune.methods.layernorm import LayerNormConfig
 from leantune.methods.lora import LoraConfig
 from leantune.models import TASKS, load_model, load_tokenizer, max_positions, model_dir, num_layers
-from leantune.plan import Plan, allocate, parse_budget
-from leantune.select import Scores, score
+from leantune.plan import Plan, allocate, parse_budget, parse_methods
+from leantune.select import SPARSE_CHUNK, Scores, score
 from leantune.train.loop import Progress, TrainConfig, train, trainable_parameters
 from leantune.train.prefix import PrefixCache
 
-METHODS = ("lora", "full", "head")
-DEFAULT_LR = {"lora": 2e-3, "full": 5e-5, "head": 5e-3}
+METHODS = ("lora", "bitfit", "layernorm", "sparse", "full", "head")
+ADAPTER_METHODS = ("lora", "bitfit", "layernorm", "sparse")
+"""Methods whose run saves an adapter/ folder (the others save trained/)."""
+DEFAULT_LR = {
+    "lora": 2e-3,
+    "bitfit": 2e-3,
+    "layernorm": 2e-3,
+    "sparse": 2e-3,  # its values train at SparseConfig.lr_scale (0.05) of it
+    "full": 5e-5,
+    "head": 5e-3,
+}
 STATE = "checkpoint"
 
 
@@ -86,7 +97,9 @@ class TuneConfig:
     eval_batch_size: int = 64
     """Batch size for validation, test and predict."""
     method: str = "lora"
-    """lora, full (every parameter) or head (the task head only)."""
+    """lora; bitfit (biases) or layernorm (norm scales and shifts) within --layers; sparse (the
+    top-Fisher weight entries within --budget and --layers, a FISH mask); full (every
+    parameter) or head (the task head only)."""
     # LoRA's own options: their help is LoraConfig's field docstrings (see option_docs).
     r: int = 8
     alpha: float = 16.0
@@ -97,12 +110,18 @@ class TuneConfig:
     targets: str = "all-linear"
     """LoRA targets: all-linear, a comma list of module names, or a regex."""
     layers: str = "upper-half"
-    """LoRA layers: upper-half, all, a range 3-5 or a list 3,4,5."""
+    """Layers adapted (and where --select auto may spend): upper-half, all, a range 3-5 or a
+    list 3,4,5."""
     select: str | None = None
     """auto: score the parameters on a few training batches and spend --budget on the ones that
-    matter (LoRA ranks per module + the head) within --layers; replaces --targets and --r."""
+    matter (per module: a method from --plan-methods and its size, + the head) within --layers;
+    replaces --targets and --r."""
     budget: str = "0.5%"
-    """Trainable parameters for --select auto: a count (68000) or a share of the model (0.5%)."""
+    """Trainable parameters for --select auto and --method sparse: a count (68000) or a share of
+    the model (0.5%)."""
+    plan_methods: str = "lora"
+    """Methods --select auto may spend the budget on: a comma list of lora, bitfit, layernorm,
+    sparse (one method per module; the best gain per parameter wins)."""
     plan: str | None = None
     """A plan.json (from leantune select or --select auto, maybe edited) to tune by."""
     score_examples: int = 64
@@ -154,6 +173,7 @@ class TuneConfig:
             raise LeantuneError("--select auto makes a plan and --plan gives one; pick one")
         if (self.select or self.plan) and self.method != "lora":
             raise LeantuneError("--select / --plan choose their own methods; drop --method")
+        parse_methods(self.plan_methods)
         if self.score_examples <= 0:
             raise LeantuneError("--score-examples must be positive")
 
@@ -412,6 +432,10 @@ def apply_method(model: nn.Module, config: TuneConfig) -> None:
         )
         inject(model, lora)
         return
+    if config.method in ("bitfit", "layernorm"):
+        cls = BitFitConfig if config.method == "bitfit" else LayerNormConfig
+        inject(model, cls(targets="all", layers=parse_layers(config.layers, num_layers(model))))
+        return
     if config.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -428,8 +452,9 @@ def apply_method(model: nn.Module, config: TuneConfig) -> None:
 
 
 def save_trained(model: nn.Module, run: Path, config: TuneConfig) -> Path:
-    """adapter/ for LoRA (peft format); trained/ (safetensors + JSON) for full and head."""
-    if config.method == "lora":
+    """adapter/ for LoRA (peft format) and the other adapter methods (leantune format);
+    trained/ (safetensors + JSON) for full and head."""
+    if config.method in ADAPTER_METHODS:
         return save_adapter(model, run / "adapter")
     final = run / "trained"
     tmp = Path(tempfile.mkdtemp(prefix=".trained-", dir=run))
@@ -526,7 +551,7 @@ def prepare(config: TuneConfig, with_method: bool = True) -> Prepared:
             raise LeantuneError("causal-lm needs texts of at least 2 tokens in every split")
     model.to(device)
     plan, scores = None, None
-    if with_method and (config.select or config.plan):
+    if with_method and (config.select or config.plan or config.method == "sparse"):
         plan, scores = make_plan(model, config, train_enc, tok.pad_token_id)
         apply_plan(model, plan)
     elif with_method:
@@ -557,7 +582,10 @@ def make_plan(
         make_batch(train, rows[i : i + config.batch_size], pad_id, config.causal)
         for i in range(0, len(rows), config.batch_size)
     ]
-    scores = score(model, batches, skip=[h for h, _ in heads])
+    methods = ("sparse",) if config.method == "sparse" else parse_methods(config.plan_methods)
+    # Rank enough entries per module for sparse units to be able to take the whole budget.
+    entries = max(16 * SPARSE_CHUNK, budget) if "sparse" in methods else 0
+    scores = score(model, batches, skip=[h for h, _ in heads], max_entries=entries)
     # --layers bounds where the plan may go (default: the upper half, so backward stays short
     # and the frozen bottom can be cached); modules outside the layer stack stay candidates.
     allowed = parse_layers(config.layers, num_layers(model))
@@ -565,15 +593,21 @@ def make_plan(
         [m for m in scores.modules if allowed is None or m.layer is None or m.layer in allowed],
         scores.examples,
         scores.seconds,
+        # The embeddings' norm sits below every layer: tuning it would run backward to the bottom.
+        [
+            m
+            for m in scores.norms
+            if allowed is None or m.layer in allowed or (m.layer is None and "embed" not in m.name)
+        ],
     )
-    return allocate(candidates, budget, base, heads), scores
+    return allocate(candidates, budget, base, heads, methods=methods), scores
 
 
 def apply_plan(model: nn.Module, plan: Plan) -> None:
-    """LoRA at the plan's ranks on its modules, its heads trained in full, the rest frozen."""
-    lora = plan.lora_config()
-    if lora is not None:
-        inject(model, lora)
+    """The plan's methods and sizes on its modules, its heads trained in full, the rest frozen."""
+    adapter = plan.adapter_config()
+    if adapter is not None:
+        inject(model, adapter)
         return
     for p in model.parameters():
         p.requires_grad_(False)
@@ -770,7 +804,7 @@ def load_run(run: Path) -> SavedRun:
     tok = load_tokenizer(folder)
     torch.manual_seed(config.seed)
     model = load_model(folder, config.task, names, tok.pad_token_id)
-    if config.method == "lora":
+    if config.method in ADAPTER_METHODS:
         load_adapter(model, run / "adapter")
     else:
         weights = run / "trained" / "model.safetensors"

@@ -120,6 +120,15 @@ def warmup_linear(total: int, warmup: int) -> Callable[[int], float]:
 # ---------------------------------------------------------------------------- checkpoints
 
 
+def param_groups(params: list[nn.Parameter], lr: float) -> list[dict[str, Any]]:
+    """Optimizer groups by each parameter's ``lr_scale`` attribute (1 when absent): a method
+    sets it on parameters that want another rate (sparse weight entries)."""
+    groups: dict[float, list[nn.Parameter]] = {}
+    for p in params:
+        groups.setdefault(float(getattr(p, "lr_scale", 1.0)), []).append(p)
+    return [{"params": ps, "lr": lr * s, "lr_scale": s} for s, ps in groups.items()]
+
+
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
@@ -240,7 +249,9 @@ def train(
     params = list(trainable_parameters(model).values())
     if not params:
         raise LeantuneError("the model has no trainable parameters; inject an adapter first")
-    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    opt = torch.optim.AdamW(
+        param_groups(params, config.lr), lr=config.lr, weight_decay=config.weight_decay
+    )
     per_epoch = math.ceil(len(batches(0)) / config.grad_accum)
     total = per_epoch * config.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(
