@@ -226,3 +226,16 @@ def test_damaged_leantune_config_is_refused(tmp_path: Path) -> None:
     with pytest.raises(AdapterFileError, match="magic"):
         lt.load_adapter(build("bert"), tmp_path / "a")
     assert (tmp_path / "a" / WEIGHTS_NAME).exists()
+
+
+def test_info_describes_a_leantune_adapter(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from leantune.cli import app
+
+    model = adapted("mixed", "bert")
+    lt.save_adapter(model, tmp_path / "a")
+    res = CliRunner().invoke(app, ["info", str(tmp_path / "a")])
+    assert res.exit_code == 0, res.stderr
+    assert "LEANTUNE" in res.stdout
+    assert "1 lora" in res.stdout and "2 sparse" in res.stdout and "2 bitfit" in res.stdout

@@ -155,7 +155,7 @@ def test_select_command_prints_the_ranking_and_writes_the_plan(tmp_path: Path) -
         "taylor",
         "grad",
         "norm",
-        "rank",
+        "plan",
     ]
     assert f"{plan.params:,} of {plan.budget:,} budgeted" in res.stdout
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"

@@ -10,6 +10,7 @@ import inspect
 import json
 import sys
 import typing
+from collections import Counter
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -241,15 +242,18 @@ def select(**kwargs: Any) -> None:
         plan, scores = run_select(cfg, out)
     except LeantuneError as e:
         fail(str(e))
-    ranks = {e.module: e.size for e in plan.lora()}
+    planned = {
+        e.module: f"r={e.size}" if e.method == "lora" else f"{e.method} {e.size:,}"
+        for e in plan.entries
+    }
     top = sorted(scores.modules, key=lambda m: -sum(m.spectrum[:8]))[:20]
-    rows = [("module", "fisher", "taylor", "grad norm", "rank")] + [
+    rows = [("module", "fisher", "taylor", "grad norm", "plan")] + [
         (
             m.name,
             f"{m.fisher:.3g}",
             f"{m.taylor:.3g}",
             f"{m.grad_norm:.3g}",
-            str(ranks.get(m.name, "-")),
+            planned.get(m.name, "-"),
         )
         for m in top
     ]
@@ -261,8 +265,10 @@ def select(**kwargs: Any) -> None:
                 for i, (c, w) in enumerate(zip(r, widths, strict=True))
             )
         )
+    counts = Counter(e.method for e in plan.entries)
+    parts = ", ".join(f"{n} {m}" for m, n in counts.items())
     typer.echo(
-        f"plan: {len(ranks)} LoRA modules + {len(plan.heads())} head(s), {plan.params:,} of "
+        f"plan: {parts} module(s), {plan.params:,} of "
         f"{plan.budget:,} budgeted parameters ({100 * plan.params / plan.base_params:.3f}% of "
         f"{plan.base_params:,}); scored {scores.examples} examples in {scores.seconds:.1f} s"
     )
@@ -412,6 +418,20 @@ def info(
     count = sum(t.numel() for t in tensors.values())
     targets = config.get("target_modules")
     shown = targets if isinstance(targets, str) else f"{len(targets or [])} modules"
+    if config.get("peft_type") == "LEANTUNE":
+        modules = config.get("modules") or {}
+        per = Counter(str(spec.get("method")) for spec in modules.values())
+        rows += [
+            ("method", "LEANTUNE (leantune format; peft cannot load it)"),
+            ("modules", ", ".join(f"{n} {m}" for m, n in per.items())),
+            ("modules_to_save", json.dumps(config.get("modules_to_save"))),
+            ("task_type", str(config.get("task_type"))),
+            ("tensors", f"{len(tensors)} holding {count:,} values"),
+            ("file bytes", f"{(Path(path) / WEIGHTS_NAME).stat().st_size:,} ({WEIGHTS_NAME})"),
+            ("config", str(Path(path) / CONFIG_NAME)),
+        ]
+        _print_rows(rows)
+        return
     rows += [
         ("method", f"{config.get('peft_type')}" + (" (DoRA)" if config.get("use_dora") else "")),
         ("rank / alpha", f"{config.get('r')} / {config.get('lora_alpha')}"),
