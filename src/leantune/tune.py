@@ -42,6 +42,7 @@ from leantune.errors import LeantuneError
 from leantune.evaluate import Encoded, Evaluation, evaluate, make_batch
 from leantune.formats import save_adapter
 from leantune.inject import inject, name_matches, output_head_names, parameter_report
+from leantune.knowledge import knowledge_kept, prepare_reference, reference_texts
 from leantune.memory import peak_memory_mb
 from leantune.methods.bitfit import BitFitConfig
 from leantune.methods.layernorm import LayerNormConfig
@@ -126,6 +127,11 @@ class TuneConfig:
     """A plan.json (from leantune select or --select auto, maybe edited) to tune by."""
     score_examples: int = 64
     """Training examples --select auto scores the parameters on."""
+    reference_text: str | None = None
+    """General (not task) text to measure knowledge kept on: entries separated by % lines,
+    blank lines or newlines (default: the fortunes of fortunes-min when installed, else skip)."""
+    reference_examples: int = 256
+    """Reference texts used to measure knowledge kept (0 turns the measurement off)."""
     cache_prefix: bool = False
     """Run the frozen bottom layers without dropout and reuse their outputs after the first
     epoch: later epochs skip them (faster; holds their outputs in memory)."""
@@ -176,6 +182,8 @@ class TuneConfig:
         parse_methods(self.plan_methods)
         if self.score_examples <= 0:
             raise LeantuneError("--score-examples must be positive")
+        if self.reference_examples < 0:
+            raise LeantuneError("--reference-examples must be 0 (off) or more")
 
     def fractions(self) -> tuple[float, float, float]:
         try:
@@ -660,6 +668,11 @@ def run_tune(
     else:
         prep = prepare(config)
     model = prep.model
+    texts, source = (
+        reference_texts(config.reference_text, config.reference_examples, config.seed)
+        if config.reference_examples
+        else ([], "")
+    )
     report = parameter_report(model)
     say(
         f"{config.method} on {config.model or 'the embedded MiniLM-L6'}: {report.trainable:,} of "
@@ -706,6 +719,13 @@ def run_tune(
         seed=config.seed,
     )
     state.mkdir(exist_ok=True)
+    # The original model's behaviour, before any step (adapters start as the identity).
+    ref = None
+    if texts:
+        ref = prepare_reference(model, prep.tok, texts, source, causal=config.causal)
+    elif config.reference_examples:
+        say("knowledge kept: no reference text (install fortunes-min or give --reference-text)")
+    task_before = prep.evaluate(prep.test).metrics
     prefix = None
     if config.cache_prefix:
         prefix = PrefixCache(model, [len(x) for x in prep.train.ids])
@@ -753,6 +773,16 @@ def run_tune(
         "test_examples": len(prep.test),
         "device": str(prep.device),
     }
+    key = "perplexity" if config.causal else "accuracy"
+    summary[f"test_{key}_before"] = task_before[key]
+    summary["task_gain"] = test.metrics[key] - task_before[key]
+    if ref is not None:
+        kept = knowledge_kept(model, ref)
+        summary |= kept | {"reference_source": ref.source}
+        summary["knowledge_share_of_wall"] = round(
+            kept["knowledge_seconds"] / (time.perf_counter() - wall), 4
+        )
+    say(side_by_side(summary, key))
     if prep.scores is not None:
         summary["select_seconds"] = round(prep.scores.seconds, 2)
         summary["select_share_of_wall"] = round(
@@ -775,6 +805,25 @@ def run_tune(
     )
     shutil.rmtree(state)
     return summary
+
+
+def side_by_side(summary: dict[str, Any], key: str) -> str:
+    """One line: what the task gained and what the model kept."""
+    before, after = summary[f"test_{key}_before"], summary[f"test_{key}"]
+    task = f"task: test {key} {before:.4g} -> {after:.4g} ({after - before:+.4g})"
+    if "knowledge_cosine" in summary:
+        kept = (
+            f"knowledge kept: embedding cosine {summary['knowledge_cosine']:.3f}, 10-NN overlap "
+            f"{summary['knowledge_knn_overlap']:.3f} on {int(summary['reference_texts'])} texts"
+        )
+    elif "reference_perplexity_after" in summary:
+        kept = (
+            f"knowledge kept: reference perplexity {summary['reference_perplexity_before']:.4g}"
+            f" -> {summary['reference_perplexity_after']:.4g}"
+        )
+    else:
+        kept = "knowledge kept: not measured (no reference text)"
+    return f"{task} | {kept}"
 
 
 # ---------------------------------------------------------------------------- saved runs

@@ -1,0 +1,182 @@
+"""How much of the original model's behaviour a tuned model kept, measured on general text.
+
+Encoders: the mean-pooled last hidden states of reference texts, before and after tuning.
+``cosine`` is the mean cosine similarity of each text's two embeddings (1.0: unchanged);
+``knn_overlap`` the mean fraction of each text's k nearest neighbours (by cosine, among the
+reference texts) that are the same before and after (1.0: the geometry is intact). Causal LMs:
+perplexity on the reference text before and after, and their ratio.
+
+Reference text: a user file (entries separated by lines holding ``%``, else by blank lines,
+else one per line), else the fortunes of the Debian packages ``fortunes-min`` / ``fortunes``
+under /usr/share/games/fortunes when installed, else none (the measurement is skipped).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from leantune.data import pad_batch
+from leantune.errors import LeantuneError
+from leantune.evaluate import Encoded, evaluate
+
+FORTUNES = Path("/usr/share/games/fortunes")
+
+
+def split_entries(text: str) -> list[str]:
+    """Entries of a reference file: ``%`` separator lines, else blank lines, else lines."""
+    if re.search(r"^%\s*$", text, flags=re.M):
+        parts = re.split(r"^%\s*$", text, flags=re.M)
+    elif re.search(r"\n\s*\n", text):
+        parts = re.split(r"\n\s*\n", text)
+    else:
+        parts = text.splitlines()
+    return [" ".join(p.split()) for p in parts if p.strip()]
+
+
+def reference_texts(path: str | None, limit: int = 256, seed: int = 0) -> tuple[list[str], str]:
+    """Up to ``limit`` reference texts and where they came from ("" and [] when there are none).
+
+    A user file that is missing, unreadable or empty is an error; missing fortunes are not.
+    """
+    if path is not None:
+        file = Path(path)
+        try:
+            text = file.read_text(encoding="utf-8", errors="replace")
+        except OSError as e:
+            raise LeantuneError(
+                f"--reference-text {path}: cannot read it ({e.strerror}); give a text file"
+            ) from None
+        entries = split_entries(text)
+        if not entries:
+            raise LeantuneError(f"--reference-text {path} is empty; give a file with text in it")
+        source = str(file)
+    else:
+        files = sorted(
+            f for f in FORTUNES.glob("*") if f.is_file() and f.suffix not in (".dat", ".u8")
+        )
+        if not files:
+            return [], ""
+        entries = []
+        for f in files:
+            entries += split_entries(f.read_text(encoding="utf-8", errors="replace"))
+        source = str(FORTUNES)
+    entries = [e for e in entries if len(e) >= 20]  # one-word fortunes say little
+    random.Random(seed).shuffle(entries)
+    return entries[:limit], source
+
+
+@dataclass
+class Reference:
+    """Tokenized reference texts and what the original model made of them."""
+
+    enc: Encoded
+    source: str
+    pad_id: int
+    causal: bool
+    embeddings: torch.Tensor | None = None
+    perplexity: float | None = None
+    seconds: float = 0.0
+
+
+def _inner(model: nn.Module) -> nn.Module:
+    """The transformer body (``model.bert``, ``model.model`` ...): its last hidden state."""
+    base = getattr(model, "base_model", None)
+    return base if isinstance(base, nn.Module) else model
+
+
+@torch.no_grad()
+def pooled_embeddings(
+    model: nn.Module, enc: Encoded, pad_id: int, batch_size: int = 64
+) -> torch.Tensor:
+    """Mean-pooled last hidden states, one row per text (eval mode, float32, on CPU)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    body = _inner(model)
+    rows = []
+    try:
+        for i in range(0, len(enc.ids), batch_size):
+            batch = pad_batch(enc.ids[i : i + batch_size], pad_id)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            out: Any = body(**batch)
+            hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            rows.append(((hidden * mask).sum(1) / mask.sum(1).clamp_min(1)).float().cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(rows)
+
+
+def knn_overlap(before: torch.Tensor, after: torch.Tensor, k: int = 10) -> float:
+    """Mean fraction of each row's k nearest neighbours (cosine, itself excluded) kept."""
+    n = before.shape[0]
+    k = min(k, n - 1)
+    if k <= 0:
+        return 1.0
+
+    def neighbours(x: torch.Tensor) -> torch.Tensor:
+        x = F.normalize(x, dim=1)
+        sim = x @ x.T
+        sim.fill_diagonal_(-math.inf)
+        return sim.topk(k, dim=1).indices
+
+    a, b = neighbours(before), neighbours(after)
+    same = [len(set(a[i].tolist()) & set(b[i].tolist())) / k for i in range(n)]
+    return sum(same) / n
+
+
+def prepare_reference(
+    model: nn.Module,
+    tok: Any,
+    texts: Sequence[str],
+    source: str,
+    *,
+    causal: bool,
+    max_length: int = 64,
+) -> Reference:
+    """Tokenize the reference texts and record the original model's embeddings/perplexity."""
+    start = time.perf_counter()
+    ids = tok(list(texts), truncation=True, max_length=max_length)["input_ids"]
+    enc = Encoded([x for x in ids if len(x) > (1 if causal else 0)])
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ref = Reference(enc, source, pad_id, causal)
+    if causal:
+        ref.perplexity = evaluate(model, enc, causal=True, pad_id=pad_id).metrics["perplexity"]
+    else:
+        ref.embeddings = pooled_embeddings(model, enc, pad_id)
+    ref.seconds = time.perf_counter() - start
+    return ref
+
+
+def knowledge_kept(model: nn.Module, ref: Reference) -> dict[str, float]:
+    """The tuned model against the original on the reference texts (see the module doc)."""
+    start = time.perf_counter()
+    out: dict[str, float] = {"reference_texts": float(len(ref.enc))}
+    if ref.causal:
+        assert ref.perplexity is not None
+        after = evaluate(model, ref.enc, causal=True, pad_id=ref.pad_id).metrics["perplexity"]
+        out |= {
+            "reference_perplexity_before": ref.perplexity,
+            "reference_perplexity_after": after,
+            "reference_perplexity_ratio": after / ref.perplexity,
+        }
+    else:
+        assert ref.embeddings is not None
+        now = pooled_embeddings(model, ref.enc, ref.pad_id)
+        out |= {
+            "knowledge_cosine": float(F.cosine_similarity(ref.embeddings, now, dim=1).mean()),
+            "knowledge_knn_overlap": knn_overlap(ref.embeddings, now),
+        }
+    out["knowledge_seconds"] = ref.seconds + time.perf_counter() - start
+    return out

@@ -1,0 +1,132 @@
+"""Knowledge kept: 1.0 for an unchanged model, lower for a changed one; reference text input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+import leantune as lt
+from conftest import build, tiny_model_folder, topic_rows, write_rows
+from leantune.knowledge import (
+    knn_overlap,
+    knowledge_kept,
+    prepare_reference,
+    reference_texts,
+    split_entries,
+)
+from leantune.tune import TuneConfig, run_tune
+
+TEXTS = [
+    "the team said the new chip for the phone is on the market today",
+    "a bank trade after the league match with the coach",
+    "software and data for a robot with the shares",
+    "profit on the market for the week said the bank",
+    "the coach said a goal in the match after a week",
+    "new robot data with software for the chip",
+]
+
+
+def perturb(model: torch.nn.Module, scale: float) -> None:
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layer.2" in name or "layers.1" in name:
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_kept_is_one_unchanged_and_falls_with_the_change(kind: str, tmp_path: Path) -> None:
+    folder = tiny_model_folder(tmp_path / kind, kind)
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = build(kind)
+    ref = prepare_reference(model, tok, TEXTS, "test", causal=kind == "llama")
+    same = knowledge_kept(model, ref)
+    perturb(model, 0.05)
+    small = knowledge_kept(model, ref)
+    perturb(model, 0.5)
+    large = knowledge_kept(model, ref)
+    if kind == "bert":
+        assert same["knowledge_cosine"] == pytest.approx(1.0, abs=1e-6)
+        assert same["knowledge_knn_overlap"] == 1.0
+        assert 1.0 > small["knowledge_cosine"] > large["knowledge_cosine"]
+    else:
+        assert same["reference_perplexity_ratio"] == pytest.approx(1.0, abs=1e-6)
+        assert large["reference_perplexity_ratio"] != pytest.approx(1.0, abs=1e-3)
+    assert same["reference_texts"] == len(TEXTS)
+
+
+def test_knn_overlap_counts_shared_neighbours() -> None:
+    x = torch.randn(12, 5, generator=torch.Generator().manual_seed(0))
+    assert knn_overlap(x, x, k=3) == 1.0
+    assert knn_overlap(x, x * 2.0, k=3) == 1.0  # cosine ignores scale
+    shuffled = x[torch.randperm(12, generator=torch.Generator().manual_seed(1))]
+    assert knn_overlap(x, shuffled, k=3) < 1.0
+
+
+def test_reference_files_split_on_percent_blank_lines_or_lines(tmp_path: Path) -> None:
+    assert split_entries("one fortune\nstill one\n%\ntwo\n%\n") == ["one fortune still one", "two"]
+    assert split_entries("a b\nc\n\nd e\n") == ["a b c", "d e"]
+    assert split_entries("x\ny\n") == ["x", "y"]
+    path = tmp_path / "ref.txt"
+    path.write_text("\n%\n".join(TEXTS))
+    texts, source = reference_texts(str(path), limit=4)
+    assert len(texts) == 4 and set(texts) <= set(TEXTS) and source == str(path)
+
+
+def test_an_empty_or_unreadable_reference_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "empty.txt").write_text("\n%\n  \n")
+    with pytest.raises(lt.LeantuneError, match="is empty"):
+        reference_texts(str(tmp_path / "empty.txt"))
+    with pytest.raises(lt.LeantuneError, match="cannot read it"):
+        reference_texts(str(tmp_path / "missing.txt"))
+    with pytest.raises(lt.LeantuneError, match="cannot read it"):
+        reference_texts(str(tmp_path))  # a folder
+
+
+def test_tune_reports_task_gain_and_knowledge_kept(tmp_path: Path) -> None:
+    model = tiny_model_folder(tmp_path / "tiny-bert")
+    data = write_rows(tmp_path / "topics.jsonl", topic_rows(60))
+    ref = tmp_path / "ref.txt"
+    ref.write_text("\n".join(TEXTS))
+    lines: list[str] = []
+    summary = run_tune(
+        TuneConfig(
+            model=str(model),
+            data=str(data),
+            runs_dir=str(tmp_path / "runs"),
+            name="k",
+            epochs=1,
+            batch_size=8,
+            reference_text=str(ref),
+        ),
+        log=lines.append,
+    )
+    assert 0 < summary["knowledge_cosine"] <= 1.0 + 1e-6
+    assert 0 <= summary["knowledge_knn_overlap"] <= 1.0
+    assert summary["task_gain"] == pytest.approx(
+        summary["test_accuracy"] - summary["test_accuracy_before"]
+    )
+    assert 0 < summary["knowledge_share_of_wall"] < 1
+    assert any(
+        line.startswith("task: test accuracy") and "knowledge kept" in line for line in lines
+    )
+    saved = json.loads((tmp_path / "runs" / "k" / "summary.json").read_text())
+    assert saved["knowledge_cosine"] == summary["knowledge_cosine"]
+
+
+def test_cli_refuses_an_empty_reference_file_and_writes_nothing(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from leantune.cli import app
+
+    model = tiny_model_folder(tmp_path / "tiny-bert")
+    data = write_rows(tmp_path / "topics.jsonl", topic_rows(60))
+    (tmp_path / "empty.txt").write_text("")
+    args = ["tune", "--model", str(model), "--data", str(data), "--runs-dir", str(tmp_path / "r")]
+    res = CliRunner().invoke(app, [*args, "--reference-text", str(tmp_path / "empty.txt")])
+    assert res.exit_code == 2 and res.stderr.count("\n") == 1 and "is empty" in res.stderr
+    assert not (tmp_path / "r").exists()
