@@ -10,7 +10,8 @@ import torch
 
 import leantune as lt
 from conftest import build
-from leantune.train.loop import Progress, TrainConfig, train, warmup_linear
+from leantune.train.loop import Progress, TrainConfig, train
+from leantune.train.schedule import lr_lambda
 
 
 def toy_batches(n: int = 48, batch: int = 8) -> list[dict[str, torch.Tensor]]:
@@ -83,7 +84,7 @@ def test_same_seed_same_run_and_grad_accum() -> None:
 
 
 def test_schedule_and_bad_settings() -> None:
-    f = warmup_linear(total=10, warmup=2)
+    f = lr_lambda("linear", total=10, warmup=2)
     assert [round(f(s), 3) for s in (0, 1, 2, 6, 10)] == [0.5, 1.0, 1.0, 0.5, 0.0]
     with pytest.raises(lt.LeantuneError, match="learning rate"):
         TrainConfig(lr=0)

@@ -14,6 +14,7 @@ import ast
 import inspect
 import itertools
 import json
+import math
 import os
 import random
 import re
@@ -41,7 +42,13 @@ from leantune.data import (
 from leantune.errors import LeantuneError
 from leantune.evaluate import Encoded, Evaluation, evaluate, make_batch
 from leantune.formats import save_adapter
-from leantune.inject import inject, name_matches, output_head_names, parameter_report
+from leantune.inject import (
+    adapter_layers,
+    inject,
+    name_matches,
+    output_head_names,
+    parameter_report,
+)
 from leantune.knowledge import knowledge_kept, prepare_reference, reference_texts
 from leantune.memory import peak_memory_mb
 from leantune.methods.bitfit import BitFitConfig
@@ -52,6 +59,8 @@ from leantune.plan import Plan, allocate, parse_budget, parse_methods
 from leantune.select import SPARSE_CHUNK, Scores, score
 from leantune.train.loop import Progress, TrainConfig, train, trainable_parameters
 from leantune.train.prefix import PrefixCache
+from leantune.train.regularize import Penalty, find_changes, fisher_diagonal
+from leantune.train.schedule import SCHEDULES, Unfreezer, lr_scales
 
 METHODS = ("lora", "bitfit", "layernorm", "sparse", "full", "head")
 ADAPTER_METHODS = ("lora", "bitfit", "layernorm", "sparse")
@@ -142,7 +151,25 @@ class TuneConfig:
     weight_decay: float = 0.0
     """AdamW weight decay."""
     warmup_ratio: float = 0.06
-    """Fraction of steps warming up before the linear decay."""
+    """Fraction of steps warming up before the decay (slanted: the rise)."""
+    schedule: str = "linear"
+    """Learning-rate shape after warmup: linear, cosine, constant or slanted (slanted
+    triangular: short rise, long fall to 1/32)."""
+    layer_decay: float = 1.0
+    """Layer-wise rate decay: layer l of L trains at decay^(L-1-l) of the rate (1: off)."""
+    unfreeze_every: int | None = None
+    """Gradual unfreezing: the head and top layer train first, one more layer every N
+    optimizer steps (default: everything from the start)."""
+    loraplus_ratio: float = 1.0
+    """LoRA+: the B matrices train at this multiple of A's rate (1: off; the paper uses 16)."""
+    l2: float = 0.0
+    """Weight of the L2 penalty on the learned change (LoRA: |s·B·A|²; in-place tuning: L2-SP,
+    |θ - θ₀|²; task heads are not penalized)."""
+    l1: float = 0.0
+    """Weight of the L1 penalty on the learned change."""
+    ewc: float = 0.0
+    """Weight of EWC: Σ F·change², F the Fisher diagonal of the pretrained weights on
+    --score-examples training examples."""
     grad_accum: int = 1
     """Batches per optimizer step."""
     max_grad_norm: float = 1.0
@@ -182,6 +209,17 @@ class TuneConfig:
         parse_methods(self.plan_methods)
         if self.score_examples <= 0:
             raise LeantuneError("--score-examples must be positive")
+        if self.schedule not in SCHEDULES:
+            raise LeantuneError(f"--schedule {self.schedule!r} is unknown; use one of {SCHEDULES}")
+        for key in ("l2", "l1", "ewc"):
+            if getattr(self, key) < 0:
+                raise LeantuneError(f"--{key} must be 0 or more, got {getattr(self, key)}")
+        if not 0 < self.layer_decay <= 1:
+            raise LeantuneError(f"--layer-decay must be in (0, 1], got {self.layer_decay}")
+        if not self.loraplus_ratio >= 1:
+            raise LeantuneError("--loraplus-ratio must be 1 (off) or more")
+        if self.unfreeze_every is not None and self.unfreeze_every <= 0:
+            raise LeantuneError("--unfreeze-every must be a positive number of steps")
         if self.reference_examples < 0:
             raise LeantuneError("--reference-examples must be 0 (off) or more")
 
@@ -679,6 +717,22 @@ def run_tune(
         f"{report.total:,} parameters trainable ({report.percent:.2f}%); "
         f"{len(prep.train)} train / {len(prep.val)} validation / {len(prep.test)} test texts"
     )
+    # Gradual schedules and penalties: checked (and the Fisher measured) before anything is written.
+    named = trainable_parameters(model)
+    n_layers = num_layers(model) or 0
+    scales = lr_scales(
+        named,
+        n_layers=n_layers,
+        layer_decay=config.layer_decay,
+        loraplus_ratio=config.loraplus_ratio,
+    )
+    total_steps = math.ceil(len(prep.batches(0)) / config.grad_accum) * config.epochs
+    unfreezer = (
+        Unfreezer(named, n_layers, config.unfreeze_every, total_steps)
+        if config.unfreeze_every
+        else None
+    )
+    penalty = make_penalty(model, config, prep)
     if overwrite and run.exists():
         shutil.rmtree(run)
     run.mkdir(parents=True, exist_ok=True)
@@ -696,7 +750,7 @@ def run_tune(
     state = run / STATE
 
     def on_best(m: nn.Module, row: dict[str, float]) -> None:
-        save_tensors(unique_tensors(trainable_parameters(m)), state / "best.safetensors")
+        save_tensors(unique_tensors(named), state / "best.safetensors")
 
     def on_eval(row: dict[str, float], history: list[dict[str, float]]) -> None:
         shown = {k: round(v, 4) for k, v in row.items() if k.startswith("val_")}
@@ -709,6 +763,7 @@ def run_tune(
         lr=float(config.lr or 0),
         weight_decay=config.weight_decay,
         warmup_ratio=config.warmup_ratio,
+        schedule=config.schedule,
         grad_accum=config.grad_accum,
         max_grad_norm=config.max_grad_norm or None,
         eval_every=config.eval_every,
@@ -745,7 +800,12 @@ def run_tune(
         checkpoint=state,
         resume=resume,
         forward=prefix.forward if prefix is not None else None,
+        lr_scales=scales,
+        unfreeze=unfreezer.apply if unfreezer is not None else None,
+        penalty=penalty if penalty else None,
     )
+    if unfreezer is not None:
+        unfreezer.release()
     if result.interrupted:
         return {"interrupted": True, "step": result.steps, "run": str(run)}
     load_into(model, load_file(str(state / "best.safetensors")), state / "best.safetensors")
@@ -805,6 +865,34 @@ def run_tune(
     )
     shutil.rmtree(state)
     return summary
+
+
+def make_penalty(model: nn.Module, config: TuneConfig, prep: Prepared) -> Penalty | None:
+    """The run's regularizers (None when every weight is 0); EWC measures its Fisher here."""
+    if not (config.l2 or config.l1 or config.ewc):
+        return None
+    heads = head_modules(model, config.causal)
+    fisher = None
+    if config.ewc:
+        changes = find_changes(model, heads)
+        names = [
+            f"{n}.{k}"
+            for n, layer in adapter_layers(model)
+            if isinstance(layer, nn.Module)
+            for k, _ in layer.named_parameters(recurse=False)
+        ]
+        names += list(changes.anchors)
+        rows = list(range(len(prep.train)))
+        random.Random(config.seed).shuffle(rows)
+        rows = rows[: config.score_examples]
+        batches = [
+            make_batch(
+                prep.train, rows[i : i + config.batch_size], prep.tok.pad_token_id, config.causal
+            )
+            for i in range(0, len(rows), config.batch_size)
+        ]
+        fisher = fisher_diagonal(model, batches, names)
+    return Penalty(model, l2=config.l2, l1=config.l1, ewc=config.ewc, fisher=fisher, skip=heads)
 
 
 def side_by_side(summary: dict[str, Any], key: str) -> str:

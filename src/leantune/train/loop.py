@@ -41,6 +41,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_ratio: float = 0.06
     """Fraction of optimizer steps spent warming up linearly from 0."""
+    schedule: str = "linear"
+    """linear, cosine, constant or slanted (see leantune.train.schedule)."""
     grad_accum: int = 1
     """Batches whose gradients are summed before each optimizer step."""
     max_grad_norm: float | None = 1.0
@@ -87,6 +89,8 @@ class Progress:
     history: list[dict[str, float]] = field(default_factory=list)
     curve: list[tuple[int, float]] = field(default_factory=list)
     """(optimizer step, mean loss of its batches) for every step."""
+    penalties: dict[str, float] = field(default_factory=dict)
+    """Sums of each regularization term since the last evaluation."""
 
 
 @dataclass
@@ -106,26 +110,21 @@ class TrainResult:
         return self.examples / self.train_seconds if self.train_seconds else 0.0
 
 
-def warmup_linear(total: int, warmup: int) -> Callable[[int], float]:
-    """Learning-rate factor: 0 → 1 over ``warmup`` steps, then 1 → 0 at ``total``."""
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total - step) / max(1, total - warmup))
-
-    return factor
-
-
 # ---------------------------------------------------------------------------- checkpoints
 
 
-def param_groups(params: list[nn.Parameter], lr: float) -> list[dict[str, Any]]:
-    """Optimizer groups by each parameter's ``lr_scale`` attribute (1 when absent): a method
-    sets it on parameters that want another rate (sparse weight entries)."""
+def param_groups(
+    params: Mapping[str, nn.Parameter] | list[nn.Parameter],
+    lr: float,
+    scales: Mapping[str, float] | None = None,
+) -> list[dict[str, Any]]:
+    """Optimizer groups by rate multiplier: ``scales[name]``, else the parameter's ``lr_scale``
+    attribute (a method sets it, e.g. sparse entries), else 1."""
+    named = params if isinstance(params, Mapping) else {str(i): p for i, p in enumerate(params)}
     groups: dict[float, list[nn.Parameter]] = {}
-    for p in params:
-        groups.setdefault(float(getattr(p, "lr_scale", 1.0)), []).append(p)
+    for name, p in named.items():
+        scale = (scales or {}).get(name, float(getattr(p, "lr_scale", 1.0)))
+        groups.setdefault(scale, []).append(p)
     return [{"params": ps, "lr": lr * s, "lr_scale": s} for s, ps in groups.items()]
 
 
@@ -134,16 +133,20 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def save_checkpoint(
-    directory: Path, model: nn.Module, opt: torch.optim.Optimizer, sched: Any, progress: Progress
+    directory: Path,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: Any,
+    progress: Progress,
+    params: Mapping[str, nn.Parameter] | None = None,
 ) -> None:
     """Trainable weights, optimizer moments and RNG state in safetensors; the rest in JSON.
 
     Written beside the target and renamed into place, so an interrupted write leaves the
     previous checkpoint whole.
     """
-    tensors = {
-        f"param.{n}": p.detach().cpu().contiguous() for n, p in trainable_parameters(model).items()
-    }
+    params = trainable_parameters(model) if params is None else params
+    tensors = {f"param.{n}": p.detach().cpu().contiguous() for n, p in params.items()}
     opt_state = opt.state_dict()
     for index, state in opt_state["state"].items():
         for key, value in state.items():
@@ -168,14 +171,18 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    directory: Path, model: nn.Module, opt: torch.optim.Optimizer, sched: Any
+    directory: Path,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: Any,
+    params: Mapping[str, nn.Parameter] | None = None,
 ) -> Progress:
     try:
         meta = json.loads((directory / STATE_JSON).read_text())
         tensors = load_file(str(directory / STATE_TENSORS))
     except (OSError, ValueError) as e:
         raise LeantuneError(f"no usable checkpoint in {directory}: {e}") from None
-    params = trainable_parameters(model)
+    params = trainable_parameters(model) if params is None else params
     saved = {k.removeprefix("param."): v for k, v in tensors.items() if k.startswith("param.")}
     if set(saved) != set(params):
         raise LeantuneError(
@@ -235,6 +242,9 @@ def train(
     checkpoint: Path | None = None,
     resume: bool = False,
     forward: Callable[[nn.Module, Batch], Any] | None = None,
+    lr_scales: Mapping[str, float] | None = None,
+    unfreeze: Callable[[int], Any] | None = None,
+    penalty: Callable[[nn.Module], dict[str, torch.Tensor]] | None = None,
 ) -> TrainResult:
     """Train ``model``'s trainable parameters.
 
@@ -243,24 +253,30 @@ def train(
     metrics; ``log`` sees each evaluation row and the history so far; ``on_step(progress, total_steps)`` runs after
     every optimizer step. With ``checkpoint`` a folder, a checkpoint is written after every
     evaluation and on Ctrl-C; ``resume=True`` continues from it. ``forward(model, batch)``
-    replaces ``model(**batch)`` (the frozen-prefix cache uses it).
+    replaces ``model(**batch)`` (the frozen-prefix cache uses it). ``lr_scales`` multiplies the
+    rate per parameter name; ``unfreeze(step)`` runs before each optimizer step (gradual
+    unfreezing); ``penalty(model)`` returns named regularization terms (already weighted) added
+    to each batch's loss and logged apart from it.
     """
+    from leantune.train.schedule import lr_lambda
+
     torch.manual_seed(config.seed)
-    params = list(trainable_parameters(model).values())
+    named = trainable_parameters(model)  # gradual unfreezing may switch some off below
+    params = list(named.values())
     if not params:
         raise LeantuneError("the model has no trainable parameters; inject an adapter first")
     opt = torch.optim.AdamW(
-        param_groups(params, config.lr), lr=config.lr, weight_decay=config.weight_decay
+        param_groups(named, config.lr, lr_scales), lr=config.lr, weight_decay=config.weight_decay
     )
     per_epoch = math.ceil(len(batches(0)) / config.grad_accum)
     total = per_epoch * config.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, warmup_linear(total, round(total * config.warmup_ratio))
+        opt, lr_lambda(config.schedule, total, round(total * config.warmup_ratio))
     )
     if resume:
         if checkpoint is None:
             raise LeantuneError("resume needs a checkpoint folder")
-        progress = load_checkpoint(checkpoint, model, opt, sched)
+        progress = load_checkpoint(checkpoint, model, opt, sched, named)
     else:
         progress = Progress()
     p = progress
@@ -287,8 +303,10 @@ def train(
             "train_loss": p.loss_sum / max(1, p.loss_count),
             "train_seconds": p.seconds,
         } | {f"val_{k}": v for k, v in metrics.items()}
+        # Regularization terms, logged apart from the task loss (mean per batch).
+        row |= {f"train_{k}": v / max(1, p.loss_count) for k, v in p.penalties.items()}
         p.history.append(row)
-        p.loss_sum, p.loss_count = 0.0, 0
+        p.loss_sum, p.loss_count, p.penalties = 0.0, 0, {}
         key = f"val_{config.metric}"
         if p.best is None or sign * row[key] > sign * p.best[key]:
             p.best, p.bad_evals = row, 0
@@ -299,7 +317,7 @@ def train(
         if log:
             log(row, p.history)
         if checkpoint is not None:
-            save_checkpoint(checkpoint, model, opt, sched, p)
+            save_checkpoint(checkpoint, model, opt, sched, p, named)
         return config.patience is not None and p.bad_evals >= config.patience
 
     model.train()
@@ -309,9 +327,17 @@ def train(
             start = time.perf_counter()
             step_loss, step_batches = 0.0, 0
             while p.batch < len(epoch_batches):
+                if unfreeze is not None and step_batches == 0:
+                    unfreeze(p.step)
                 batch = {k: v.to(device) for k, v in epoch_batches[p.batch].items()}
                 loss = (forward(model, batch) if forward else model(**batch)).loss
-                (loss / config.grad_accum).backward()
+                total_loss = loss
+                if penalty is not None:
+                    terms = penalty(model)
+                    for key, term in terms.items():
+                        total_loss = total_loss + term
+                        p.penalties[key] = p.penalties.get(key, 0.0) + float(term.detach())
+                (total_loss / config.grad_accum).backward()
                 step_loss, step_batches = step_loss + loss.item(), step_batches + 1
                 p.batch += 1
                 p.examples += len(batch["labels"])
@@ -340,7 +366,7 @@ def train(
                     return result(run_eval())
                 if stop_requested():
                     if checkpoint is not None:
-                        save_checkpoint(checkpoint, model, opt, sched, p)
+                        save_checkpoint(checkpoint, model, opt, sched, p, named)
                     return result(False, interrupted=True)
                 start = time.perf_counter()
             p.epoch, p.batch = p.epoch + 1, 0

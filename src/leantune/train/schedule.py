@@ -1,0 +1,129 @@
+"""Learning-rate schedules, per-parameter rates and gradual unfreezing, in one place.
+
+- ``lr_lambda``: the factor on each group's peak rate at each optimizer step: ``linear``
+  (warmup, then linear decay to 0), ``cosine`` (warmup, then half a cosine to 0), ``constant``
+  (warmup, then flat), ``slanted`` (slanted triangular, Howard & Ruder 2018: a short linear rise
+  over the warmup share, a long linear fall to 1/32 of the peak).
+- ``lr_scales``: a rate multiplier per trainable parameter: layer-wise decay (layer l of L gets
+  decay^(L-1-l); embeddings decay^L; the head and other modules outside the layers 1) times
+  LoRA+ (LoRA's B matrices get ``loraplus_ratio`` times the rate of A) times a method's own
+  ``lr_scale`` attribute (sparse entries).
+- ``Unfreezer``: trainable parameters in groups from the top down (the head and the top layer
+  first, the embeddings with the lowest layer last); one more group trains every N steps. Frozen
+  groups keep ``requires_grad=False`` and get no gradient, so AdamW skips them until they join.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+
+from torch import nn
+
+from leantune.errors import LeantuneError
+from leantune.inject import layer_index
+
+SCHEDULES = ("linear", "cosine", "constant", "slanted")
+SLANTED_RATIO = 32
+
+
+def lr_lambda(kind: str, total: int, warmup: int) -> Callable[[int], float]:
+    """Factor on the peak rate at optimizer step ``step`` (0-based) of ``total``."""
+    if kind not in SCHEDULES:
+        raise LeantuneError(f"schedule {kind!r} is unknown; use one of {SCHEDULES}")
+    total = max(1, total)
+
+    def factor(step: int) -> float:
+        if kind == "slanted":
+            cut = max(1, warmup)
+            p = step / cut if step < cut else max(0.0, 1 - (step - cut) / max(1, total - cut))
+            return (1 + p * (SLANTED_RATIO - 1)) / SLANTED_RATIO
+        if step < warmup:
+            return (step + 1) / warmup
+        done = (step - warmup) / max(1, total - warmup)
+        if kind == "linear":
+            return max(0.0, 1 - done)
+        if kind == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
+        return 1.0
+
+    return factor
+
+
+def _layer(name: str, n_layers: int) -> int | None:
+    """The layer a parameter belongs to; -1 for the embeddings (below every layer)."""
+    index = layer_index(name)
+    if index is None and "embed" in name:
+        return -1
+    return index if index is None or index < n_layers else None
+
+
+def lr_scales(
+    params: Mapping[str, nn.Parameter],
+    *,
+    n_layers: int | None,
+    layer_decay: float = 1.0,
+    loraplus_ratio: float = 1.0,
+) -> dict[str, float]:
+    """Rate multiplier per parameter name (see the module doc)."""
+    if not 0 < layer_decay <= 1:
+        raise LeantuneError(f"--layer-decay must be in (0, 1], got {layer_decay}")
+    if not loraplus_ratio >= 1:
+        raise LeantuneError(f"--loraplus-ratio must be 1 (off) or more, got {loraplus_ratio}")
+    out = {}
+    for name, p in params.items():
+        scale = float(getattr(p, "lr_scale", 1.0))
+        layer = _layer(name, n_layers or 0)
+        if layer_decay != 1 and n_layers and layer is not None:
+            scale *= layer_decay ** (n_layers - 1 - layer)
+        if loraplus_ratio != 1 and ".lora." in name and name.endswith(".B"):
+            scale *= loraplus_ratio
+        out[name] = scale
+    return out
+
+
+class Unfreezer:
+    """Switches trainable groups on from the top down, one more every ``every`` steps."""
+
+    def __init__(self, params: Mapping[str, nn.Parameter], n_layers: int, every: int, total: int):
+        if every <= 0:
+            raise LeantuneError(f"--unfreeze-every must be a positive step count, got {every}")
+        by_layer: dict[int, list[nn.Parameter]] = {}
+        for name, p in params.items():
+            layer = _layer(name, n_layers)
+            # Outside the layers (head, pooler, final norm) trains from the start.
+            key = n_layers if layer is None else max(layer, 0)
+            by_layer.setdefault(key, []).append(p)
+        keys = sorted(by_layer, reverse=True)
+        if len(keys) > 1 and keys[0] == n_layers:  # the head joins with the top layer
+            by_layer[keys[1]] += by_layer.pop(keys[0])
+            keys = keys[1:]
+        self.groups = [by_layer[k] for k in keys]
+        self.every = every
+        if len(self.groups) < 2:
+            raise LeantuneError(
+                "--unfreeze-every: the trainable parameters sit in one layer group, so there is "
+                "nothing to unfreeze gradually; drop the option or train more layers"
+            )
+        joined = 1 + (total - 1) // every
+        if joined < len(self.groups):
+            raise LeantuneError(
+                f"--unfreeze-every {every}: with {total} optimizer steps only {joined} of "
+                f"{len(self.groups)} layer groups would ever train; use at most "
+                f"{max(1, (total - 1) // (len(self.groups) - 1))}"
+            )
+
+    def groups_at(self, step: int) -> int:
+        return min(len(self.groups), 1 + step // self.every)
+
+    def apply(self, step: int) -> None:
+        on = self.groups_at(step)
+        for i, group in enumerate(self.groups):
+            for p in group:
+                p.requires_grad_(i < on)
+
+    def release(self) -> None:
+        """Everything trainable again (the end of training)."""
+        for group in self.groups:
+            for p in group:
+                p.requires_grad_(True)
