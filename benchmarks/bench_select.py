@@ -53,26 +53,29 @@ def recipe_options(recipe: str, budget: str) -> dict[str, Any]:
     }
 
 
-def child_run(options: dict[str, Any], out: Any) -> None:
+KEEP = (
+    "test_accuracy",
+    "test_macro_f1",
+    "train_seconds",
+    "trainable_params",
+    "select_seconds",
+    "select_share_of_wall",
+)
+
+
+def child_run(options: dict[str, Any], out: Any, keep: tuple[str, ...] = KEEP) -> None:
     from leantune.tune import TuneConfig, run_tune
 
     with tempfile.TemporaryDirectory() as tmp:
         summary = run_tune(TuneConfig(runs_dir=tmp, name="b", **options))
-    keep = (
-        "test_accuracy",
-        "test_macro_f1",
-        "train_seconds",
-        "trainable_params",
-        "select_seconds",
-        "select_share_of_wall",
-    )
     out.put({k: summary[k] for k in keep if k in summary} | {"peak_rss_mb": peak_memory_mb()})
 
 
-def run(options: dict[str, Any]) -> dict[str, Any]:
+def run(options: dict[str, Any], keep: tuple[str, ...] = KEEP) -> dict[str, Any]:
+    """run_tune(options) in a fresh child process: its summary's ``keep`` keys + peak RSS."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=child_run, args=(options, queue))
+    proc = ctx.Process(target=child_run, args=(options, queue, keep))
     proc.start()
     result = queue.get()
     proc.join()

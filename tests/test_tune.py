@@ -15,6 +15,7 @@ import yaml
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from typer.testing import CliRunner
 
+import leantune as lt
 from conftest import tiny_model_folder, topic_rows, write_rows
 from leantune.cli import app
 from leantune.train.loop import Progress
@@ -258,3 +259,16 @@ def test_tune_with_the_frozen_prefix_cache(tmp_path: Path, bert_dir: Path, data_
     )
     assert "layers below 2 are cached" in " ".join(said)
     assert summary["steps"] == 3 * 6 and 0 <= summary["test_accuracy"] <= 1
+
+
+def test_train_examples_samples_training_only(tmp_path: Path) -> None:
+    from leantune.tune import load_splits
+
+    data = write_rows(tmp_path / "topics.jsonl", topic_rows(90))
+    full = load_splits(TuneConfig(data=str(data)))
+    small = load_splits(TuneConfig(data=str(data), train_examples=12))
+    assert len(small.train.texts) == 12 and set(small.train.texts) <= set(full.train.texts)
+    assert sorted(set(small.train.labels)) == sorted(set(full.train.labels))  # stratified
+    assert small.val.texts == full.val.texts and small.test.texts == full.test.texts
+    with pytest.raises(lt.LeantuneError, match="train-examples"):
+        TuneConfig(train_examples=0)

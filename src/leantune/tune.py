@@ -100,6 +100,9 @@ class TuneConfig:
     """Column holding the label (classification)."""
     split: str = "0.7,0.1,0.2"
     """Train,validation,test fractions of --data, stratified by label."""
+    train_examples: int | None = None
+    """Train on a stratified sample of this many training examples (the validation and test
+    splits stay the same): a small-data run."""
     max_length: int = 128
     """Truncate texts to this many tokens (capped at the model's positions)."""
     batch_size: int = 16
@@ -220,6 +223,8 @@ class TuneConfig:
             raise LeantuneError("--loraplus-ratio must be 1 (off) or more")
         if self.unfreeze_every is not None and self.unfreeze_every <= 0:
             raise LeantuneError("--unfreeze-every must be a positive number of steps")
+        if self.train_examples is not None and self.train_examples <= 0:
+            raise LeantuneError("--train-examples must be positive")
         if self.reference_examples < 0:
             raise LeantuneError("--reference-examples must be 0 (off) or more")
 
@@ -396,6 +401,12 @@ def load_splits(config: TuneConfig) -> Splits:
         [index[s] for s in strata], (train_f / total, val_f / total, test_f / total), config.seed
     )
     train_part = _subset(data, parts[0])
+    if config.train_examples is not None and config.train_examples < len(train_part.texts):
+        keep = config.train_examples / len(train_part.texts)
+        inner = train_part.labels or ["_"] * len(train_part.texts)
+        ids = {n: i for i, n in enumerate(sorted(set(inner)))}
+        sample = stratified_split([ids[s] for s in inner], (keep, 1 - keep, 0.0), config.seed)[0]
+        train_part = _subset(train_part, sample)
     val = val or _subset(data, parts[1])
     test = test or _subset(data, parts[2])
     for what, table in (("training", train_part), ("validation", val), ("test", test)):
