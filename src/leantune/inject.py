@@ -12,10 +12,11 @@ from __future__ import annotations
 import contextlib
 import difflib
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
+import torch
 from torch import nn
 
 from leantune.errors import LeantuneError, TargetError
@@ -428,6 +429,28 @@ def disable(model: nn.Module) -> Iterator[nn.Module]:
         yield model
     finally:
         _broadcast(model)
+
+
+def mixed_rows(
+    names: Sequence[str],
+    x: torch.Tensor,
+    out: torch.Tensor,
+    has: Callable[[str], bool],
+    apply: Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """A layer's mixed-batch forward: example i of ``out`` (the base output for input ``x``)
+    gets adapter ``names[i]`` added by ``apply(name, x_rows, out_rows)``; BASE rows and names
+    this layer lacks (``has``) keep the base output."""
+    if len(names) != x.shape[0]:
+        raise LeantuneError(
+            f"mixed batch has {len(names)} adapter names for a batch of {x.shape[0]} examples"
+        )
+    for name in dict.fromkeys(names):
+        if name == BASE or not has(name):
+            continue
+        idx = torch.tensor([i for i, n in enumerate(names) if n == name], device=out.device)
+        out = out.index_copy(0, idx, apply(name, x[idx], out[idx].clone()))
+    return out
 
 
 @contextlib.contextmanager

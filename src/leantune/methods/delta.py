@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from leantune.errors import LeantuneError, TargetError
-from leantune.inject import BASE, AdapterModule
+from leantune.inject import AdapterModule, mixed_rows
 
 _CLASSES: dict[tuple[type[nn.Module], type[nn.Module]], type[nn.Module]] = {}
 
@@ -154,16 +154,11 @@ class DeltaLayer(nn.Module):
         return self.contribution(self.delta[name], x, out)
 
     def _mixed_forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        names = self._batch_names
-        assert names is not None
-        if len(names) != x.shape[0]:
-            raise LeantuneError(
-                f"mixed batch has {len(names)} adapter names for a batch of {x.shape[0]} examples"
-            )
-        for name in dict.fromkeys(names):
-            if name == BASE or name not in self.delta:
-                continue
-            idx = torch.tensor([i for i, n in enumerate(names) if n == name], device=out.device)
-            rows = self.contribution(self.delta[name], x[idx], out[idx].clone())
-            out = out.index_copy(0, idx, rows)
-        return out
+        assert self._batch_names is not None
+        return mixed_rows(
+            self._batch_names,
+            x,
+            out,
+            lambda name: name in self.delta,
+            lambda name, xs, rows: self.contribution(self.delta[name], xs, rows),
+        )

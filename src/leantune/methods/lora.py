@@ -20,7 +20,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from leantune.errors import LeantuneError, TargetError
-from leantune.inject import BASE, LINEAR_TYPES, AdapterConfig, AdapterModule, Conv1D, register
+from leantune.inject import (
+    LINEAR_TYPES,
+    AdapterConfig,
+    AdapterModule,
+    Conv1D,
+    mixed_rows,
+    register,
+)
 
 INITS = ("standard", "gaussian", "pissa")
 
@@ -458,20 +465,13 @@ class LoraLayer(nn.Module):
         return adapter.variant.forward(self, adapter, x, out)
 
     def _mixed_forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        names = self._batch_names
-        assert names is not None
-        if len(names) != x.shape[0]:
-            raise LeantuneError(
-                f"mixed batch has {len(names)} adapter names for a batch of {x.shape[0]} examples"
-            )
-        for name in dict.fromkeys(names):
-            if name == BASE or name not in self.lora:
-                continue
-            idx = torch.tensor([i for i, n in enumerate(names) if n == name], device=out.device)
+        assert self._batch_names is not None
+
+        def apply(name: str, xs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
             adapter = self.adapter(name)
-            rows = adapter.variant.forward(self, adapter, x[idx], out[idx].clone())
-            out = out.index_copy(0, idx, rows)
-        return out
+            return adapter.variant.forward(self, adapter, xs, rows)
+
+        return mixed_rows(self._batch_names, x, out, lambda name: name in self.lora, apply)
 
 
 class LoraLinear(LoraLayer, nn.Linear):  # type: ignore[misc]
