@@ -239,3 +239,33 @@ def test_info_describes_a_leantune_adapter(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.stderr
     assert "LEANTUNE" in res.stdout
     assert "1 lora" in res.stdout and "2 sparse" in res.stdout and "2 bitfit" in res.stdout
+
+
+class T5LayerNorm(nn.Module):
+    """Named LayerNorm, computes an RMSNorm (no mean subtracted), as T5's does."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(d) + 0.5)
+        self.variance_epsilon = 1e-6
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        var = x.float().pow(2).mean(-1, keepdim=True)
+        return self.weight * (x.float() * torch.rsqrt(var + self.variance_epsilon)).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layernorm_tuning_measures_the_norm_form_in_any_dtype(dtype: torch.dtype) -> None:
+    model = nn.Sequential(T5LayerNorm(8), nn.LayerNorm(8)).to(dtype)
+    lt.inject(model, LayerNormConfig(targets=["0", "1"]))
+    assert model[0].rms and not model[1].rms
+    x = torch.randn(2, 8).to(dtype)
+    base = model(x)
+    with torch.no_grad():
+        for p in lt.adapter_parameters(model).values():
+            p.add_(0.25)
+    changed = model(x)
+    lt.merge(model)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(model(x), changed, atol=tol, rtol=tol)
+    assert not torch.allclose(changed.float(), base.float())

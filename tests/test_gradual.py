@@ -233,3 +233,21 @@ def test_tune_runs_with_every_gradual_option_and_logs_penalties_apart(tmp_path: 
     lines = (tmp_path / "runs" / "g" / "metrics.jsonl").read_text().splitlines()
     assert all('"train_l2"' in line and '"train_ewc"' in line for line in lines)
     assert summary["trainable_params"] > 0 and 0 <= summary["test_accuracy"] <= 1
+
+
+def test_embeddings_are_found_by_position_not_name() -> None:
+    model = build("gpt2")  # wte / wpe: no "embed" in their names
+    named = dict(model.named_parameters())
+    scales = lr_scales(named, n_layers=2, layer_decay=0.5)
+    assert scales["transformer.wte.weight"] == 0.25 and scales["transformer.wpe.weight"] == 0.25
+    assert scales["transformer.h.0.attn.c_attn.weight"] == 0.5
+    assert scales["transformer.ln_f.weight"] == 1.0 and scales["lm_head.weight"] == 1.0
+    with pytest.raises(lt.LeantuneError, match="layer stack"):
+        lr_scales(named, n_layers=None, layer_decay=0.5)
+
+
+def test_penalties_are_refused_where_the_lora_update_is_not_the_change() -> None:
+    for bad in ({"init": "pissa"}, {"dora": True}):
+        with pytest.raises(lt.LeantuneError, match="PiSSA or DoRA"):
+            TuneConfig(l2=0.1, **bad)  # type: ignore[arg-type]
+    TuneConfig(method="sparse", plan="plan.json")  # a resumed sparse run reads its plan

@@ -111,8 +111,9 @@ def pooled_embeddings(
             batch = {k: v.to(device) for k, v in batch.items()}
             out: Any = body(**batch)
             hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            rows.append(((hidden * mask).sum(1) / mask.sum(1).clamp_min(1)).float().cpu())
+            hidden = hidden.float()
+            mask = batch["attention_mask"].unsqueeze(-1).float()
+            rows.append(((hidden * mask).sum(1) / mask.sum(1).clamp_min(1)).cpu())
     finally:
         model.train(was_training)
     return torch.cat(rows)

@@ -255,9 +255,7 @@ def allocate(
             return (m.spectrum[i], m.rank_cost) if ok else None
         if method == "sparse":
             m = by_name[name]
-            if i >= len(m.sparse_gains) or m.sparse_order is None:
-                return None
-            return m.sparse_gains[i], min(SPARSE_CHUNK, len(m.sparse_order) - i * SPARSE_CHUNK)
+            return (m.sparse_gains[i], SPARSE_CHUNK) if i < len(m.sparse_gains) else None
         if i > 0:
             return None  # bitfit and layernorm are one unit each
         if method == "bitfit":

@@ -22,7 +22,6 @@ scores. Parameters' ``requires_grad`` flags are restored afterwards.
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -54,9 +53,10 @@ class ModuleScore:
     bias_gain: float = 0.0
     """‖ḡ‖² of the layer's bias (0 without one)."""
     sparse_order: torch.Tensor | None = field(default=None, repr=False)
-    """Flat (out, in) indices of the top entries by Fisher score, best first."""
+    """Flat (out, in) indices of the top entries by Fisher score, in chunks of SPARSE_CHUNK."""
     sparse_gains: list[float] = field(default_factory=list)
-    """Σ ḡ² of each successive SPARSE_CHUNK entries of sparse_order."""
+    """Σ ḡ² of each successive SPARSE_CHUNK entries of sparse_order (falling: chunks of the
+    Fisher ranking, sorted by this gain)."""
 
     @property
     def params(self) -> int:
@@ -120,7 +120,7 @@ def score(
 ) -> Scores:
     """Importance of every linear layer (and norm layer) of ``model`` for the loss on
     ``batches``; ``max_entries`` bounds the sparse units ranked per layer (0: none)."""
-    from leantune.methods.layernorm import is_norm
+    from leantune.methods.layernorm import norm_form
 
     if not batches:
         raise LeantuneError("the scoring set has no examples; give at least one batch")
@@ -135,7 +135,7 @@ def score(
     norms = {
         n: m
         for n, m in model.named_modules()
-        if is_norm(m) and n not in skip and not n.startswith(inside)
+        if n not in skip and not n.startswith(inside) and norm_form(m) is not None
     }
     weights = {n: _weight(m) for n, m in modules.items()}
     # Every tensor whose gradient is read: layer weights, their biases, norm scales and shifts.
@@ -144,7 +144,11 @@ def score(
         for key, p in m.named_parameters(recurse=False):
             tracked[f"{n}.{key}"] = p
     fisher = {n: 0.0 for n in modules}
-    entry_fisher = {n: torch.zeros_like(w, dtype=torch.float32) for n, w in weights.items()}
+    entry_fisher = (
+        {n: torch.zeros_like(w, dtype=torch.float32) for n, w in weights.items()}
+        if max_entries
+        else {}
+    )
     grad_sum = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in tracked.items()}
     examples = 0
     try:
@@ -201,10 +205,18 @@ def score(
                 k = min(max_entries, ef.numel())
                 order = ef.flatten().topk(k).indices
                 g2 = as_linear.flatten()[order].pow(2)
-                m.sparse_order = order.cpu()
-                chunks = [float(c.sum()) for c in g2.split(SPARSE_CHUNK)]
-                # Fisher order puts zero-gradient entries last: stop at the first empty chunk.
-                m.sparse_gains = list(itertools.takewhile(lambda gain: gain > 0, chunks))
+                # Chunks of the Fisher ranking, bought best gain (Σ ḡ²) first so the marginal
+                # gains fall as the greedy allocation assumes; empty chunks are dropped.
+                pieces = [
+                    (float(g.sum()), idx)
+                    for g, idx in zip(
+                        g2.split(SPARSE_CHUNK), order.split(SPARSE_CHUNK), strict=True
+                    )
+                ]
+                full = [p for p in pieces if p[0] > 0 and len(p[1]) == SPARSE_CHUNK]
+                pieces = sorted(full, key=lambda p: -p[0])
+                m.sparse_gains = [gain for gain, _ in pieces]
+                m.sparse_order = torch.cat([idx for _, idx in pieces]).cpu() if pieces else None
             results.append(m)
         norm_scores = []
         for n, module in norms.items():

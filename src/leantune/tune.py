@@ -21,6 +21,7 @@ import re
 import shutil
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -207,7 +208,7 @@ class TuneConfig:
             raise LeantuneError(f"--select {self.select!r}: the one selector is auto")
         if self.select and self.plan:
             raise LeantuneError("--select auto makes a plan and --plan gives one; pick one")
-        if (self.select or self.plan) and self.method != "lora":
+        if (self.select or self.plan) and self.method not in ("lora", "sparse"):
             raise LeantuneError("--select / --plan choose their own methods; drop --method")
         parse_methods(self.plan_methods)
         if self.score_examples <= 0:
@@ -223,6 +224,11 @@ class TuneConfig:
             raise LeantuneError("--loraplus-ratio must be 1 (off) or more")
         if self.unfreeze_every is not None and self.unfreeze_every <= 0:
             raise LeantuneError("--unfreeze-every must be a positive number of steps")
+        if (self.l2 or self.l1 or self.ewc) and (self.init == "pissa" or self.dora):
+            raise LeantuneError(
+                "--l2/--l1/--ewc penalize the LoRA update s·B·A, which is not the change from the "
+                "pretrained weights under PiSSA or DoRA; drop one of the two"
+            )
         if self.train_examples is not None and self.train_examples <= 0:
             raise LeantuneError("--train-examples must be positive")
         if self.reference_examples < 0:
@@ -663,15 +669,12 @@ def make_plan(
 def apply_plan(model: nn.Module, plan: Plan) -> None:
     """The plan's methods and sizes on its modules, its heads trained in full, the rest frozen."""
     adapter = plan.adapter_config()
-    if adapter is not None:
-        inject(model, adapter)
-        return
-    for p in model.parameters():
-        p.requires_grad_(False)
-    modules = dict(model.named_modules())
-    for name in plan.heads():
-        for p in modules[name].parameters():
-            p.requires_grad_(True)
+    if adapter is None:
+        raise LeantuneError(
+            f"the plan trains only the task head ({plan.params:,} parameters): the budget "
+            "buys nothing else. Raise --budget, or use --method head"
+        )
+    inject(model, adapter)
 
 
 def check_run_folder(run: Path, resume: bool, overwrite: bool) -> None:
@@ -754,8 +757,9 @@ def run_tune(
             prep.plan.save(run / "plan.json")
     if prep.scores is not None:
         write_heatmap(run / "importance.png", prep.scores.by_layer_and_kind("fisher"), "Fisher")
+        counts = Counter(e.method for e in prep.plan.entries) if prep.plan else Counter()
         say(
-            f"selected {len(prep.plan.lora() if prep.plan else [])} modules for LoRA in "
+            "selected " + ", ".join(f"{n} {m}" for m, n in counts.items()) + " module(s) in "
             f"{prep.scores.seconds:.1f} s on {prep.scores.examples} examples"
         )
     state = run / STATE
@@ -788,7 +792,10 @@ def run_tune(
     # The original model's behaviour, before any step (adapters start as the identity).
     ref = None
     if texts:
-        ref = prepare_reference(model, prep.tok, texts, source, causal=config.causal)
+        length = min(64, max_positions(model) or 64)
+        ref = prepare_reference(
+            model, prep.tok, texts, source, causal=config.causal, max_length=length
+        )
     elif config.reference_examples:
         say("knowledge kept: no reference text (install fortunes-min or give --reference-text)")
     task_before = prep.evaluate(prep.test).metrics
@@ -800,23 +807,25 @@ def run_tune(
             if prefix.active
             else "frozen prefix: nothing to cache (the lowest layer or embeddings are trained)"
         )
-    result = train(
-        model,
-        prep.batches,
-        lambda m: prep.evaluate(prep.val).metrics,
-        train_config,
-        on_best=on_best,
-        log=on_eval,
-        on_step=on_step,
-        checkpoint=state,
-        resume=resume,
-        forward=prefix.forward if prefix is not None else None,
-        lr_scales=scales,
-        unfreeze=unfreezer.apply if unfreezer is not None else None,
-        penalty=penalty if penalty else None,
-    )
-    if unfreezer is not None:
-        unfreezer.release()
+    try:
+        result = train(
+            model,
+            prep.batches,
+            lambda m: prep.evaluate(prep.val).metrics,
+            train_config,
+            on_best=on_best,
+            log=on_eval,
+            on_step=on_step,
+            checkpoint=state,
+            resume=resume,
+            forward=prefix.forward if prefix is not None else None,
+            lr_scales=scales,
+            unfreeze=unfreezer.apply if unfreezer is not None else None,
+            penalty=penalty if penalty else None,
+        )
+    finally:
+        if unfreezer is not None:
+            unfreezer.release()
     if result.interrupted:
         return {"interrupted": True, "step": result.steps, "run": str(run)}
     load_into(model, load_file(str(state / "best.safetensors")), state / "best.safetensors")

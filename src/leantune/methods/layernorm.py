@@ -2,8 +2,9 @@
 
 A LayerNorm computes γ ⊙ n(x) + β with n(x) the normalized input; an RMSNorm γ ⊙ x / rms(x).
 Each adapted norm gets learned changes Δγ (and Δβ when it has a bias); the unmerged forward adds
-Δγ ⊙ n(x) + Δβ to the base output, merging adds them into γ and β. Other norm types (Gemma's
-1 + γ, for one) are detected when adapted and refused rather than tuned wrongly.
+Δγ ⊙ n(x) + Δβ to the base output, merging adds them into γ and β. Which form a norm has is
+measured on a random input, not guessed from its class name (T5's "LayerNorm" is an RMSNorm);
+other forms (Gemma's 1 + γ, for one) are refused rather than tuned wrongly.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from dataclasses import dataclass
 from typing import ClassVar, cast
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from leantune.errors import TargetError
@@ -30,6 +30,45 @@ def is_norm(module: nn.Module) -> bool:
     ) and isinstance(weight, nn.Parameter)
 
 
+def _eps(module: nn.Module, dtype: torch.dtype) -> float:
+    for attr in ("eps", "variance_epsilon", "epsilon"):
+        value = getattr(module, attr, None)
+        if isinstance(value, float | int):
+            return float(value)
+    return float(torch.finfo(dtype).eps)
+
+
+def normalize(x: torch.Tensor, rms: bool, eps: float) -> torch.Tensor:
+    """n(x): x / rms(x) (RMSNorm) or (x - mean) / std (LayerNorm), over the last dimension,
+    computed in float32 and returned in x's dtype."""
+    x32 = x.float()
+    if not rms:
+        x32 = x32 - x32.mean(-1, keepdim=True)
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+@torch.no_grad()
+def norm_form(module: nn.Module) -> str | None:
+    """ "layernorm" or "rms" when ``module`` computes weight · n(x) (+ bias) in that form (tried
+    on a random input, whatever its class is called), else None (Gemma's (1 + weight), ...)."""
+    if not is_norm(module):
+        return None
+    weight = module.weight
+    assert isinstance(weight, torch.Tensor)
+    x = torch.randn(2, 3, weight.numel(), device=weight.device).to(weight.dtype)
+    forward = getattr(module, "_base_class", type(module)).forward
+    got = forward(module, x).float()
+    bias = getattr(module, "bias", None)
+    tol = max(1e-3, 4 * float(torch.finfo(weight.dtype).eps))
+    for form in ("layernorm", "rms"):
+        want = weight.float() * normalize(x, form == "rms", _eps(module, weight.dtype)).float()
+        if isinstance(bias, torch.Tensor):
+            want = want + bias.float()
+        if torch.allclose(got, want, atol=tol, rtol=tol):
+            return form
+    return None
+
+
 @dataclass
 class LayerNormConfig(AdapterConfig):
     """LayerNorm tuning: a trainable change to each targeted norm's scale and shift."""
@@ -43,17 +82,22 @@ class LayerNormConfig(AdapterConfig):
         return (nn.Module,)  # the type is checked by is_norm and when adapting
 
     def includes(self, module: nn.Module) -> bool:
-        return is_norm(module)
+        return norm_form(module) is not None
 
     def adapt(self, module: nn.Module, adapter_name: str, module_name: str) -> nn.Module:
         if not is_norm(module):
             raise TargetError(
                 f"{module_name} ({type(module).__name__}) is not a LayerNorm or RMSNorm"
             )
+        form = norm_form(module)
+        if form is None:
+            raise TargetError(
+                f"{module_name} ({type(module).__name__}) does not compute weight * "
+                "normalize(x) + bias; leantune cannot tune it as a LayerNorm, leave it out"
+            )
         layer = LayerNormLayer.wrap(module, module_name)
         assert isinstance(layer, LayerNormLayer)
-        if not layer.adapter_names():
-            layer.check_formula(module_name)
+        layer.rms = form == "rms"
         layer.add_adapter(adapter_name, layer.weight.numel(), module_name)
         return layer
 
@@ -76,39 +120,12 @@ class LayerNormLayer(DeltaLayer):
         bias = getattr(self, "bias", None)
         return bias if isinstance(bias, nn.Parameter) else None
 
-    def _rms(self) -> bool:
-        return not isinstance(self, nn.LayerNorm) and "LayerNorm" not in self._base_class.__name__
-
-    def _eps(self, x: torch.Tensor) -> float:
-        for attr in ("eps", "variance_epsilon", "epsilon"):
-            value = getattr(self, attr, None)
-            if isinstance(value, float | int):
-                return float(value)
-        return float(torch.finfo(x.dtype).eps)
+    rms: bool = False
+    """Set when adapted: the base norm is an RMSNorm (no mean subtracted)."""
 
     def normalized(self, x: torch.Tensor) -> torch.Tensor:
         """n(x): the base layer's output before its scale and shift."""
-        if not self._rms():
-            return F.layer_norm(x, self.weight.shape, None, None, self._eps(x))
-        x32 = x.float()
-        n = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self._eps(x))
-        return n.to(x.dtype)
-
-    def check_formula(self, module_name: str) -> None:
-        """Refuse a norm whose output is not γ ⊙ n(x) + β (tuning it here would be wrong)."""
-        x = torch.randn(2, 3, self.weight.numel(), device=self.weight.device)
-        x = x.to(self.weight.dtype)
-        with torch.no_grad():
-            got = self._base_class.forward(self, x)
-            want = self.weight * self.normalized(x)
-            bias = self.shift()
-            if bias is not None:
-                want = want + bias
-        if not torch.allclose(got, want, atol=1e-4, rtol=1e-3):
-            raise TargetError(
-                f"{module_name} ({self._base_class.__name__}) does not compute weight * "
-                "normalize(x) + bias; leantune cannot tune it as a LayerNorm, leave it out"
-            )
+        return normalize(x, self.rms, _eps(self, self.weight.dtype))
 
     def new_delta(self, size: int, module_name: str) -> nn.Module:
         return NormDelta(size, self.weight.dtype, self.shift() is not None)

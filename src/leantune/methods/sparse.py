@@ -1,7 +1,8 @@
 """Sparse fine-tuning with a fixed mask (FISH masks, Sung et al., 2021): W + M ⊙ Δ.
 
 Only k chosen entries of a weight train. The mask is chosen before training, by the empirical
-Fisher score of each entry (``leantune.select.fisher_masks``, or a Plan's sparse entries), and
+Fisher score of each entry (``leantune select --plan-methods sparse``, ``tune --method
+sparse``, or ``plan.allocate(..., methods=["sparse"]).masks`` in Python), and
 stored as flat indices into the weight seen as an (out, in) matrix. The unmerged forward adds
 x · scatter(Δ)ᵀ to the base output; merging adds the k values into W, so merged equals
 unmerged up to float rounding. Files hold the indices (int64) and the values.
@@ -45,8 +46,8 @@ class SparseConfig(AdapterConfig):
         mask = self.masks.get(module_name)
         if mask is None:
             raise TargetError(
-                f"sparse fine-tuning has no mask for {module_name}; choose one with "
-                "leantune.select.fisher_masks() or a Plan (leantune select)"
+                f"sparse fine-tuning has no mask for {module_name}; choose masks with a Plan "
+                "(leantune select --plan-methods sparse, or plan.allocate(..., methods=['sparse']))"
             )
         layer = SparseLayer.wrap(module, module_name)
         assert isinstance(layer, SparseLayer)

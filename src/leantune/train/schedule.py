@@ -5,7 +5,8 @@
   (warmup, then flat), ``slanted`` (slanted triangular, Howard & Ruder 2018: a short linear rise
   over the warmup share, a long linear fall to 1/32 of the peak).
 - ``lr_scales``: a rate multiplier per trainable parameter: layer-wise decay (layer l of L gets
-  decay^(L-1-l); embeddings decay^L; the head and other modules outside the layers 1) times
+  decay^(L-1-l); parameters before the first layer, the embeddings, decay^L; those after the
+  layers, the head, 1) times
   LoRA+ (LoRA's B matrices get ``loraplus_ratio`` times the rate of A) times a method's own
   ``lr_scale`` attribute (sparse entries).
 - ``Unfreezer``: trainable parameters in groups from the top down (the head and the top layer
@@ -16,7 +17,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 from torch import nn
 
@@ -50,12 +51,21 @@ def lr_lambda(kind: str, total: int, warmup: int) -> Callable[[int], float]:
     return factor
 
 
-def _layer(name: str, n_layers: int) -> int | None:
-    """The layer a parameter belongs to; -1 for the embeddings (below every layer)."""
-    index = layer_index(name)
-    if index is None and "embed" in name:
-        return -1
-    return index if index is None or index < n_layers else None
+def _layers(names: Sequence[str], n_layers: int) -> dict[str, int | None]:
+    """The layer of each parameter, ``names`` in the model's order: -1 for those before the
+    first layer (the embeddings), None for those after it outside the layers (head, pooler)."""
+    out: dict[str, int | None] = {}
+    seen_layer = False
+    for name in names:
+        index = layer_index(name)
+        if index is not None and index < n_layers:
+            seen_layer = True
+            out[name] = index
+        else:
+            out[name] = None if seen_layer else -1
+    if not seen_layer:  # nothing inside the layers: nothing is "below" them either
+        out = dict.fromkeys(names)
+    return out
 
 
 def lr_scales(
@@ -70,10 +80,13 @@ def lr_scales(
         raise LeantuneError(f"--layer-decay must be in (0, 1], got {layer_decay}")
     if not loraplus_ratio >= 1:
         raise LeantuneError(f"--loraplus-ratio must be 1 (off) or more, got {loraplus_ratio}")
+    if layer_decay != 1 and not n_layers:
+        raise LeantuneError("--layer-decay: the model's layer stack was not found")
+    layers = _layers(list(params), n_layers or 0)
     out = {}
     for name, p in params.items():
         scale = float(getattr(p, "lr_scale", 1.0))
-        layer = _layer(name, n_layers or 0)
+        layer = layers[name]
         if layer_decay != 1 and n_layers and layer is not None:
             scale *= layer_decay ** (n_layers - 1 - layer)
         if loraplus_ratio != 1 and ".lora." in name and name.endswith(".B"):
@@ -88,9 +101,12 @@ class Unfreezer:
     def __init__(self, params: Mapping[str, nn.Parameter], n_layers: int, every: int, total: int):
         if every <= 0:
             raise LeantuneError(f"--unfreeze-every must be a positive step count, got {every}")
+        if not n_layers:
+            raise LeantuneError("--unfreeze-every: the model's layer stack was not found")
+        layers = _layers(list(params), n_layers)
         by_layer: dict[int, list[nn.Parameter]] = {}
         for name, p in params.items():
-            layer = _layer(name, n_layers)
+            layer = layers[name]
             # Outside the layers (head, pooler, final norm) trains from the start.
             key = n_layers if layer is None else max(layer, 0)
             by_layer.setdefault(key, []).append(p)
