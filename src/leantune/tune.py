@@ -623,6 +623,20 @@ def prepare(config: TuneConfig, with_method: bool = True) -> Prepared:
     return Prepared(config, model, tok, splits, train_enc, val_enc, test_enc, device, plan, scores)
 
 
+def scoring_batches(
+    config: TuneConfig, train: Encoded, pad_id: int
+) -> list[dict[str, torch.Tensor]]:
+    """--score-examples training examples (seeded sample) in batches: what selection scores and
+    EWC measures its Fisher on."""
+    rows = list(range(len(train)))
+    random.Random(config.seed).shuffle(rows)
+    rows = rows[: config.score_examples]
+    return [
+        make_batch(train, rows[i : i + config.batch_size], pad_id, config.causal)
+        for i in range(0, len(rows), config.batch_size)
+    ]
+
+
 def make_plan(
     model: nn.Module, config: TuneConfig, train: Encoded, pad_id: int
 ) -> tuple[Plan, Scores | None]:
@@ -638,13 +652,7 @@ def make_plan(
         return plan, None
     base = sum(p.numel() for p in model.parameters())
     budget = parse_budget(config.budget, base)
-    rows = list(range(len(train)))
-    random.Random(config.seed).shuffle(rows)
-    rows = rows[: config.score_examples]
-    batches = [
-        make_batch(train, rows[i : i + config.batch_size], pad_id, config.causal)
-        for i in range(0, len(rows), config.batch_size)
-    ]
+    batches = scoring_batches(config, train, pad_id)
     methods = ("sparse",) if config.method == "sparse" else parse_methods(config.plan_methods)
     # Rank enough entries per module for sparse units to be able to take the whole budget.
     entries = max(16 * SPARSE_CHUNK, budget) if "sparse" in methods else 0
@@ -902,15 +910,7 @@ def make_penalty(model: nn.Module, config: TuneConfig, prep: Prepared) -> Penalt
             for k, _ in layer.named_parameters(recurse=False)
         ]
         names += list(changes.anchors)
-        rows = list(range(len(prep.train)))
-        random.Random(config.seed).shuffle(rows)
-        rows = rows[: config.score_examples]
-        batches = [
-            make_batch(
-                prep.train, rows[i : i + config.batch_size], prep.tok.pad_token_id, config.causal
-            )
-            for i in range(0, len(rows), config.batch_size)
-        ]
+        batches = scoring_batches(config, prep.train, prep.tok.pad_token_id)
         fisher = fisher_diagonal(model, batches, names)
     return Penalty(model, l2=config.l2, l1=config.l1, ewc=config.ewc, fisher=fisher, skip=heads)
 
