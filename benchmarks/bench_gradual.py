@@ -9,7 +9,10 @@ default); + layer-wise decay 0.8; + gradual unfreezing (a layer every sixth of t
 its own child process (bench_select.run); knowledge kept needs the fortunes (make install).
 
 Usage: python benchmarks/bench_gradual.py [--seeds 0 1 2] [--sizes all 100]
-       [--recipes plain warmup ...] [--json out.json]
+       [--recipes plain warmup ...] [--json out.json] [--jobs 2]
+--json is also a resume file: runs already in it are not redone. --jobs N runs N children side by
+side with 2/N torch threads each (more throughput on 2 cores; train seconds then not comparable
+with runs made alone).
 """
 
 from __future__ import annotations
@@ -17,7 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +42,14 @@ RECIPES: dict[str, dict[str, Any]] = {
     "full": {"method": "full", "reference_examples": 256},
     "full-l2sp": {"method": "full", "l2": 1e-2, "reference_examples": 256},
 }
-KEEP = ("test_accuracy", "knowledge_cosine", "knowledge_knn_overlap", "train_seconds")
+KEEP = (
+    "test_accuracy",
+    "knowledge_cosine",
+    "knowledge_knn_overlap",
+    "train_seconds",
+    "knowledge_seconds",
+    "knowledge_share_of_wall",
+)
 
 
 def options(recipe: str, size: str, seed: int) -> dict[str, Any]:
@@ -56,16 +69,36 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=["all", "100"])
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES))
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--jobs", type=int, default=1)
     args = parser.parse_args()
     rows: list[dict[str, Any]] = []
-    for seed in args.seeds:
-        for size in args.sizes:
-            for recipe in args.recipes:
-                res = run(options(recipe, size, seed), keep=KEEP)
-                rows.append({"recipe": recipe, "size": size, "seed": seed, **res})
-                print(json.dumps(rows[-1]), flush=True)
-                if args.json:
-                    args.json.write_text(json.dumps(rows, indent=1) + "\n")
+    if args.json and args.json.exists():
+        rows = json.loads(args.json.read_text())
+    done = {(r["recipe"], r["size"], r["seed"]) for r in rows}
+    todo = [
+        (recipe, size, seed)
+        for size in args.sizes
+        for seed in args.seeds
+        for recipe in args.recipes
+        if (recipe, size, seed) not in done
+    ]
+    threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else 0
+    lock = threading.Lock()
+
+    def one(key: tuple[str, str, int]) -> None:
+        recipe, size, seed = key
+        res = run(options(recipe, size, seed), keep=KEEP, threads=threads)
+        with lock:
+            rows.append({"recipe": recipe, "size": size, "seed": seed, "jobs": args.jobs, **res})
+            print(json.dumps(rows[-1]), flush=True)
+            if args.json:
+                tmp = args.json.with_suffix(".tmp")
+                tmp.write_text(json.dumps(rows, indent=1) + "\n")
+                tmp.replace(args.json)
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        list(pool.map(one, todo))
+    rows = [r for r in rows if r["seed"] in args.seeds]
     print("\n| recipe | data | test acc | embedding cosine | 10-NN overlap | train s |")
     print("|---|---|---|---|---|---|")
     for recipe in args.recipes:

@@ -63,19 +63,28 @@ KEEP = (
 )
 
 
-def child_run(options: dict[str, Any], out: Any, keep: tuple[str, ...] = KEEP) -> None:
+def child_run(
+    options: dict[str, Any], out: Any, keep: tuple[str, ...] = KEEP, threads: int = 0
+) -> None:
+    import torch
+
     from leantune.tune import TuneConfig, run_tune
+
+    if threads:
+        torch.set_num_threads(threads)
 
     with tempfile.TemporaryDirectory() as tmp:
         summary = run_tune(TuneConfig(runs_dir=tmp, name="b", **options))
     out.put({k: summary[k] for k in keep if k in summary} | {"peak_rss_mb": peak_memory_mb()})
 
 
-def run(options: dict[str, Any], keep: tuple[str, ...] = KEEP) -> dict[str, Any]:
-    """run_tune(options) in a fresh child process: its summary's ``keep`` keys + peak RSS."""
+def run(options: dict[str, Any], keep: tuple[str, ...] = KEEP, threads: int = 0) -> dict[str, Any]:
+    """run_tune(options) in a fresh child process: its summary's ``keep`` keys + peak RSS.
+
+    ``threads`` > 0 sets the child's torch threads (for runs side by side)."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=child_run, args=(options, queue, keep))
+    proc = ctx.Process(target=child_run, args=(options, queue, keep, threads))
     proc.start()
     result = queue.get()
     proc.join()

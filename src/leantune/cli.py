@@ -76,7 +76,9 @@ def _tune(config: Path | None, resume: bool, overwrite: bool, quiet: bool, **opt
     _print_summary(summary)
 
 
-def _run_with_progress(cfg: Any, resume: bool, overwrite: bool, quiet: bool) -> dict[str, Any]:
+def _run_with_progress(
+    cfg: Any, resume: bool, overwrite: bool, quiet: bool, **hooks: Any
+) -> dict[str, Any]:
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -90,7 +92,7 @@ def _run_with_progress(cfg: Any, resume: bool, overwrite: bool, quiet: bool) -> 
 
     console = Console(stderr=True)
     if quiet:
-        return run_tune(cfg, resume=resume, overwrite=overwrite)
+        return run_tune(cfg, resume=resume, overwrite=overwrite, **hooks)
     bar = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -129,7 +131,12 @@ def _run_with_progress(cfg: Any, resume: bool, overwrite: bool, quiet: bool) -> 
 
     try:
         return run_tune(
-            cfg, resume=resume, overwrite=overwrite, log=console.print, on_step=first_step
+            cfg,
+            resume=resume,
+            overwrite=overwrite,
+            log=console.print,
+            on_step=first_step,
+            **hooks,
         )
     finally:
         if started:
@@ -298,6 +305,171 @@ app.command("select")(
                     default=Path("plan.json"),
                     annotation=Annotated[Path, typer.Option(help="Where to write the plan.")],
                 )
+            ]
+        ),
+    )
+)
+
+
+# ---------------------------------------------------------------------------- compare
+
+
+def _common(config: Path | None, options: dict[str, Any], command: str) -> dict[str, Any]:
+    """Options shared by every run of compare/sweep: --config's YAML, then the command line."""
+    from leantune.tune import read_config
+
+    common = (read_config(config) if config else {}) | {
+        k: v for k, v in options.items() if v is not None
+    }
+    for key in ("name", "runs_dir"):
+        if key in common:
+            fail(f"{command} names its runs itself; drop --{key.replace('_', '-')} (use --out)")
+    return common
+
+
+def compare(**kwargs: Any) -> None:
+    """Run several strategies on the same data and split; write a table, Pareto plots and a report.
+
+    Each strategy is an ordinary run folder under --out; finished ones are not redone. The other
+    options apply to every strategy unless the strategy sets them.
+    """
+    from leantune.compare import load_strategies, markdown_table, run_compare
+
+    config, out, spec = kwargs.pop("config"), kwargs.pop("out"), kwargs.pop("strategies")
+    quiet = kwargs.pop("quiet")
+    try:
+        strategies, preset_common = load_strategies(spec)
+        common = preset_common | _common(config, kwargs, "compare")
+        result = run_compare(
+            strategies,
+            common,
+            out,
+            log=None if quiet else (lambda s: typer.echo(s, err=True)),
+            runner=lambda cfg, **kw: _run_with_progress(cfg, kw["resume"], False, quiet),
+        )
+    except LeantuneError as e:
+        fail(str(e))
+    if result.get("interrupted"):
+        typer.echo(
+            f"leantune: interrupted in {result['strategy']}; run the same command to continue",
+            err=True,
+        )
+        raise typer.Exit(130)
+    typer.echo(markdown_table(result["rows"], result["metric"]), nl=False)
+    typer.echo(f"recommendation: {result['recommendation']}")
+    typer.echo(f"report: {Path(out) / 'report.html'}")
+
+
+def _option(name: str, annotation: Any, default: Any) -> inspect.Parameter:
+    return inspect.Parameter(
+        name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation
+    )
+
+
+app.command("compare")(
+    _with_signature(
+        compare,
+        _config_options(
+            [
+                _option(
+                    "strategies",
+                    Annotated[
+                        str,
+                        typer.Option(
+                            help="A preset (default, lora) or a YAML file: a list of strategy "
+                            "names (full, head, bitfit, layernorm, lora-qv, lora-all, dora, "
+                            "auto-<budget>) or {name: ..., use: <name>, <option>: ...} mappings; "
+                            "or {strategies: [...], common: {...}}."
+                        ),
+                    ],
+                    "default",
+                ),
+                _option(
+                    "out",
+                    Annotated[Path, typer.Option(help="The comparison folder.")],
+                    Path("runs/compare"),
+                ),
+                _flag("quiet", "No progress bars or per-eval lines."),
+            ]
+        ),
+    )
+)
+
+
+# ---------------------------------------------------------------------------- sweep
+
+
+def sweep(**kwargs: Any) -> None:
+    """Search hyperparameters with Optuna (TPE, median pruning after each epoch).
+
+    The study lives in <out>/study.db: run the same command again after an interruption and it
+    goes on where it stopped. The best configuration is written to <out>/best.yaml for
+    leantune tune --config. The other options are fixed for every trial.
+    """
+    from leantune.sweep import read_space, run_sweep
+
+    config, out, space, trials = (kwargs.pop(k) for k in ("config", "out", "space", "trials"))
+    quiet = kwargs.pop("quiet")
+    try:
+        common = {"reference_examples": 0} | _common(config, kwargs, "sweep")
+        result = run_sweep(
+            common,
+            read_space(space),
+            out,
+            trials,
+            seed=int(common.get("seed", 0)),
+            log=None if quiet else (lambda s: typer.echo(s, err=True)),
+            runner=lambda cfg, **kw: _run_with_progress(
+                cfg, False, False, quiet, on_validation=kw["on_validation"]
+            ),
+        )
+    except LeantuneError as e:
+        fail(str(e))
+    if result.get("interrupted"):
+        typer.echo("leantune: interrupted; run the same command to continue the sweep", err=True)
+        raise typer.Exit(130)
+    best = result["best"]
+    typer.echo(
+        f"{result['finished']} trials finished, {result['pruned']} pruned; "
+        + (
+            f"best: trial {best['number']}, validation {result['metric']} {best['value']:.4f}, "
+            f"{json.dumps(best['params'])}"
+            if best
+            else "no trial completed"
+        )
+    )
+    if best:
+        typer.echo(f"re-run it: leantune tune --config {Path(out) / 'best.yaml'}")
+    typer.echo(f"report: {Path(out) / 'report.html'}")
+
+
+app.command("sweep")(
+    _with_signature(
+        sweep,
+        _config_options(
+            [
+                _option(
+                    "space",
+                    Annotated[
+                        Optional[Path],  # noqa: UP045
+                        typer.Option(
+                            help="YAML search space: option: {low, high, log?, step?} or "
+                            "option: {choices: [...]} (default: lr, r, schedule, layer_decay, l2)."
+                        ),
+                    ],
+                    None,
+                ),
+                _option(
+                    "trials",
+                    Annotated[int, typer.Option(help="Trials to finish (pruned ones count).")],
+                    12,
+                ),
+                _option(
+                    "out",
+                    Annotated[Path, typer.Option(help="The sweep folder.")],
+                    Path("runs/sweep"),
+                ),
+                _flag("quiet", "No progress bars or per-eval lines."),
             ]
         ),
     )

@@ -713,8 +713,12 @@ def run_tune(
     overwrite: bool = False,
     log: Callable[[str], None] | None = None,
     on_step: Callable[[Progress, int], None] | None = None,
+    on_validation: Callable[[dict[str, float]], None] | None = None,
 ) -> dict[str, Any]:
-    """Run the tune job; returns the summary (``{"interrupted": True, ...}`` after Ctrl-C)."""
+    """Run the tune job; returns the summary (``{"interrupted": True, ...}`` after Ctrl-C).
+
+    ``on_validation`` sees each validation row (step, epoch, val_<metric>...) once it is saved;
+    an exception it raises (a sweep's pruning) ends the run there, checkpoint kept."""
     from leantune.report import write_heatmap, write_report
 
     wall = time.perf_counter()
@@ -780,6 +784,8 @@ def run_tune(
         say(f"step {int(row['step'])} (epoch {row['epoch']:g}): {shown}")
         # Rewritten whole from the loop's history, so a resumed run's file stays complete.
         atomic_write(run / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+        if on_validation is not None:
+            on_validation(row)
 
     train_config = TrainConfig(
         epochs=config.epochs,

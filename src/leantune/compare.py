@@ -1,0 +1,335 @@
+"""``leantune compare``: several strategies on one task, one ordinary run folder each.
+
+A *strategy* is a name and the TuneConfig options that make it (``{"method": "bitfit"}``); the
+options every strategy shares (model, data, split, seed, epochs...) are the *common* options. The
+compare folder holds ``setup.json`` (the common options and the data's fingerprint), one run
+folder per strategy, ``comparison.json``/``comparison.md`` (the table), two Pareto plots and
+``report.html``. Finished runs (a ``summary.json``) are read back, not redone; an interrupted run
+continues from its checkpoint; a folder made for other common options or data is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from leantune.errors import LeantuneError
+
+SETUP = "setup.json"
+TABLE_JSON = "comparison.json"
+TABLE_MD = "comparison.md"
+
+BUILTIN: dict[str, dict[str, Any]] = {
+    "full": {"method": "full"},
+    "head": {"method": "head"},
+    "bitfit": {"method": "bitfit", "layers": "all"},
+    "layernorm": {"method": "layernorm", "layers": "all"},
+    "lora-qv": {"targets": "query,value", "layers": "all"},
+    "lora-all": {"targets": "all-linear", "layers": "all"},
+    "dora": {"targets": "all-linear", "layers": "all", "dora": True},
+}
+"""Named strategies; ``auto-<budget>`` (auto-0.3%, auto-68000) is a Plan at that budget."""
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {
+        "strategies": [
+            "full",
+            "head",
+            "bitfit",
+            "lora-qv",
+            "lora-all",
+            "dora",
+            "auto-0.1%",
+            "auto-0.3%",
+            "auto-1%",
+        ],
+        # Nine runs in about half an hour on 2 CPU cores: a stratified sample of the training
+        # split (validation and test stay whole) and a smaller knowledge-kept sample.
+        "common": {"train_examples": 500, "reference_examples": 128},
+    },
+    "lora": {
+        "strategies": ["lora-qv", "lora-all", "dora", "auto-0.3%", "auto-1%"],
+        "common": {},
+    },
+}
+
+_AUTO = re.compile(r"auto-(\d+(?:\.\d+)?%?)$")
+_RESERVED = {SETUP, TABLE_JSON, TABLE_MD}
+
+
+@dataclass
+class Strategy:
+    name: str
+    options: dict[str, Any]
+
+
+def builtin_strategy(name: str) -> Strategy:
+    """A named strategy: one of BUILTIN or auto-<budget>."""
+    if name in BUILTIN:
+        return Strategy(name, dict(BUILTIN[name]))
+    match = _AUTO.match(name)
+    if match:
+        return Strategy(name, {"select": "auto", "budget": match.group(1)})
+    known = ", ".join([*BUILTIN, "auto-<budget> (auto-0.3%, auto-68000)"])
+    raise LeantuneError(f"unknown strategy {name!r}; use one of {known}, or a mapping with a name")
+
+
+def parse_strategies(items: Any, where: str = "strategies") -> list[Strategy]:
+    """Names and ``{name: ..., <option>: ...}`` mappings (``use: <name>`` starts from a named one)."""
+    from leantune.tune import TuneConfig
+
+    if not isinstance(items, list) or not items:
+        raise LeantuneError(f"{where}: give a non-empty list of strategies")
+    known = {f.name for f in fields(TuneConfig)}
+    out: list[Strategy] = []
+    for item in items:
+        if isinstance(item, str):
+            out.append(builtin_strategy(item))
+            continue
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise LeantuneError(f"{where}: each strategy is a name or a mapping with a 'name' key")
+        options = {k: v for k, v in item.items() if k not in ("name", "use")}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise LeantuneError(
+                f"{where}: strategy {item['name']!r}: unknown option {unknown[0]!r}"
+            )
+        base = builtin_strategy(item["use"]).options if "use" in item else {}
+        out.append(Strategy(item["name"], base | options))
+    names = [s.name for s in out]
+    for s in out:
+        if not s.name or Path(s.name).name != s.name or s.name in _RESERVED:
+            raise LeantuneError(f"{where}: strategy name {s.name!r} must be a plain folder name")
+        if names.count(s.name) > 1:
+            raise LeantuneError(f"{where}: strategy {s.name!r} appears twice")
+    return out
+
+
+def load_strategies(spec: str) -> tuple[list[Strategy], dict[str, Any]]:
+    """A preset name or a YAML file: a list of strategies, or {strategies: [...], common: {...}}."""
+    if spec in PRESETS:
+        preset = PRESETS[spec]
+        return parse_strategies(preset["strategies"], spec), dict(preset["common"])
+    path = Path(spec)
+    if not path.exists():
+        raise LeantuneError(
+            f"--strategies {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a YAML file"
+        )
+    try:
+        values = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise LeantuneError(f"cannot read strategies {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise LeantuneError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    common: dict[str, Any] = {}
+    if isinstance(values, dict):
+        extra = sorted(set(values) - {"strategies", "common"})
+        if extra:
+            raise LeantuneError(f"{path}: unknown key {extra[0]!r}; use strategies and common")
+        common = values.get("common") or {}
+        if not isinstance(common, dict):
+            raise LeantuneError(f"{path}: common must be a mapping of option: value")
+        values = values.get("strategies")
+    return parse_strategies(values, str(path)), common
+
+
+def data_fingerprint(config: Any) -> dict[str, str]:
+    """sha256 of each data file (a folder: its file names and sizes); 'embedded' for BBC."""
+    out = {}
+    for key in ("data", "eval_data", "test_data"):
+        value = getattr(config, key)
+        if value is None:
+            out[key] = "embedded BBC News" if key == "data" else "split of data"
+            continue
+        path = Path(value)
+        digest = hashlib.sha256()
+        if path.is_dir():
+            for f in sorted(p for p in path.rglob("*") if p.is_file()):
+                digest.update(f"{f.relative_to(path)}:{f.stat().st_size}\n".encode())
+        elif path.is_file():
+            with path.open("rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
+        else:
+            raise LeantuneError(f"--{key.replace('_', '-')} {value} does not exist")
+        out[key] = digest.hexdigest()
+    return out
+
+
+def check_setup(folder: Path, setup: dict[str, Any], what: str) -> None:
+    """Write setup.json into a new folder; refuse a folder whose setup.json differs."""
+    from leantune.tune import atomic_write
+
+    path = folder / SETUP
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old != setup:
+            diff = sorted(_differences(old, setup))
+            raise LeantuneError(
+                f"{folder} was made for another {what} ({', '.join(diff)} differ); "
+                "use a new folder or the same options"
+            )
+        return
+    if folder.exists() and any(folder.iterdir()):
+        raise LeantuneError(f"{folder} exists and is not a leantune {what} folder; use a new one")
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, json.dumps(setup, indent=1, sort_keys=True) + "\n")
+
+
+def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """Keys whose values differ; inside common options, the option names."""
+    out = []
+    for key in set(old) | set(new):
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        if key == "common" and isinstance(a, dict) and isinstance(b, dict):
+            out += [k for k in set(a) | set(b) if a.get(k) != b.get(k)]
+        else:
+            out.append(key)
+    return out
+
+
+ROW_KEYS = (
+    "trainable_params",
+    "trainable_percent",
+    "adapter_bytes",
+    "train_seconds",
+    "peak_memory_mb",
+    "knowledge_cosine",
+    "knowledge_knn_overlap",
+)
+
+
+def table_row(name: str, summary: Mapping[str, Any], metric: str) -> dict[str, Any]:
+    row = {"strategy": name, f"test_{metric}": summary.get(f"test_{metric}")}
+    return row | {k: summary.get(k) for k in ROW_KEYS}
+
+
+def pareto(rows: Sequence[Mapping[str, Any]], cost: str, metric: str, higher: bool) -> list[str]:
+    """Names on the front: no other row is at most as costly and strictly better, or cheaper
+    and at least as good."""
+    sign = 1 if higher else -1
+    ok = [r for r in rows if r.get(cost) is not None and r.get(metric) is not None]
+    front = []
+    for r in ok:
+        dominated = any(
+            o is not r
+            and o[cost] <= r[cost]
+            and sign * o[metric] >= sign * r[metric]
+            and (o[cost] < r[cost] or sign * o[metric] > sign * r[metric])
+            for o in ok
+        )
+        if not dominated:
+            front.append(r["strategy"])
+    return front
+
+
+def recommend(rows: Sequence[Mapping[str, Any]], metric: str, higher: bool, slack: float) -> str:
+    """The strategy with the fewest trainable parameters within ``slack`` of the best metric."""
+    key = f"test_{metric}"
+    ok = [r for r in rows if r.get(key) is not None]
+    if not ok:
+        return "no strategy finished"
+    sign = 1 if higher else -1
+    best = max(ok, key=lambda r: sign * r[key])
+    near = [r for r in ok if sign * (best[key] - r[key]) <= slack]
+    pick = min(near, key=lambda r: (r["trainable_params"], -sign * r[key]))
+    if pick is best:
+        return f"{best['strategy']}: best {metric} ({best[key]:.4f})"
+    return (
+        f"{pick['strategy']}: {metric} {pick[key]:.4f}, within {slack:g} of the best "
+        f"({best['strategy']}, {best[key]:.4f}) with {pick['trainable_params']:,} instead of "
+        f"{best['trainable_params']:,} trainable parameters"
+    )
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]], metric: str) -> str:
+    head = (
+        f"| strategy | test {metric} | trainable % | adapter MB | train s | peak MB | "
+        "knowledge cosine | 10-NN overlap |"
+    )
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
+
+    def num(value: Any, fmt: str) -> str:
+        return "-" if value is None else format(value, fmt)
+
+    for r in rows:
+        lines.append(
+            f"| {r['strategy']} | {num(r.get(f'test_{metric}'), '.4f')} | "
+            f"{num(r.get('trainable_percent'), '.3f')} | "
+            f"{num(None if r.get('adapter_bytes') is None else r['adapter_bytes'] / 1e6, '.2f')} | "
+            f"{num(r.get('train_seconds'), '.0f')} | {num(r.get('peak_memory_mb'), ',.0f')} | "
+            f"{num(r.get('knowledge_cosine'), '.3f')} | {num(r.get('knowledge_knn_overlap'), '.3f')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def run_compare(
+    strategies: Sequence[Strategy],
+    common: Mapping[str, Any],
+    out: Path,
+    *,
+    slack: float = 0.005,
+    log: Callable[[str], None] | None = None,
+    runner: Callable[..., dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Run each strategy into ``out/<name>/`` (finished ones are read back), then write the
+    table, the Pareto plots and report.html. Returns {"rows", "recommendation", ...}."""
+    from leantune.report import write_compare_report
+    from leantune.tune import atomic_write, make_config, run_tune
+
+    say = log or (lambda s: None)
+    run = runner or run_tune
+    out = Path(out)
+    configs = []
+    for s in strategies:  # every strategy's config is checked before anything runs
+        values = dict(common) | s.options | {"name": s.name, "runs_dir": str(out)}
+        try:
+            configs.append(make_config(values).resolved())
+        except LeantuneError as e:
+            raise LeantuneError(f"strategy {s.name!r}: {e}") from None
+    base = make_config(dict(common)).resolved()
+    setup = {
+        "common": {k: v for k, v in asdict(base).items() if k not in ("name", "runs_dir")},
+        "data_sha256": data_fingerprint(base),
+    }
+    check_setup(out, setup, "comparison")
+    metric = str(base.metric)
+    higher = metric not in ("perplexity", "loss")
+    rows = []
+    for i, (s, cfg) in enumerate(zip(strategies, configs, strict=True), 1):
+        folder = out / s.name
+        done = folder / "summary.json"
+        if done.exists():
+            say(f"[{i}/{len(strategies)}] {s.name}: finished earlier, read back")
+            summary = json.loads(done.read_text())
+        else:
+            resume = (folder / "config.yaml").exists()
+            say(f"[{i}/{len(strategies)}] {s.name}: " + ("resuming" if resume else "running"))
+            summary = run(cfg, resume=resume, overwrite=False)
+            if summary.get("interrupted"):
+                return {"interrupted": True, "strategy": s.name, "out": str(out)}
+        rows.append(table_row(s.name, summary, metric))
+    fronts = {
+        cost: pareto(rows, cost, f"test_{metric}", higher)
+        for cost in ("trainable_params", "train_seconds")
+    }
+    result = {
+        "metric": metric,
+        "rows": rows,
+        "pareto": fronts,
+        "recommendation": recommend(rows, metric, higher, slack),
+    }
+    atomic_write(out / TABLE_JSON, json.dumps(result, indent=1) + "\n")
+    atomic_write(out / TABLE_MD, markdown_table(rows, metric))
+    write_compare_report(out, result)
+    result["out"] = str(out)
+    return result

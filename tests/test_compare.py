@@ -1,0 +1,196 @@
+"""leantune compare on a tiny saved BERT: run folders, table, Pareto plots, report, resume,
+and bad input."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from conftest import tiny_model_folder, topic_rows, write_rows
+from leantune.cli import app
+from leantune.compare import (
+    builtin_strategy,
+    load_strategies,
+    pareto,
+    parse_strategies,
+    recommend,
+    run_compare,
+)
+from leantune.errors import LeantuneError
+from leantune.tune import run_tune
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_model_folder(tmp_path_factory.mktemp("models") / "tiny-bert")
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_rows(tmp_path_factory.mktemp("data") / "topics.jsonl", topic_rows(60))
+
+
+def common(bert_dir: Path, data_file: Path) -> dict[str, Any]:
+    return {
+        "model": str(bert_dir),
+        "data": str(data_file),
+        "batch_size": 8,
+        "epochs": 2,
+        "reference_examples": 0,
+    }
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    res = CliRunner().invoke(app, list(args))
+    return subprocess.CompletedProcess(list(args), res.exit_code, res.stdout, res.stderr)
+
+
+def images_of(html: str) -> list[str]:
+    return re.findall(r'<img src="([^"]+)"', html)
+
+
+def test_compare_writes_runs_table_plots_and_resumes(
+    tmp_path: Path, bert_dir: Path, data_file: Path
+) -> None:
+    strategies = parse_strategies(
+        ["head", "bitfit", {"name": "lora-r2", "use": "lora-qv", "r": 2, "lr": 5e-3}]
+    )
+    calls: list[tuple[str, bool]] = []
+
+    def runner(cfg: Any, **kw: Any) -> dict[str, Any]:
+        calls.append((cfg.name, kw["resume"]))
+        return run_tune(cfg, **kw)
+
+    out = tmp_path / "cmp"
+    result = run_compare(strategies, common(bert_dir, data_file), out, runner=runner)
+    assert calls == [("head", False), ("bitfit", False), ("lora-r2", False)]
+    names = [r["strategy"] for r in result["rows"]]
+    assert names == ["head", "bitfit", "lora-r2"]
+    for r in result["rows"]:
+        summary = json.loads((out / r["strategy"] / "summary.json").read_text())
+        assert r["test_accuracy"] == summary["test_accuracy"]
+        assert r["trainable_params"] == summary["trainable_params"]
+    # head-only trains the fewest parameters, so nothing can dominate it on that axis.
+    params = {r["strategy"]: r["trainable_params"] for r in result["rows"]}
+    assert min(params, key=params.__getitem__) == "head"
+    assert "head" in result["pareto"]["trainable_params"]
+    md = (out / "comparison.md").read_text()
+    assert all(f"| {n} |" in md for n in names)
+    html = (out / "report.html").read_text()
+    shown = images_of(html)
+    assert set(shown) == {"pareto_params.png", "pareto_time.png"}
+    for name in shown:
+        with Image.open(out / name) as im:
+            im.load()
+            assert im.size[0] > 100
+    for n in names:  # each strategy's own report is linked
+        assert f'href="{n}/report.html"' in html
+
+    # Again with one more strategy: the three finished runs are read back, only the new one runs.
+    calls.clear()
+    more = [*strategies, builtin_strategy("lora-all")]
+    again = run_compare(more, common(bert_dir, data_file), out, runner=runner)
+    assert calls == [("lora-all", False)]
+    assert again["rows"][:3] == result["rows"]
+
+
+def test_unfinished_run_is_resumed_not_restarted(
+    tmp_path: Path, bert_dir: Path, data_file: Path
+) -> None:
+    out = tmp_path / "cmp"
+    seen: list[bool] = []
+
+    def runner(cfg: Any, **kw: Any) -> dict[str, Any]:
+        seen.append(kw["resume"])
+        (out / "head").mkdir(exist_ok=True)
+        (out / "head" / "config.yaml").write_text("method: head\n")  # as a started run leaves
+        return {"interrupted": True, "step": 1, "run": str(out / "head")}
+
+    for _ in range(2):
+        result = run_compare(
+            parse_strategies(["head"]), common(bert_dir, data_file), out, runner=runner
+        )
+    assert seen == [False, True]
+    assert result["interrupted"] and result["strategy"] == "head"
+    assert not (out / "comparison.json").exists()
+
+
+def test_folder_made_for_other_data_is_refused(
+    tmp_path: Path, bert_dir: Path, data_file: Path
+) -> None:
+    out = tmp_path / "cmp"
+    data = write_rows(tmp_path / "mine.jsonl", topic_rows(60))
+
+    def runner(cfg: Any, **kw: Any) -> dict[str, Any]:
+        return {"interrupted": True, "step": 0, "run": ""}
+
+    run_compare(parse_strategies(["head"]), common(bert_dir, data), out, runner=runner)
+    with pytest.raises(LeantuneError, match=r"made for another comparison \(epochs differ\)"):
+        run_compare(
+            parse_strategies(["head"]), common(bert_dir, data) | {"epochs": 3}, out, runner=runner
+        )
+    write_rows(data, topic_rows(60, seed=5))  # same file name, other rows
+    with pytest.raises(LeantuneError, match=r"another comparison \(data_sha256 differ\)"):
+        run_compare(parse_strategies(["head"]), common(bert_dir, data), out, runner=runner)
+
+
+def test_pareto_front_and_recommendation() -> None:
+    rows = [
+        {"strategy": "full", "trainable_params": 1000, "test_accuracy": 0.95, "train_seconds": 9},
+        {"strategy": "lora", "trainable_params": 50, "test_accuracy": 0.948, "train_seconds": 5},
+        {"strategy": "worse", "trainable_params": 60, "test_accuracy": 0.90, "train_seconds": 4},
+        {"strategy": "head", "trainable_params": 5, "test_accuracy": 0.70, "train_seconds": 3},
+    ]
+    assert pareto(rows, "trainable_params", "test_accuracy", True) == ["full", "lora", "head"]
+    assert pareto(rows, "train_seconds", "test_accuracy", True) == [
+        "full",
+        "lora",
+        "worse",
+        "head",
+    ]
+    assert recommend(rows, "accuracy", True, 0.005).startswith("lora: accuracy 0.9480, within")
+    assert recommend(rows, "accuracy", True, 0.0).startswith("full: best accuracy")
+    # Lower is better for perplexity: the front flips.
+    ppl = [{**r, "test_perplexity": 1 / r["test_accuracy"]} for r in rows]
+    assert pareto(ppl, "trainable_params", "test_perplexity", False) == ["full", "lora", "head"]
+
+
+def test_strategy_lists_and_bad_input(tmp_path: Path) -> None:
+    assert builtin_strategy("auto-0.3%").options == {"select": "auto", "budget": "0.3%"}
+    strategies, common_opts = load_strategies("default")
+    assert [s.name for s in strategies][:2] == ["full", "head"]
+    assert "train_examples" in common_opts
+    with pytest.raises(LeantuneError, match="unknown strategy 'lora-xyz'"):
+        parse_strategies(["lora-xyz"])
+    with pytest.raises(LeantuneError, match="unknown option 'rank'"):
+        parse_strategies([{"name": "x", "rank": 4}])
+    with pytest.raises(LeantuneError, match="appears twice"):
+        parse_strategies(["head", "head"])
+    with pytest.raises(LeantuneError, match="plain folder name"):
+        parse_strategies([{"name": "../x", "method": "head"}])
+    spec = tmp_path / "s.yaml"
+    spec.write_text("strategies: [head, {name: small, use: lora-qv, r: 2}]\ncommon: {epochs: 1}\n")
+    strategies, common_opts = load_strategies(str(spec))
+    assert strategies[1].options == {"targets": "query,value", "layers": "all", "r": 2}
+    assert common_opts == {"epochs": 1}
+
+
+def test_cli_unknown_strategy_is_one_line(tmp_path: Path) -> None:
+    spec = tmp_path / "s.yaml"
+    spec.write_text("[head, lora-xyz]\n")
+    res = cli("compare", "--strategies", str(spec), "--out", str(tmp_path / "c"))
+    assert res.returncode == 2
+    assert res.stderr.startswith("leantune: unknown strategy 'lora-xyz'")
+    assert res.stderr.count("\n") == 1
+    assert not (tmp_path / "c").exists()
+    res = cli("compare", "--strategies", "nope", "--out", str(tmp_path / "c"))
+    assert res.returncode == 2 and "neither a preset" in res.stderr
+    res = cli("compare", "--name", "x", "--out", str(tmp_path / "c"))
+    assert res.returncode == 2 and "drop --name" in res.stderr
