@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml
 	@# Reference text for "knowledge kept" (optional: runs skip the measurement without it).
 	@test -d /usr/share/games/fortunes || timeout 300 apt-get install -y -q fortunes-min >/dev/null 2>&1 \
 		|| echo "note: fortunes-min not installed; knowledge kept needs --reference-text"
+	@# Headless Chromium for the report render test (skipped without it).
+	@command -v chromium >/dev/null || timeout 300 apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 \
+		|| echo "note: chromium not installed; the browser test of the reports will be skipped"
 	touch $(STAMP)
 
 test: install lint
