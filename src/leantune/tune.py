@@ -58,6 +58,7 @@ from leantune.methods.lora import LoraConfig
 from leantune.models import TASKS, load_model, load_tokenizer, max_positions, model_dir, num_layers
 from leantune.plan import Plan, allocate, parse_budget, parse_methods
 from leantune.select import SPARSE_CHUNK, Scores, score
+from leantune.track import Tracker, check_backends, parse_track
 from leantune.train.loop import Progress, TrainConfig, train, trainable_parameters
 from leantune.train.prefix import PrefixCache
 from leantune.train.regularize import Penalty, find_changes, fisher_diagonal
@@ -190,6 +191,9 @@ class TuneConfig:
     """Seed for the split, initialisation, batches and dropout."""
     device: str = "auto"
     """auto (CUDA when present), cpu, cuda or cuda:N."""
+    track: str | None = None
+    """Experiment tracking, off by default: tensorboard (<run>/tensorboard), mlflow (local
+    SQLite store <runs_dir>/mlflow.db) or tensorboard,mlflow; each an optional extra of leantune."""
 
     def __post_init__(self) -> None:
         choices = {"task": TASKS, "method": METHODS, "init": ("standard", "gaussian", "pissa")}
@@ -233,6 +237,7 @@ class TuneConfig:
             raise LeantuneError("--train-examples must be positive")
         if self.reference_examples < 0:
             raise LeantuneError("--reference-examples must be 0 (off) or more")
+        parse_track(self.track)
 
     def fractions(self) -> tuple[float, float, float]:
         try:
@@ -759,6 +764,7 @@ def run_tune(
         else None
     )
     penalty = make_penalty(model, config, prep)
+    check_backends(config.track)
     if overwrite and run.exists():
         shutil.rmtree(run)
     run.mkdir(parents=True, exist_ok=True)
@@ -775,6 +781,7 @@ def run_tune(
             f"{prep.scores.seconds:.1f} s on {prep.scores.examples} examples"
         )
     state = run / STATE
+    tracker = Tracker(config.track, run, asdict(config))
 
     def on_best(m: nn.Module, row: dict[str, float]) -> None:
         save_tensors(unique_tensors(named), state / "best.safetensors")
@@ -784,6 +791,7 @@ def run_tune(
         say(f"step {int(row['step'])} (epoch {row['epoch']:g}): {shown}")
         # Rewritten whole from the loop's history, so a resumed run's file stays complete.
         atomic_write(run / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+        tracker.log(row, int(row["step"]))
         if on_validation is not None:
             on_validation(row)
 
@@ -837,10 +845,14 @@ def run_tune(
             unfreeze=unfreezer.apply if unfreezer is not None else None,
             penalty=penalty if penalty else None,
         )
+    except BaseException:
+        tracker.close("FAILED")
+        raise
     finally:
         if unfreezer is not None:
             unfreezer.release()
     if result.interrupted:
+        tracker.close("KILLED")
         return {"interrupted": True, "step": result.steps, "run": str(run)}
     load_into(model, load_file(str(state / "best.safetensors")), state / "best.safetensors")
     saved = save_trained(model, run, config)
@@ -883,6 +895,8 @@ def run_tune(
             prep.scores.seconds / (time.perf_counter() - wall), 4
         )
     atomic_write(run / "summary.json", json.dumps(summary, indent=2) + "\n")
+    tracker.log({f"final/{k}": v for k, v in summary.items()}, result.steps)
+    tracker.close()
     write_report(
         run,
         summary,
