@@ -59,6 +59,7 @@ from leantune.models import TASKS, load_model, load_tokenizer, max_positions, mo
 from leantune.plan import Plan, allocate, parse_budget, parse_methods
 from leantune.select import SPARSE_CHUNK, Scores, score
 from leantune.track import Tracker, check_backends, parse_track
+from leantune.train.adapt import RankPruner
 from leantune.train.loop import Progress, TrainConfig, train, trainable_parameters
 from leantune.train.prefix import PrefixCache
 from leantune.train.regularize import Penalty, find_changes, fisher_diagonal
@@ -191,6 +192,11 @@ class TuneConfig:
     """Seed for the split, initialisation, batches and dropout."""
     device: str = "auto"
     """auto (CUDA when present), cpu, cuda or cuda:N."""
+    adapt: float = 1.0
+    """Adaptive budget (AdaLoRA-style): LoRA starts at this multiple of its ranks and prunes
+    rank components by smoothed |w·grad| importance, cubically from the end of warmup to 70%
+    of the steps, down to the parameter count it started from; the adapter is saved at that
+    size with uneven ranks (1: off)."""
     track: str | None = None
     """Experiment tracking, off by default: tensorboard (<run>/tensorboard), mlflow (local
     SQLite store <runs_dir>/mlflow.db) or tensorboard,mlflow; each an optional extra of leantune."""
@@ -238,6 +244,12 @@ class TuneConfig:
         if self.reference_examples < 0:
             raise LeantuneError("--reference-examples must be 0 (off) or more")
         parse_track(self.track)
+        if self.adapt < 1:
+            raise LeantuneError(f"--adapt must be 1 (off) or more, got {self.adapt}")
+        if self.adapt > 1 and (self.method != "lora" or self.dora or self.init == "pissa"):
+            raise LeantuneError("--adapt prunes plain LoRA ranks; use it with --method lora")
+        if self.adapt > 1 and "lora" not in parse_methods(self.plan_methods) and self.select:
+            raise LeantuneError("--adapt prunes LoRA ranks; --plan-methods must include lora")
 
     def fractions(self) -> tuple[float, float, float]:
         try:
@@ -737,6 +749,20 @@ def run_tune(
     else:
         prep = prepare(config)
     model = prep.model
+    total_steps = math.ceil(len(prep.batches(0)) / config.grad_accum) * config.epochs
+    pruner = None
+    if config.adapt > 1:
+        pruner = RankPruner(
+            model,
+            config.adapt,
+            total_steps,
+            start=round(total_steps * config.warmup_ratio),
+            end=round(total_steps * 0.7),
+        )
+        say(
+            f"adaptive budget: LoRA grown to {pruner.initial:,} parameters, pruned to "
+            f"{pruner.target:,} by step {pruner.end}"
+        )
     texts, source = (
         reference_texts(config.reference_text, config.reference_examples, config.seed)
         if config.reference_examples
@@ -757,7 +783,6 @@ def run_tune(
         layer_decay=config.layer_decay,
         loraplus_ratio=config.loraplus_ratio,
     )
-    total_steps = math.ceil(len(prep.batches(0)) / config.grad_accum) * config.epochs
     unfreezer = (
         Unfreezer(named, n_layers, config.unfreeze_every, total_steps)
         if config.unfreeze_every
@@ -783,8 +808,14 @@ def run_tune(
     state = run / STATE
     tracker = Tracker(config.track, run, asdict(config))
 
+    saved_best: dict[str, float] = {}
+
     def on_best(m: nn.Module, row: dict[str, float]) -> None:
+        if pruner is not None and not pruner.done:
+            return  # a best checkpoint must be at the target size
         save_tensors(unique_tensors(named), state / "best.safetensors")
+        saved_best.clear()
+        saved_best.update(row)
 
     def on_eval(row: dict[str, float], history: list[dict[str, float]]) -> None:
         shown = {k: round(v, 4) for k, v in row.items() if k.startswith("val_")}
@@ -844,6 +875,8 @@ def run_tune(
             lr_scales=scales,
             unfreeze=unfreezer.apply if unfreezer is not None else None,
             penalty=penalty if penalty else None,
+            on_grads=pruner.observe if pruner is not None else None,
+            after_step=pruner.after_step if pruner is not None else None,
         )
     except BaseException:
         tracker.close("FAILED")
@@ -854,10 +887,23 @@ def run_tune(
     if result.interrupted:
         tracker.close("KILLED")
         return {"interrupted": True, "step": result.steps, "run": str(run)}
+    best = result.best or {}
+    if pruner is not None:
+        if not saved_best:  # no validation after pruning ended: the final weights
+            save_tensors(unique_tensors(named), state / "best.safetensors")
+            saved_best.update(result.history[-1] if result.history else {})
+        best = saved_best
     load_into(model, load_file(str(state / "best.safetensors")), state / "best.safetensors")
+    adapt_info: dict[str, Any] = {}
+    if pruner is not None:
+        ranks = pruner.finalize()
+        adapt_info = {
+            "adapt_start_params": report.trainable,
+            "adapt_ranks": ranks,
+        }
+        report = parameter_report(model)
     saved = save_trained(model, run, config)
     test = prep.evaluate(prep.test)
-    best = result.best or {}
     summary: dict[str, Any] = {
         "run": str(run),
         "model": str(model_dir(config.model)),
@@ -878,6 +924,7 @@ def run_tune(
         "val_examples": len(prep.val),
         "test_examples": len(prep.test),
         "device": str(prep.device),
+        **adapt_info,
     }
     key = "perplexity" if config.causal else "accuracy"
     summary[f"test_{key}_before"] = task_before[key]

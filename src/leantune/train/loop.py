@@ -245,6 +245,8 @@ def train(
     lr_scales: Mapping[str, float] | None = None,
     unfreeze: Callable[[int], Any] | None = None,
     penalty: Callable[[nn.Module], dict[str, torch.Tensor]] | None = None,
+    on_grads: Callable[[int], None] | None = None,
+    after_step: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Train ``model``'s trainable parameters.
 
@@ -256,7 +258,9 @@ def train(
     replaces ``model(**batch)`` (the frozen-prefix cache uses it). ``lr_scales`` multiplies the
     rate per parameter name; ``unfreeze(step)`` runs before each optimizer step (gradual
     unfreezing); ``penalty(model)`` returns named regularization terms (already weighted) added
-    to each batch's loss and logged apart from it.
+    to each batch's loss and logged apart from it. ``on_grads(step)`` sees the clipped gradients
+    before each optimizer step and ``after_step(step)`` runs right after it (the adaptive
+    budget's importance and masks).
     """
     from leantune.train.schedule import lr_lambda
 
@@ -345,10 +349,14 @@ def train(
                     continue
                 if config.max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                if on_grads is not None:
+                    on_grads(p.step + 1)
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
                 p.step += 1
+                if after_step is not None:
+                    after_step(p.step)
                 p.loss_sum += step_loss
                 p.loss_count += step_batches
                 p.curve.append((p.step, step_loss / step_batches))
