@@ -183,3 +183,15 @@ def tiny_model_folder(path: Path, kind: str = "bert") -> Path:
     model.save_pretrained(path)  # type: ignore[operator]
     tok.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved tiny BERT with its tokenizer, shared by a test module."""
+    return tiny_model_folder(tmp_path_factory.mktemp("models") / "tiny-bert")
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """60 labelled topic rows as JSON Lines."""
+    return write_rows(tmp_path_factory.mktemp("data") / "topics.jsonl", topic_rows(60))

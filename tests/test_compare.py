@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import tiny_model_folder, topic_rows, write_rows
+from conftest import topic_rows, write_rows
 from leantune.cli import app
 from leantune.compare import (
     builtin_strategy,
@@ -25,16 +25,6 @@ from leantune.compare import (
 )
 from leantune.errors import LeantuneError
 from leantune.tune import run_tune
-
-
-@pytest.fixture(scope="module")
-def bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_model_folder(tmp_path_factory.mktemp("models") / "tiny-bert")
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_rows(tmp_path_factory.mktemp("data") / "topics.jsonl", topic_rows(60))
 
 
 def common(bert_dir: Path, data_file: Path) -> dict[str, Any]:

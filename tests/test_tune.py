@@ -22,16 +22,6 @@ from leantune.train.loop import Progress
 from leantune.tune import TuneConfig, read_config, run_tune
 
 
-@pytest.fixture(scope="module")
-def bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_model_folder(tmp_path_factory.mktemp("models") / "tiny-bert")
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_rows(tmp_path_factory.mktemp("data") / "topics.jsonl", topic_rows(60))
-
-
 def config(tmp_path: Path, bert_dir: Path, data_file: Path, **kw: object) -> TuneConfig:
     values: dict[str, object] = {
         "model": str(bert_dir),

@@ -18,8 +18,6 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from leantune.errors import LeantuneError
 
 SETUP = "setup.json"
@@ -114,6 +112,8 @@ def parse_strategies(items: Any, where: str = "strategies") -> list[Strategy]:
 
 def load_strategies(spec: str) -> tuple[list[Strategy], dict[str, Any]]:
     """A preset name or a YAML file: a list of strategies, or {strategies: [...], common: {...}}."""
+    from leantune.tune import read_yaml
+
     if spec in PRESETS:
         preset = PRESETS[spec]
         return parse_strategies(preset["strategies"], spec), dict(preset["common"])
@@ -122,12 +122,7 @@ def load_strategies(spec: str) -> tuple[list[Strategy], dict[str, Any]]:
         raise LeantuneError(
             f"--strategies {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a YAML file"
         )
-    try:
-        values = yaml.safe_load(path.read_text())
-    except OSError as e:
-        raise LeantuneError(f"cannot read strategies {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise LeantuneError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    values = read_yaml(path, "strategies")
     common: dict[str, Any] = {}
     if isinstance(values, dict):
         extra = sorted(set(values) - {"strategies", "common"})

@@ -431,16 +431,6 @@ def _render_html(
     title = "leantune report" + (f": {subtitle}" if subtitle else "")
 
     parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en">',
-        "<head>",
-        '<meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{_e(title)}</title>",
-        f"<style>{_CSS}</style>",
-        "</head>",
-        "<body>",
-        f"<h1>{_e(title)}</h1>",
         f'<p class="muted">run folder: {_e(run_dir.name)}</p>',
         _headline(summary),
         "<h2>Loss</h2>",
@@ -470,8 +460,7 @@ def _render_html(
         parts += ["<h2>Evaluations</h2>", _history_table(history)]
     if config is not None:
         parts += ["<h2>Configuration</h2>", _key_value_table(config)]
-    parts += ["</body>", "</html>", ""]
-    return "\n".join(parts)
+    return _page(title, parts)
 
 
 def write_heatmap(

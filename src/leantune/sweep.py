@@ -24,8 +24,6 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from leantune.compare import check_setup, data_fingerprint
 from leantune.errors import LeantuneError
 
@@ -81,13 +79,9 @@ def check_space(space: Any, where: str = "space") -> dict[str, dict[str, Any]]:
 def read_space(path: Path | None) -> dict[str, dict[str, Any]]:
     if path is None:
         return DEFAULT_SPACE
-    try:
-        values = yaml.safe_load(Path(path).read_text())
-    except OSError as e:
-        raise LeantuneError(f"cannot read search space {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise LeantuneError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    return check_space(values, str(path))
+    from leantune.tune import read_yaml
+
+    return check_space(read_yaml(path, "search space"), str(path))
 
 
 def suggest(trial: Any, space: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:

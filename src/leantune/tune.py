@@ -302,14 +302,19 @@ def option_docs() -> dict[str, str]:
     return lora | field_docs(TuneConfig)
 
 
-def read_config(path: Path) -> dict[str, Any]:
-    """A YAML mapping of TuneConfig fields; unknown keys are refused by name."""
+def read_yaml(path: Path, what: str) -> Any:
+    """A YAML file's contents; unreadable or invalid files are one clear error."""
     try:
-        values = yaml.safe_load(path.read_text())
+        return yaml.safe_load(Path(path).read_text())
     except OSError as e:
-        raise LeantuneError(f"cannot read config {path}: {e.strerror}") from None
+        raise LeantuneError(f"cannot read {what} {path}: {e.strerror}") from None
     except yaml.YAMLError as e:
         raise LeantuneError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """A YAML mapping of TuneConfig fields; unknown keys are refused by name."""
+    values = read_yaml(path, "config")
     if values is None:
         return {}
     if not isinstance(values, dict):
