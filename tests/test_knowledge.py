@@ -11,9 +11,11 @@ from transformers import AutoTokenizer
 
 import leantune as lt
 from conftest import build, tiny_model_folder, topic_rows, write_rows
+from leantune.evaluate import Encoded
 from leantune.knowledge import (
     knn_overlap,
     knowledge_kept,
+    pooled_embeddings,
     prepare_reference,
     reference_texts,
     split_entries,
@@ -57,6 +59,18 @@ def test_kept_is_one_unchanged_and_falls_with_the_change(kind: str, tmp_path: Pa
         assert same["reference_perplexity_ratio"] == pytest.approx(1.0, abs=1e-6)
         assert large["reference_perplexity_ratio"] != pytest.approx(1.0, abs=1e-3)
     assert same["reference_texts"] == len(TEXTS)
+
+
+def test_pooled_rows_come_back_in_input_order(tmp_path: Path) -> None:
+    """Batches run sorted by length; each row must still be its own text's embedding."""
+    folder = tiny_model_folder(tmp_path / "bert")
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = build("bert").eval()
+    ids = tok(TEXTS)["input_ids"]
+    assert len({len(x) for x in ids}) > 2  # lengths differ, so sorting reorders
+    together = pooled_embeddings(model, Encoded(ids), tok.pad_token_id, batch_size=4)
+    alone = torch.cat([pooled_embeddings(model, Encoded([x]), tok.pad_token_id) for x in ids])
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
 
 
 def test_knn_overlap_counts_shared_neighbours() -> None:

@@ -99,15 +99,18 @@ def _inner(model: nn.Module) -> nn.Module:
 def pooled_embeddings(
     model: nn.Module, enc: Encoded, pad_id: int, batch_size: int = 64
 ) -> torch.Tensor:
-    """Mean-pooled last hidden states, one row per text (eval mode, float32, on CPU)."""
+    """Mean-pooled last hidden states, one row per text (eval mode, float32, on CPU).
+
+    Texts run in batches of similar length (less padding), rows come back in input order."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     body = _inner(model)
+    order = sorted(range(len(enc.ids)), key=lambda i: len(enc.ids[i]))
     rows = []
     try:
-        for i in range(0, len(enc.ids), batch_size):
-            batch = pad_batch(enc.ids[i : i + batch_size], pad_id)
+        for i in range(0, len(order), batch_size):
+            batch = pad_batch([enc.ids[j] for j in order[i : i + batch_size]], pad_id)
             batch = {k: v.to(device) for k, v in batch.items()}
             out: Any = body(**batch)
             hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
@@ -116,7 +119,8 @@ def pooled_embeddings(
             rows.append(((hidden * mask).sum(1) / mask.sum(1).clamp_min(1)).cpu())
     finally:
         model.train(was_training)
-    return torch.cat(rows)
+    pooled = torch.cat(rows)
+    return pooled[torch.argsort(torch.tensor(order))] if order else pooled
 
 
 def knn_overlap(before: torch.Tensor, after: torch.Tensor, k: int = 10) -> float:
