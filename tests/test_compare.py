@@ -24,7 +24,7 @@ from leantune.compare import (
     run_compare,
 )
 from leantune.errors import LeantuneError
-from leantune.tune import run_tune
+from leantune.tune import make_config, run_tune
 
 
 def common(bert_dir: Path, data_file: Path) -> dict[str, Any]:
@@ -170,6 +170,14 @@ def test_strategy_lists_and_bad_input(tmp_path: Path) -> None:
     strategies, common_opts = load_strategies(str(spec))
     assert strategies[1].options == {"targets": "query,value", "layers": "all", "r": 2}
     assert common_opts == {"epochs": 1}
+
+
+def test_the_documented_example_parses() -> None:
+    root = Path(__file__).parent.parent
+    strategies, common_opts = load_strategies(str(root / "docs/examples/strategies.yaml"))
+    assert len(strategies) == 8 and common_opts["epochs"] == 2
+    for s in strategies:  # each one is a valid tune configuration
+        make_config(common_opts | s.options).resolved()
 
 
 def test_cli_unknown_strategy_is_one_line(tmp_path: Path) -> None:

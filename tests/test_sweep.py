@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from conftest import tiny_model_folder, topic_rows, write_rows
 from leantune.cli import app
 from leantune.errors import LeantuneError
-from leantune.sweep import check_space, run_sweep
+from leantune.sweep import check_space, read_space, run_sweep
 from leantune.tune import make_config, read_config, run_tune
 
 SPACE = {"lr": {"low": 1e-4, "high": 1e-2, "log": True}, "r": {"choices": [2, 4, 8]}}
@@ -166,6 +166,11 @@ def test_bad_spaces_and_folders(tmp_path: Path) -> None:
         run_sweep({"data": str(other)}, SPACE, tmp_path / "sw", 1, runner=fake_runner(log))
     with pytest.raises(LeantuneError, match=r"space differ"):
         run_sweep({"data": str(data)}, {"r": {"choices": [2]}}, tmp_path / "sw", 1)
+
+
+def test_the_documented_space_parses() -> None:
+    space = read_space(Path(__file__).parent.parent / "docs/examples/space.yaml")
+    assert {"lr", "budget", "ewc"} <= set(space)
 
 
 def test_cli_bad_space_is_one_line(tmp_path: Path) -> None:
