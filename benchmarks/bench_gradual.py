@@ -99,8 +99,11 @@ def main() -> None:
     with ThreadPoolExecutor(args.jobs) as pool:
         list(pool.map(one, todo))
     rows = [r for r in rows if r["seed"] in args.seeds]
-    print("\n| recipe | data | test acc | embedding cosine | 10-NN overlap | train s |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "\n| recipe | data | test acc | embedding cosine | 10-NN overlap | train s "
+        "| knowledge s | knowledge share of wall | Δ test acc vs plain (paired) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for recipe in args.recipes:
         for size in args.sizes:
             rs = [r for r in rows if r["recipe"] == recipe and r["size"] == size]
@@ -113,6 +116,17 @@ def main() -> None:
                     cells.append(f"{values[0]:.4g}")
                 else:
                     cells.append(f"{statistics.mean(values):.4g} ± {statistics.stdev(values):.2g}")
+            plain = {
+                r["seed"]: r["test_accuracy"]
+                for r in rows
+                if r["recipe"] == "plain" and r["size"] == size
+            }
+            diffs = [r["test_accuracy"] - plain[r["seed"]] for r in rs if r["seed"] in plain]
+            cells.append(
+                "-"
+                if recipe == "plain" or not diffs
+                else f"{statistics.mean(diffs):+.4f} (worse in {sum(d < 0 for d in diffs)}/{len(diffs)})"
+            )
             print(f"| {recipe} | {size} | " + " | ".join(cells) + " |")
 
 
