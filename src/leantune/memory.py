@@ -23,3 +23,17 @@ def peak_memory_mb(device: torch.device | None = None) -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak_memory(device: torch.device | None = None) -> bool:
+    """Start a new peak: CUDA's peak statistics, or the process's peak RSS (Linux: writing 5 to
+    /proc/self/clear_refs resets VmHWM). Several runs in one process (compare, sweep) then each
+    report their own peak. Returns False where the peak cannot be reset."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True

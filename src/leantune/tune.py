@@ -51,7 +51,7 @@ from leantune.inject import (
     parameter_report,
 )
 from leantune.knowledge import knowledge_kept, prepare_reference, reference_texts
-from leantune.memory import peak_memory_mb
+from leantune.memory import peak_memory_mb, reset_peak_memory
 from leantune.methods.bitfit import BitFitConfig
 from leantune.methods.layernorm import LayerNormConfig
 from leantune.methods.lora import LoraConfig
@@ -745,6 +745,7 @@ def run_tune(
 
     wall = time.perf_counter()
     config = config.resolved()
+    reset_peak_memory(pick_device(config.device))  # this run's peak, not an earlier run's
     say = log or (lambda s: None)
     run = Path(config.runs_dir) / str(config.name)
     check_run_folder(run, resume, overwrite)
