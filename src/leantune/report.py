@@ -526,11 +526,15 @@ def _pareto_figure(
     if not points:
         _no_data(ax, "no finished strategy")
         return fig
-    for x, y, name in points:
+    # Labels alternate above and below their points in metric order, so neighbours overlap less.
+    ranked = sorted(range(len(points)), key=lambda i: points[i][1])
+    for rank, i in enumerate(ranked):
+        x, y, name = points[i]
         on = name in front
         ax.scatter([x], [y], s=40, color="C0" if on else "C7", zorder=3)
+        offset = (5, 4) if rank % 2 == 0 else (5, -11)
         ax.annotate(
-            _plain_text(name), (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8
+            _plain_text(name), (x, y), textcoords="offset points", xytext=offset, fontsize=8
         )
     line = sorted((x, y) for x, y, name in points if name in front)
     if len(line) > 1:
