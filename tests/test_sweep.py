@@ -145,6 +145,10 @@ def test_real_trials_on_a_tiny_model(tmp_path: Path) -> None:
     for t in result["trials"]:
         summary = json.loads((out / t["run"] / "summary.json").read_text())
         assert t["value"] == summary["best_val_accuracy"]
+    # Resumed with a larger target: the two finished trials stay, one more runs.
+    again = run_sweep(common, {"lr": {"choices": [5e-3, 1e-2]}}, out, 3, runner=runner)
+    assert len(seen) == 6 and [t["number"] for t in again["trials"]] == [0, 1, 2]
+    assert again["trials"][:2] == result["trials"]
 
 
 def test_bad_spaces_and_folders(tmp_path: Path) -> None:
