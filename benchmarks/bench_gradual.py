@@ -42,6 +42,15 @@ RECIPES: dict[str, dict[str, Any]] = {
     "full": {"method": "full", "reference_examples": 256},
     "full-l2sp": {"method": "full", "l2": 1e-2, "reference_examples": 256},
 }
+# Stronger penalties, for a sensitivity check (not in the default recipe list):
+# `--recipes l2-strong ewc-strong --sizes 100 --seeds 0`.
+SENSITIVITY: dict[str, dict[str, Any]] = {
+    "l2-strong": RECIPES["unfreeze"] | {"l2": 1.0},
+    "ewc-strong": RECIPES["unfreeze"] | {"ewc": 1e6},
+    "full-l2sp-strong": RECIPES["full"] | {"l2": 10.0},
+}
+DEFAULT_RECIPES = list(RECIPES)
+RECIPES |= SENSITIVITY
 KEEP = (
     "test_accuracy",
     "knowledge_cosine",
@@ -67,7 +76,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--sizes", nargs="+", default=["all", "100"])
-    parser.add_argument("--recipes", nargs="+", default=list(RECIPES))
+    parser.add_argument("--recipes", nargs="+", default=DEFAULT_RECIPES, choices=list(RECIPES))
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--jobs", type=int, default=1)
     args = parser.parse_args()
