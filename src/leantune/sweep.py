@@ -240,7 +240,7 @@ def run_sweep(
                 study.tell(trial, value)
                 say(f"{name}: validation {metric} {value:.4f}")
             done += 1
-        result = _result(study, common, out, metric, higher)
+        result = _result(study, metric, higher)
         best = result["best"]
         if best is not None:
             cfg = make_config(
@@ -256,9 +256,7 @@ def run_sweep(
     return result
 
 
-def _result(
-    study: Any, common: Mapping[str, Any], out: Path, metric: str, higher: bool
-) -> dict[str, Any]:
+def _result(study: Any, metric: str, higher: bool) -> dict[str, Any]:
     from optuna.trial import TrialState
 
     trials = []
@@ -273,7 +271,7 @@ def _result(
                 "value": value,
                 "params": dict(t.params),
                 "run": f"trial-{t.number:03d}",
-                **{k: v for k, v in t.user_attrs.items()},
+                **t.user_attrs,
             }
         )
     complete = [t for t in trials if t["state"] == "COMPLETE"]
