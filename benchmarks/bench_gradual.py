@@ -42,12 +42,14 @@ RECIPES: dict[str, dict[str, Any]] = {
     "full": {"method": "full", "reference_examples": 256},
     "full-l2sp": {"method": "full", "l2": 1e-2, "reference_examples": 256},
 }
-# Stronger penalties, for a sensitivity check (not in the default recipe list):
-# `--recipes l2-strong ewc-strong --sizes 100 --seeds 0`.
+# Stronger penalties, for a sensitivity check, and L2 alone on the default (not in the default
+# recipe list): `--recipes l2-strong ewc-strong --sizes 100 --seeds 0`.
 SENSITIVITY: dict[str, dict[str, Any]] = {
     "l2-strong": RECIPES["unfreeze"] | {"l2": 1.0},
     "ewc-strong": RECIPES["unfreeze"] | {"ewc": 1e6},
     "full-l2sp-strong": RECIPES["full"] | {"l2": 10.0},
+    # The candidate default: the tune default plus L2 alone (no layer decay, no unfreezing).
+    "warmup-l2": RECIPES["warmup"] | {"l2": 1e-3},
 }
 DEFAULT_RECIPES = list(RECIPES)
 RECIPES |= SENSITIVITY
