@@ -50,7 +50,13 @@ from leantune.inject import (
     output_head_names,
     parameter_report,
 )
-from leantune.knowledge import knowledge_kept, prepare_reference, reference_texts
+from leantune.knowledge import (
+    cache_root,
+    folder_fingerprint,
+    knowledge_kept,
+    prepare_reference,
+    reference_texts,
+)
 from leantune.memory import peak_memory_mb, reset_peak_memory
 from leantune.methods.bitfit import BitFitConfig
 from leantune.methods.layernorm import LayerNormConfig
@@ -853,8 +859,16 @@ def run_tune(
     if texts:
         length = min(64, max_positions(model) or 64)
         ref = prepare_reference(
-            model, prep.tok, texts, source, causal=config.causal, max_length=length
+            model,
+            prep.tok,
+            texts,
+            source,
+            causal=config.causal,
+            max_length=length,
+            fingerprint=folder_fingerprint(model_dir(config.model)),
         )
+        if ref.cached:
+            say(f"knowledge kept: the original model's side read from {cache_root()}")
     elif config.reference_examples:
         say("knowledge kept: no reference text (install fortunes-min or give --reference-text)")
     task_before = prep.evaluate(prep.test).metrics
