@@ -108,6 +108,12 @@ def logits(model: nn.Module, x: dict[str, torch.Tensor]) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.logits
 
 
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test its own leantune cache (reference results), never the user's ~/.cache."""
+    monkeypatch.setenv("LEANTUNE_CACHE", str(tmp_path / "leantune-cache"))
+
+
 @pytest.fixture
 def make() -> Callable[..., nn.Module]:
     return build

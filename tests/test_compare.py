@@ -100,7 +100,9 @@ def test_unfinished_run_is_resumed_not_restarted(
     def runner(cfg: Any, **kw: Any) -> dict[str, Any]:
         seen.append(kw["resume"])
         (out / "head").mkdir(exist_ok=True)
-        (out / "head" / "config.yaml").write_text("method: head\n")  # as a started run leaves
+        (out / "head" / "checkpoint").mkdir(exist_ok=True)  # as a checkpointed run leaves
+        (out / "head" / "config.yaml").write_text("method: head\n")
+        (out / "head" / "checkpoint" / "state.json").write_text("{}")
         return {"interrupted": True, "step": 1, "run": str(out / "head")}
 
     for _ in range(2):
@@ -192,3 +194,51 @@ def test_cli_unknown_strategy_is_one_line(tmp_path: Path) -> None:
     assert res.returncode == 2 and "neither a preset" in res.stderr
     res = cli("compare", "--name", "x", "--out", str(tmp_path / "c"))
     assert res.returncode == 2 and "drop --name" in res.stderr
+
+
+def test_a_failing_strategy_is_recorded_and_the_others_still_run(
+    tmp_path: Path, bert_dir: Path, data_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "cmp"
+    calls: list[tuple[str, bool, bool]] = []
+    broken = {"bitfit"}
+
+    def runner(cfg: Any, **kw: Any) -> dict[str, Any]:
+        calls.append((cfg.name, kw["resume"], kw["overwrite"]))
+        if cfg.name in broken:
+            (out / cfg.name).mkdir(parents=True, exist_ok=True)  # failed after starting
+            (out / cfg.name / "config.yaml").write_text("method: bitfit\n")
+            raise RuntimeError("out of memory\nlong details")
+        return run_tune(cfg, **kw)
+
+    strategies = parse_strategies(["bitfit", "head"])
+    result = run_compare(strategies, common(bert_dir, data_file), out, runner=runner)
+    assert calls == [("bitfit", False, False), ("head", False, False)]
+    assert result["failed"] == {"bitfit": "RuntimeError: out of memory"}
+    rows = {r["strategy"]: r for r in result["rows"]}
+    assert rows["bitfit"]["test_accuracy"] is None and rows["head"]["test_accuracy"] is not None
+    assert result["recommendation"].startswith("head")
+    assert "| bitfit | failed: RuntimeError: out of memory |" in (out / "comparison.md").read_text()
+    html = (out / "report.html").read_text()
+    assert 'href="head/report.html"' in html and 'href="bitfit/report.html"' not in html
+
+    # Run again once fixed: the failed folder (no checkpoint) is started over, head is read back.
+    calls.clear()
+    broken.clear()
+    again = run_compare(strategies, common(bert_dir, data_file), out, runner=runner)
+    assert calls == [("bitfit", False, True)]
+    assert again["failed"] == {} and all(r["test_accuracy"] is not None for r in again["rows"])
+
+    # The command line: the table, then one line naming the failure, exit non-zero.
+    def fails(cfg: Any, **kw: Any) -> dict[str, Any]:
+        raise LeantuneError("no room for the adapter")
+
+    monkeypatch.setattr("leantune.tune.run_tune", fails)
+    spec = tmp_path / "s.yaml"
+    spec.write_text("[layernorm]\n")
+    args = ["--model", str(bert_dir), "--data", str(data_file), "--epochs", "1", "--quiet"]
+    res = cli("compare", "--strategies", str(spec), "--out", str(tmp_path / "c2"), *args)
+    assert res.returncode == 2
+    assert "| layernorm | failed: no room for the adapter |" in res.stdout
+    assert res.stderr.startswith("leantune: 1 of 1 strategies failed (layernorm;")
+    assert res.stderr.count("\n") == 1

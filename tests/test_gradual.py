@@ -15,7 +15,7 @@ from leantune.methods.sparse import SparseConfig
 from leantune.train.loop import TrainConfig, param_groups, train, trainable_parameters
 from leantune.train.regularize import Penalty, fisher_diagonal, lora_l2
 from leantune.train.schedule import SLANTED_RATIO, Unfreezer, lr_lambda, lr_scales
-from leantune.tune import TuneConfig, run_tune
+from leantune.tune import DEFAULT_LORA_L2, TuneConfig, run_tune
 from test_loop import accuracy, toy_batches
 
 
@@ -251,3 +251,10 @@ def test_penalties_are_refused_where_the_lora_update_is_not_the_change() -> None
         with pytest.raises(lt.LeantuneError, match="PiSSA or DoRA"):
             TuneConfig(l2=0.1, **bad)  # type: ignore[arg-type]
     TuneConfig(method="sparse", plan="plan.json")  # a resumed sparse run reads its plan
+
+
+def test_l2_defaults_to_the_measured_weight_for_plain_lora_only() -> None:
+    assert TuneConfig().resolved().l2 == DEFAULT_LORA_L2 > 0
+    assert TuneConfig(l2=0.0).resolved().l2 == 0.0  # switched off on request
+    for other in ({"dora": True}, {"init": "pissa"}, {"method": "full"}, {"method": "bitfit"}):
+        assert TuneConfig(**other).resolved().l2 == 0.0  # type: ignore[arg-type]

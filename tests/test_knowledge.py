@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -11,8 +14,11 @@ from transformers import AutoTokenizer
 
 import leantune as lt
 from conftest import build, tiny_model_folder, topic_rows, write_rows
+from leantune import knowledge
 from leantune.evaluate import Encoded
 from leantune.knowledge import (
+    cache_root,
+    folder_fingerprint,
     knn_overlap,
     knowledge_kept,
     pooled_embeddings,
@@ -144,3 +150,99 @@ def test_cli_refuses_an_empty_reference_file_and_writes_nothing(tmp_path: Path) 
     res = CliRunner().invoke(app, [*args, "--reference-text", str(tmp_path / "empty.txt")])
     assert res.exit_code == 2 and res.stderr.count("\n") == 1 and "is empty" in res.stderr
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_the_original_side_is_cached_per_model_folder_and_texts(
+    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tiny_model_folder(tmp_path / kind, kind)
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = build(kind)
+    causal = kind == "llama"
+    first = prepare_reference(
+        model, tok, TEXTS, "t", causal=causal, fingerprint=folder_fingerprint(folder)
+    )
+    assert not first.cached and list((cache_root() / "reference").glob("*.safetensors"))
+
+    def counted(name: str) -> Callable[..., Any]:
+        real = getattr(knowledge, name)
+
+        def run(*args: Any, **kwargs: Any) -> Any:
+            calls.append(name)
+            return real(*args, **kwargs)
+
+        return run
+
+    calls: list[str] = []
+    monkeypatch.setattr(knowledge, "pooled_embeddings", counted("pooled_embeddings"))
+    monkeypatch.setattr(knowledge, "evaluate", counted("evaluate"))
+    again = prepare_reference(
+        model, tok, TEXTS, "t", causal=causal, fingerprint=folder_fingerprint(folder)
+    )
+    assert again.cached and calls == []  # the original model did not run again
+    if causal:
+        assert again.perplexity == first.perplexity
+    else:
+        assert again.embeddings is not None and first.embeddings is not None
+        torch.testing.assert_close(again.embeddings, first.embeddings)
+        assert knowledge_kept(model, again)["knowledge_cosine"] == pytest.approx(1.0, abs=1e-6)
+    calls.clear()
+
+    # Other texts, another length, a rewritten model file: the cache is not used.
+    other = prepare_reference(
+        model, tok, TEXTS[:4], "t", causal=causal, fingerprint=folder_fingerprint(folder)
+    )
+    shorter = prepare_reference(
+        model, tok, TEXTS, "t", causal=causal, max_length=4, fingerprint=folder_fingerprint(folder)
+    )
+    weights = next(folder.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes())
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    rewritten = prepare_reference(
+        model, tok, TEXTS, "t", causal=causal, fingerprint=folder_fingerprint(folder)
+    )
+    assert not (other.cached or shorter.cached or rewritten.cached)
+    assert len(calls) == 3
+
+
+def test_a_damaged_cache_file_is_recomputed(tmp_path: Path) -> None:
+    folder = tiny_model_folder(tmp_path / "bert")
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = build("bert")
+    first = prepare_reference(model, tok, TEXTS, "t", causal=False, fingerprint="f")
+    (file,) = (cache_root() / "reference").glob("*.safetensors")
+    file.write_bytes(b"not a safetensors file")
+    again = prepare_reference(model, tok, TEXTS, "t", causal=False, fingerprint="f")
+    assert not again.cached and again.embeddings is not None and first.embeddings is not None
+    torch.testing.assert_close(again.embeddings, first.embeddings)
+    assert prepare_reference(model, tok, TEXTS, "t", causal=False, fingerprint="f").cached
+
+
+def test_a_second_tune_run_reads_the_original_side_from_the_cache(
+    bert_dir: Path, data_file: Path, tmp_path: Path
+) -> None:
+    ref = tmp_path / "ref.txt"
+    ref.write_text("\n".join(TEXTS))
+    summaries, logs = [], []
+    for name in ("a", "b"):
+        lines: list[str] = []
+        summaries.append(
+            run_tune(
+                TuneConfig(
+                    model=str(bert_dir),
+                    data=str(data_file),
+                    runs_dir=str(tmp_path / "runs"),
+                    name=name,
+                    epochs=1,
+                    batch_size=8,
+                    reference_text=str(ref),
+                ),
+                log=lines.append,
+            )
+        )
+        logs.append(lines)
+    assert not any("read from" in line for line in logs[0])
+    assert any("original model's side read from" in line for line in logs[1])
+    # Same seed, same data: the cached side gives the same answer as computing it.
+    assert summaries[1]["knowledge_cosine"] == pytest.approx(summaries[0]["knowledge_cosine"])

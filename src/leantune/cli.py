@@ -345,7 +345,7 @@ def compare(**kwargs: Any) -> None:
             common,
             out,
             log=None if quiet else (lambda s: typer.echo(s, err=True)),
-            runner=lambda cfg, **kw: _run_with_progress(cfg, kw["resume"], False, quiet),
+            runner=lambda cfg, **kw: _run_with_progress(cfg, kw["resume"], kw["overwrite"], quiet),
         )
     except LeantuneError as e:
         fail(str(e))
@@ -358,6 +358,12 @@ def compare(**kwargs: Any) -> None:
     typer.echo(markdown_table(result["rows"], result["metric"]), nl=False)
     typer.echo(f"recommendation: {result['recommendation']}")
     typer.echo(f"report: {Path(out) / 'report.html'}")
+    if result["failed"]:
+        names = ", ".join(result["failed"])
+        fail(
+            f"{len(result['failed'])} of {len(result['rows'])} strategies failed ({names}; "
+            "their errors are in the table); fix them and run the same command again"
+        )
 
 
 def _option(name: str, annotation: Any, default: Any) -> inspect.Parameter:

@@ -257,6 +257,10 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], metric: str) -> str:
         return "-" if value is None else format(value, fmt)
 
     for r in rows:
+        if r.get("error"):
+            error = str(r["error"]).replace("|", "/")
+            lines.append(f"| {r['strategy']} | failed: {error} |" + " - |" * 6)
+            continue
         lines.append(
             f"| {r['strategy']} | {num(r.get(f'test_{metric}'), '.4f')} | "
             f"{num(r.get('trainable_percent'), '.3f')} | "
@@ -279,7 +283,7 @@ def run_compare(
     """Run each strategy into ``out/<name>/`` (finished ones are read back), then write the
     table, the Pareto plots and report.html. Returns {"rows", "recommendation", ...}."""
     from leantune.report import write_compare_report
-    from leantune.tune import atomic_write, make_config, run_tune
+    from leantune.tune import STATE, atomic_write, make_config, run_tune
 
     say = log or (lambda s: None)
     run = runner or run_tune
@@ -307,9 +311,19 @@ def run_compare(
             say(f"[{i}/{len(strategies)}] {s.name}: finished earlier, read back")
             summary = json.loads(done.read_text())
         else:
-            resume = (folder / "config.yaml").exists()
+            # A checkpoint is resumed; a run that failed before its first one starts over.
+            resume = (folder / STATE / "state.json").exists()
+            started = not resume and folder.is_dir() and any(folder.iterdir())
             say(f"[{i}/{len(strategies)}] {s.name}: " + ("resuming" if resume else "running"))
-            summary = run(cfg, resume=resume, overwrite=False)
+            try:
+                summary = run(cfg, resume=resume, overwrite=started)
+            except Exception as e:  # one strategy's failure must not cost the others' runs
+                message = str(e).splitlines()[0] if str(e) else type(e).__name__
+                if not isinstance(e, LeantuneError):
+                    message = f"{type(e).__name__}: {message}"
+                say(f"[{i}/{len(strategies)}] {s.name}: failed: {message}")
+                rows.append(table_row(s.name, {}, metric) | {"error": message})
+                continue
             if summary.get("interrupted"):
                 return {"interrupted": True, "strategy": s.name, "out": str(out)}
         rows.append(table_row(s.name, summary, metric))
@@ -322,6 +336,7 @@ def run_compare(
         "rows": rows,
         "pareto": fronts,
         "recommendation": recommend(rows, metric, higher, slack),
+        "failed": {r["strategy"]: r["error"] for r in rows if r.get("error")},
     }
     atomic_write(out / TABLE_JSON, json.dumps(result, indent=1) + "\n")
     atomic_write(out / TABLE_MD, markdown_table(rows, metric))

@@ -9,11 +9,20 @@ perplexity on the reference text before and after, and their ratio.
 Reference text: a user file (entries separated by lines holding ``%``, else by blank lines,
 else one per line), else the fortunes of the Debian packages ``fortunes-min`` / ``fortunes``
 under /usr/share/games/fortunes when installed, else none (the measurement is skipped).
+
+The original model's side (embeddings or perplexity) is the same for every run of one model on
+one set of texts, so it is kept in a cache (``$LEANTUNE_CACHE``, else ``$XDG_CACHE_HOME/leantune``,
+else ``~/.cache/leantune``; under ``reference/``) keyed by the model folder's files (names, sizes,
+modification times), the token ids, the dtype and the device type: compare, sweep and repeated
+runs pay for it once. Cache files are safetensors; an unreadable one is recomputed.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
 import random
 import re
 import time
@@ -24,6 +33,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from leantune.data import pad_batch
@@ -87,6 +98,64 @@ class Reference:
     embeddings: torch.Tensor | None = None
     perplexity: float | None = None
     seconds: float = 0.0
+    cached: bool = False
+    """The original model's side came from the cache."""
+
+
+def cache_root() -> Path:
+    """leantune's cache folder (see the module doc)."""
+    if os.environ.get("LEANTUNE_CACHE"):
+        return Path(os.environ["LEANTUNE_CACHE"])
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "leantune"
+
+
+def folder_fingerprint(folder: Path) -> str:
+    """A hash of a model folder's file names, sizes and modification times (not contents)."""
+    rows = [
+        (str(f.relative_to(folder)), f.stat().st_size, f.stat().st_mtime_ns)
+        for f in sorted(folder.rglob("*"))
+        if f.is_file()
+    ]
+    return hashlib.sha256(json.dumps([str(folder.resolve()), rows]).encode()).hexdigest()
+
+
+def _cache_file(model: nn.Module, enc: Encoded, causal: bool, fingerprint: str) -> Path:
+    p = next(model.parameters())
+    key = json.dumps(
+        [1, fingerprint, causal, str(p.dtype), p.device.type, enc.ids], separators=(",", ":")
+    )
+    return cache_root() / "reference" / f"{hashlib.sha256(key.encode()).hexdigest()}.safetensors"
+
+
+def _read_cache(file: Path, ref: Reference) -> bool:
+    try:
+        saved = load_file(file)
+    except (OSError, SafetensorError):
+        return False
+    if ref.causal and saved.get("perplexity") is not None and saved["perplexity"].numel() == 1:
+        ref.perplexity = float(saved["perplexity"])
+        return True
+    emb = saved.get("embeddings")
+    if not ref.causal and emb is not None and emb.ndim == 2 and emb.shape[0] == len(ref.enc):
+        ref.embeddings = emb.float()
+        return True
+    return False
+
+
+def _write_cache(file: Path, ref: Reference) -> None:
+    if ref.causal:
+        tensors = {"perplexity": torch.tensor([ref.perplexity], dtype=torch.float64)}
+    else:
+        assert ref.embeddings is not None
+        tensors = {"embeddings": ref.embeddings.contiguous()}
+    tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, tmp)
+        tmp.replace(file)  # whole or not at all; a read-only cache only costs the time
+    except OSError:
+        tmp.unlink(missing_ok=True)
 
 
 def _inner(model: nn.Module) -> nn.Module:
@@ -149,17 +218,28 @@ def prepare_reference(
     *,
     causal: bool,
     max_length: int = 64,
+    fingerprint: str | None = None,
 ) -> Reference:
-    """Tokenize the reference texts and record the original model's embeddings/perplexity."""
+    """Tokenize the reference texts and record the original model's embeddings/perplexity.
+
+    With ``fingerprint`` (of the folder the model was loaded from, :func:`folder_fingerprint`)
+    the result is read from / written to the cache; the model must be the folder's, unchanged
+    (adapters at their identity start)."""
     start = time.perf_counter()
     ids = tok(list(texts), truncation=True, max_length=max_length)["input_ids"]
     enc = Encoded([x for x in ids if len(x) > (1 if causal else 0)])
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     ref = Reference(enc, source, pad_id, causal)
-    if causal:
-        ref.perplexity = evaluate(model, enc, causal=True, pad_id=pad_id).metrics["perplexity"]
+    file = _cache_file(model, enc, causal, fingerprint) if fingerprint else None
+    if file is not None and _read_cache(file, ref):
+        ref.cached = True
     else:
-        ref.embeddings = pooled_embeddings(model, enc, pad_id)
+        if causal:
+            ref.perplexity = evaluate(model, enc, causal=True, pad_id=pad_id).metrics["perplexity"]
+        else:
+            ref.embeddings = pooled_embeddings(model, enc, pad_id)
+        if file is not None:
+            _write_cache(file, ref)
     ref.seconds = time.perf_counter() - start
     return ref
 

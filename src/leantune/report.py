@@ -570,7 +570,11 @@ def write_compare_report(folder: Path, result: Mapping[str, Any]) -> Path:
     body = []
     for r in rows:
         name = str(r["strategy"])
-        link = f'<td><a href="{_e(name)}/{REPORT_HTML}">{_e(name)}</a></td>'
+        link = (
+            f'<td><a href="{_e(name)}/{REPORT_HTML}">{_e(name)}</a></td>'
+            if (folder / name / REPORT_HTML).exists()
+            else f"<td>{_e(name)}</td>"
+        )
         body.append("<tr>" + link + "".join(_cell(c, r.get(c)) for c in columns[1:]) + "</tr>")
     table = (
         '<div class="scroll"><table class="compare">\n'

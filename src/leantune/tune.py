@@ -50,7 +50,13 @@ from leantune.inject import (
     output_head_names,
     parameter_report,
 )
-from leantune.knowledge import knowledge_kept, prepare_reference, reference_texts
+from leantune.knowledge import (
+    cache_root,
+    folder_fingerprint,
+    knowledge_kept,
+    prepare_reference,
+    reference_texts,
+)
 from leantune.memory import peak_memory_mb, reset_peak_memory
 from leantune.methods.bitfit import BitFitConfig
 from leantune.methods.layernorm import LayerNormConfig
@@ -76,6 +82,7 @@ DEFAULT_LR = {
     "full": 5e-5,
     "head": 5e-3,
 }
+DEFAULT_LORA_L2 = 1e-3
 STATE = "checkpoint"
 
 
@@ -168,9 +175,9 @@ class TuneConfig:
     optimizer steps (default: everything from the start)."""
     loraplus_ratio: float = 1.0
     """LoRA+: the B matrices train at this multiple of A's rate (1: off; the paper uses 16)."""
-    l2: float = 0.0
+    l2: float | None = None
     """Weight of the L2 penalty on the learned change (LoRA: |s·B·A|²; in-place tuning: L2-SP,
-    |θ - θ₀|²; task heads are not penalized)."""
+    |θ - θ₀|²; task heads are not penalized). Default: 1e-3 for LoRA (not DoRA/PiSSA), else 0."""
     l1: float = 0.0
     """Weight of the L1 penalty on the learned change."""
     ewc: float = 0.0
@@ -226,7 +233,7 @@ class TuneConfig:
         if self.schedule not in SCHEDULES:
             raise LeantuneError(f"--schedule {self.schedule!r} is unknown; use one of {SCHEDULES}")
         for key in ("l2", "l1", "ewc"):
-            if getattr(self, key) < 0:
+            if (getattr(self, key) or 0) < 0:
                 raise LeantuneError(f"--{key} must be 0 or more, got {getattr(self, key)}")
         if not 0 < self.layer_decay <= 1:
             raise LeantuneError(f"--layer-decay must be in (0, 1], got {self.layer_decay}")
@@ -271,6 +278,11 @@ class TuneConfig:
         values = asdict(self)
         if self.lr is None:
             values["lr"] = DEFAULT_LR[self.method]
+        if self.l2 is None:
+            # Measured (docs/BENCHMARKS.md, gradual tuning): on a full pass over the data L2 1e-3
+            # on the LoRA update keeps more of the original model at no cost in accuracy.
+            plain_lora = self.method == "lora" and not self.dora and self.init != "pissa"
+            values["l2"] = DEFAULT_LORA_L2 if plain_lora else 0.0
         if self.metric is None:
             values["metric"] = "perplexity" if self.causal else "accuracy"
         if self.name is None:
@@ -853,8 +865,16 @@ def run_tune(
     if texts:
         length = min(64, max_positions(model) or 64)
         ref = prepare_reference(
-            model, prep.tok, texts, source, causal=config.causal, max_length=length
+            model,
+            prep.tok,
+            texts,
+            source,
+            causal=config.causal,
+            max_length=length,
+            fingerprint=folder_fingerprint(model_dir(config.model)),
         )
+        if ref.cached:
+            say(f"knowledge kept: the original model's side read from {cache_root()}")
     elif config.reference_examples:
         say("knowledge kept: no reference text (install fortunes-min or give --reference-text)")
     task_before = prep.evaluate(prep.test).metrics
@@ -985,7 +1005,9 @@ def make_penalty(model: nn.Module, config: TuneConfig, prep: Prepared) -> Penalt
         names += list(changes.anchors)
         batches = scoring_batches(config, prep.train, prep.tok.pad_token_id)
         fisher = fisher_diagonal(model, batches, names)
-    return Penalty(model, l2=config.l2, l1=config.l1, ewc=config.ewc, fisher=fisher, skip=heads)
+    return Penalty(
+        model, l2=config.l2 or 0.0, l1=config.l1, ewc=config.ewc, fisher=fisher, skip=heads
+    )
 
 
 def side_by_side(summary: dict[str, Any], key: str) -> str:
