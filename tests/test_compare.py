@@ -24,6 +24,7 @@ from leantune.compare import (
     run_compare,
 )
 from leantune.errors import LeantuneError
+from leantune.runfolder import RunFolder
 from leantune.tune import make_config, run_tune
 
 
@@ -99,10 +100,10 @@ def test_unfinished_run_is_resumed_not_restarted(
 
     def runner(cfg: Any, **kw: Any) -> dict[str, Any]:
         seen.append(kw["resume"])
-        (out / "head").mkdir(exist_ok=True)
-        (out / "head" / "checkpoint").mkdir(exist_ok=True)  # as a checkpointed run leaves
-        (out / "head" / "config.yaml").write_text("method: head\n")
-        (out / "head" / "checkpoint" / "state.json").write_text("{}")
+        unit = out / ".head.partial" / "checkpoint" / "step-0000001"  # as a checkpointed run leaves
+        unit.mkdir(parents=True, exist_ok=True)
+        (unit / "state.json").write_text("{}")
+        (unit.parent / "latest.json").write_text('{"folder": "step-0000001", "step": 1}')
         return {"interrupted": True, "step": 1, "run": str(out / "head")}
 
     for _ in range(2):
@@ -206,8 +207,8 @@ def test_a_failing_strategy_is_recorded_and_the_others_still_run(
     def runner(cfg: Any, **kw: Any) -> dict[str, Any]:
         calls.append((cfg.name, kw["resume"], kw["overwrite"]))
         if cfg.name in broken:
-            (out / cfg.name).mkdir(parents=True, exist_ok=True)  # failed after starting
-            (out / cfg.name / "config.yaml").write_text("method: bitfit\n")
+            partial = RunFolder(out, cfg.name).begin(resume=False)  # failed after starting
+            (partial / "config.yaml").write_text("method: bitfit\n")
             raise RuntimeError("out of memory\nlong details")
         return run_tune(cfg, **kw)
 
@@ -226,7 +227,7 @@ def test_a_failing_strategy_is_recorded_and_the_others_still_run(
     calls.clear()
     broken.clear()
     again = run_compare(strategies, common(bert_dir, data_file), out, runner=runner)
-    assert calls == [("bitfit", False, True)]
+    assert calls == [("bitfit", False, False)]
     assert again["failed"] == {} and all(r["test_accuracy"] is not None for r in again["rows"])
 
     # The command line: the table, then one line naming the failure, exit non-zero.

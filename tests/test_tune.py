@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 import leantune as lt
 from conftest import tiny_model_folder, topic_rows, write_rows
 from leantune.cli import app
+from leantune.runfolder import RunFolder
 from leantune.train.loop import Progress
 from leantune.tune import TuneConfig, read_config, run_tune
 
@@ -80,7 +81,8 @@ def test_interrupted_run_resumes_to_the_same_result(
 
     cut = run_tune(config(tmp_path, bert_dir, data_file, name="cut", **base), on_step=interrupt)
     assert cut == {"interrupted": True, "step": 7, "run": str(tmp_path / "runs" / "cut")}
-    assert (tmp_path / "runs" / "cut" / "checkpoint" / "state.json").exists()
+    assert RunFolder(tmp_path / "runs", "cut").resumable()
+    assert not (tmp_path / "runs" / "cut").exists()  # only a finished run takes the name
     assert not (tmp_path / "runs" / "cut" / "summary.json").exists()
     resumed = run_tune(config(tmp_path, bert_dir, data_file, name="cut", **base), resume=True)
     for key in ("test_accuracy", "test_loss", "test_macro_f1", "steps", "best_step"):

@@ -43,6 +43,7 @@ def fail(message: str) -> typing.NoReturn:
 
 
 def _tune(config: Path | None, resume: bool, overwrite: bool, quiet: bool, **options: Any) -> None:
+    from leantune.runfolder import RunFolder
     from leantune.tune import TuneConfig, make_config, read_config
 
     given = {k: v for k, v in options.items() if v is not None}
@@ -52,12 +53,14 @@ def _tune(config: Path | None, resume: bool, overwrite: bool, quiet: bool, **opt
             if extra or config:
                 shown = "--config" if config else "--" + extra[0].replace("_", "-")
                 fail(f"--resume continues the run's saved config.yaml; drop {shown}")
-            name = given.get("name") or make_config(given).resolved().name
-            run = Path(given.get("runs_dir", "runs")) / str(name)
+            name = str(given.get("name") or make_config(given).resolved().name)
+            folder = RunFolder(given.get("runs_dir", "runs"), name)
+            if not (folder.work / "config.yaml").is_file():
+                folder.check(resume=True, overwrite=False)  # says why there is nothing to resume
             # The folder is where it is now, whatever its config says.
-            values = read_config(run / "config.yaml") | {
-                "name": run.name,
-                "runs_dir": str(run.parent),
+            values = read_config(folder.work / "config.yaml") | {
+                "name": name,
+                "runs_dir": str(folder.root),
             }
         else:
             values = read_config(config) if config else {}
@@ -624,6 +627,24 @@ def info(
         ("config", str(Path(path) / CONFIG_NAME)),
     ]
     _print_rows(rows)
+
+
+@app.command()
+def report(run: RunArg) -> None:
+    """Rebuild report.html and its plots from a finished run's files."""
+    from leantune.runfolder import RunFolder, read_marker, write_marker
+    from leantune.tune import write_run_report
+
+    try:
+        folder = RunFolder(run.parent, run.name)
+        with folder.lock():
+            folder.recover()
+            page = write_run_report(run)
+            if read_marker(run) is not None:
+                write_marker(run, run.name)  # the plots it wrote are leantune's files
+    except LeantuneError as e:
+        fail(str(e))
+    typer.echo(f"report written to {page}")
 
 
 def _print_rows(rows: list[tuple[str, str]]) -> None:

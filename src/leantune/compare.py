@@ -283,7 +283,8 @@ def run_compare(
     """Run each strategy into ``out/<name>/`` (finished ones are read back), then write the
     table, the Pareto plots and report.html. Returns {"rows", "recommendation", ...}."""
     from leantune.report import write_compare_report
-    from leantune.tune import STATE, atomic_write, make_config, run_tune
+    from leantune.runfolder import RunFolder
+    from leantune.tune import atomic_write, make_config, run_tune
 
     say = log or (lambda s: None)
     run = runner or run_tune
@@ -312,11 +313,10 @@ def run_compare(
             summary = json.loads(done.read_text())
         else:
             # A checkpoint is resumed; a run that failed before its first one starts over.
-            resume = (folder / STATE / "state.json").exists()
-            started = not resume and folder.is_dir() and any(folder.iterdir())
+            resume = RunFolder(out, s.name).resumable()
             say(f"[{i}/{len(strategies)}] {s.name}: " + ("resuming" if resume else "running"))
             try:
-                summary = run(cfg, resume=resume, overwrite=started)
+                summary = run(cfg, resume=resume, overwrite=False)
             except Exception as e:  # one strategy's failure must not cost the others' runs
                 message = str(e).splitlines()[0] if str(e) else type(e).__name__
                 if not isinstance(e, LeantuneError):

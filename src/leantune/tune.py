@@ -11,6 +11,7 @@ summary.json, report.html with PNG plots; checkpoint/ while the run is unfinishe
 from __future__ import annotations
 
 import ast
+import contextlib
 import inspect
 import itertools
 import json
@@ -32,6 +33,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from leantune import runfolder
 from leantune.data import (
     TextTable,
     encode_labels,
@@ -63,10 +65,19 @@ from leantune.methods.layernorm import LayerNormConfig
 from leantune.methods.lora import LoraConfig
 from leantune.models import TASKS, load_model, load_tokenizer, max_positions, model_dir, num_layers
 from leantune.plan import Plan, allocate, parse_budget, parse_methods
+from leantune.runfolder import RunFolder
 from leantune.select import SPARSE_CHUNK, Scores, score
 from leantune.track import Tracker, check_backends, parse_track
 from leantune.train.adapt import RankPruner
-from leantune.train.loop import Progress, TrainConfig, train, trainable_parameters
+from leantune.train.loop import (
+    Diverged,
+    Progress,
+    TrainConfig,
+    checkpoint_meta,
+    latest_checkpoint,
+    train,
+    trainable_parameters,
+)
 from leantune.train.prefix import PrefixCache
 from leantune.train.regularize import Penalty, find_changes, fisher_diagonal
 from leantune.train.schedule import SCHEDULES, Unfreezer, lr_scales
@@ -83,7 +94,8 @@ DEFAULT_LR = {
     "head": 5e-3,
 }
 DEFAULT_LORA_L2 = 1e-3
-STATE = "checkpoint"
+CLASSIFY_METRICS = ("accuracy", "macro_f1", "loss")
+STATE = runfolder.STATE
 
 
 @dataclass
@@ -218,8 +230,34 @@ class TuneConfig:
         for key in ("max_length", "batch_size", "eval_batch_size", "r", "epochs", "grad_accum"):
             if getattr(self, key) <= 0:
                 raise LeantuneError(f"--{key.replace('_', '-')} must be positive")
-        if self.name is not None and (not self.name or Path(self.name).name != self.name):
-            raise LeantuneError(f"--name {self.name!r} must be a plain folder name")
+        if self.name is not None and (
+            not self.name or Path(self.name).name != self.name or self.name.startswith(".")
+        ):
+            raise LeantuneError(
+                f"--name {self.name!r} must be a plain folder name (not starting with a dot)"
+            )
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise LeantuneError(f"--lr must be a finite positive number, got {self.lr}")
+        for key in ("eval_every", "patience", "max_steps"):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                flag = key.replace("_", "-")
+                raise LeantuneError(
+                    f"--{flag} must be a positive number (or left out), got {value}"
+                )
+        if not 0 <= self.warmup_ratio < 1:
+            raise LeantuneError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
+            raise LeantuneError(
+                f"--max-grad-norm must be 0 (off) or a positive number, got {self.max_grad_norm}"
+            )
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise LeantuneError(f"--weight-decay must be 0 or more, got {self.weight_decay}")
+        allowed_metrics = ("perplexity", "loss") if self.task == "causal-lm" else CLASSIFY_METRICS
+        if self.metric is not None and self.metric not in allowed_metrics:
+            raise LeantuneError(
+                f"--metric {self.metric!r} is not a {self.task} metric; use one of {allowed_metrics}"
+            )
         self.fractions()  # validates
         if self.select not in (None, "auto"):
             raise LeantuneError(f"--select {self.select!r}: the one selector is auto")
@@ -720,24 +758,8 @@ def apply_plan(model: nn.Module, plan: Plan) -> None:
 
 
 def check_run_folder(run: Path, resume: bool, overwrite: bool) -> None:
-    if resume and overwrite:
-        raise LeantuneError("--resume and --overwrite contradict each other; pick one")
-    exists = run.exists() and any(run.iterdir())
-    if resume:
-        if (run / "summary.json").exists():
-            raise LeantuneError(f"{run} has finished (summary.json is there); nothing to resume")
-        if not (run / STATE / "state.json").exists():
-            raise LeantuneError(f"{run} has no checkpoint to resume; start it without --resume")
-        return
-    if not exists:
-        return
-    if not overwrite:
-        raise LeantuneError(
-            f"run folder {run} exists; pass --overwrite to replace it, --resume to continue it, "
-            "or --name for a new run"
-        )
-    if not (run / "config.yaml").exists():
-        raise LeantuneError(f"{run} is not a leantune run folder (no config.yaml); not deleting it")
+    """Refuse a start that would lose or clash with something in ``run``; touches nothing."""
+    RunFolder(run.parent, run.name).check(resume, overwrite)
 
 
 def run_tune(
@@ -751,21 +773,75 @@ def run_tune(
 ) -> dict[str, Any]:
     """Run the tune job; returns the summary (``{"interrupted": True, ...}`` after Ctrl-C).
 
+    Everything is checked before anything is written; the run is built in its partial folder
+    and replaces ``runs/<name>`` only once finished (see :mod:`leantune.runfolder`).
     ``on_validation`` sees each validation row (step, epoch, val_<metric>...) once it is saved;
     an exception it raises (a sweep's pruning) ends the run there, checkpoint kept."""
-    from leantune.report import write_heatmap, write_report
+    config = config.resolved()
+    folder = RunFolder(config.runs_dir, str(config.name))
+    if folder.root.is_dir():  # finish what a killed process left half-way
+        with folder.lock():
+            folder.recover()
+    folder.check(resume, overwrite)  # fails fast; checked again under the lock
+    with contextlib.ExitStack() as stack:
+        return _run(config, folder, resume, overwrite, stack, log, on_step, on_validation)
+
+
+def _run(
+    config: TuneConfig,
+    folder: RunFolder,
+    resume: bool,
+    overwrite: bool,
+    stack: contextlib.ExitStack,
+    log: Callable[[str], None] | None,
+    on_step: Callable[[Progress, int], None] | None,
+    on_validation: Callable[[dict[str, float]], None] | None,
+) -> dict[str, Any]:
+    from leantune.compare import data_fingerprint
+    from leantune.report import write_heatmap
 
     wall = time.perf_counter()
-    config = config.resolved()
     reset_peak_memory(pick_device(config.device))  # this run's peak, not an earlier run's
     say = log or (lambda s: None)
-    run = Path(config.runs_dir) / str(config.name)
-    check_run_folder(run, resume, overwrite)
-    if resume and (run / "plan.json").exists():  # the plan the run started with, not a new one
-        prep = prepare(replace(config, select=None, plan=str(run / "plan.json")))
+    train_config = TrainConfig(
+        epochs=config.epochs,
+        lr=float(config.lr or 0),
+        weight_decay=config.weight_decay,
+        warmup_ratio=config.warmup_ratio,
+        schedule=config.schedule,
+        grad_accum=config.grad_accum,
+        max_grad_norm=config.max_grad_norm or None,
+        eval_every=config.eval_every,
+        patience=config.patience,
+        metric=str(config.metric),
+        higher_is_better=config.metric != "perplexity" and config.metric != "loss",
+        max_steps=config.max_steps,
+        seed=config.seed,
+    )
+    plan_file = folder.work / "plan.json"
+    if resume and plan_file.exists():  # the plan the run started with, not a new one
+        prep = prepare(replace(config, select=None, plan=str(plan_file)))
         prep.config = config
     else:
         prep = prepare(config)
+    fingerprint = data_fingerprint(config)
+    state = folder.work / STATE
+    if resume:
+        # The run continues only on the data and options it started with.
+        started = checkpoint_meta(state)
+        if started.get("data_sha256", fingerprint) != fingerprint:
+            changed = [k for k, v in fingerprint.items() if started["data_sha256"].get(k) != v]
+            raise LeantuneError(
+                f"the data changed since {folder.final} started ({', '.join(changed)}: "
+                f"{getattr(config, changed[0])}); resume with the same data, or start over "
+                "with --overwrite"
+            )
+        saved_config = {k: v for k, v in asdict(config).items() if k not in ("name", "runs_dir")}
+        if started.get("config", saved_config) != json.loads(json.dumps(saved_config)):
+            raise LeantuneError(
+                f"{folder.work / 'config.yaml'} changed since the run started; put it back, or "
+                "start over with --overwrite"
+            )
     model = prep.model
     total_steps = math.ceil(len(prep.batches(0)) / config.grad_accum) * config.epochs
     pruner = None
@@ -808,9 +884,11 @@ def run_tune(
     )
     penalty = make_penalty(model, config, prep)
     check_backends(config.track)
-    if overwrite and run.exists():
-        shutil.rmtree(run)
-    run.mkdir(parents=True, exist_ok=True)
+    # Everything is checked: from here on, under the run's lock, the partial folder is written.
+    stack.enter_context(folder.lock())
+    folder.recover()
+    folder.check(resume, overwrite)
+    run = folder.begin(resume, data_sha256=fingerprint)
     if not resume:
         write_config(config, run / "config.yaml")
         atomic_write(run / "labels.json", json.dumps(prep.splits.label_names, indent=1) + "\n")
@@ -823,17 +901,31 @@ def run_tune(
             "selected " + ", ".join(f"{n} {m}" for m, n in counts.items()) + " module(s) in "
             f"{prep.scores.seconds:.1f} s on {prep.scores.examples} examples"
         )
-    state = run / STATE
     tracker = Tracker(config.track, run, asdict(config))
 
+    # The best weights travel inside the checkpoint unit, so they always match its progress.
+    best_weights: dict[str, torch.Tensor] | None = None
+    pending: dict[str, dict[str, torch.Tensor]] = {}
     saved_best: dict[str, float] = {}
+    if resume:
+        best_file = latest_checkpoint(state)
+        if best_file is not None and (best_file / BEST).is_file():
+            best_weights = load_file(str(best_file / BEST))
 
     def on_best(m: nn.Module, row: dict[str, float]) -> None:
+        nonlocal best_weights
         if pruner is not None and not pruner.done:
             return  # a best checkpoint must be at the target size
-        save_tensors(unique_tensors(named), state / "best.safetensors")
+        # Copies: on the CPU .cpu() and .contiguous() return the live parameters themselves.
+        best_weights = {k: t.clone() for k, t in unique_tensors(named).items()}
+        pending[BEST] = best_weights
         saved_best.clear()
         saved_best.update(row)
+
+    def extra_files() -> dict[str, dict[str, torch.Tensor]]:
+        files = dict(pending)
+        pending.clear()
+        return files
 
     def on_eval(row: dict[str, float], history: list[dict[str, float]]) -> None:
         shown = {k: round(v, 4) for k, v in row.items() if k.startswith("val_")}
@@ -844,22 +936,6 @@ def run_tune(
         if on_validation is not None:
             on_validation(row)
 
-    train_config = TrainConfig(
-        epochs=config.epochs,
-        lr=float(config.lr or 0),
-        weight_decay=config.weight_decay,
-        warmup_ratio=config.warmup_ratio,
-        schedule=config.schedule,
-        grad_accum=config.grad_accum,
-        max_grad_norm=config.max_grad_norm or None,
-        eval_every=config.eval_every,
-        patience=config.patience,
-        metric=str(config.metric),
-        higher_is_better=config.metric != "perplexity" and config.metric != "loss",
-        max_steps=config.max_steps,
-        seed=config.seed,
-    )
-    state.mkdir(exist_ok=True)
     # The original model's behaviour, before any step (adapters start as the identity).
     ref = None
     if texts:
@@ -886,6 +962,7 @@ def run_tune(
             if prefix.active
             else "frozen prefix: nothing to cache (the lowest layer or embeddings are trained)"
         )
+    started_with = {k: v for k, v in asdict(config).items() if k not in ("name", "runs_dir")}
     try:
         result = train(
             model,
@@ -903,7 +980,19 @@ def run_tune(
             penalty=penalty if penalty else None,
             on_grads=pruner.observe if pruner is not None else None,
             after_step=pruner.after_step if pruner is not None else None,
+            checkpoint_extra=extra_files,
+            checkpoint_meta={"data_sha256": fingerprint, "config": started_with},
         )
+    except Diverged as e:
+        tracker.close("FAILED")
+        kept = (
+            f"the last good checkpoint (step {folder.checkpoint_step()}) is kept in {run}; "
+            if folder.resumable()
+            else ""
+        )
+        raise LeantuneError(
+            f"{e}. Nothing was saved as the run's result; {kept}start over with --overwrite"
+        ) from None
     except BaseException:
         tracker.close("FAILED")
         raise
@@ -912,14 +1001,15 @@ def run_tune(
             unfreezer.release()
     if result.interrupted:
         tracker.close("KILLED")
-        return {"interrupted": True, "step": result.steps, "run": str(run)}
+        return {"interrupted": True, "step": result.steps, "run": str(folder.final)}
     best = result.best or {}
     if pruner is not None:
         if not saved_best:  # no validation after pruning ended: the final weights
-            save_tensors(unique_tensors(named), state / "best.safetensors")
+            best_weights = unique_tensors(named)
             saved_best.update(result.history[-1] if result.history else {})
         best = saved_best
-    load_into(model, load_file(str(state / "best.safetensors")), state / "best.safetensors")
+    if best_weights is not None:
+        load_into(model, best_weights, state / BEST)
     adapt_info: dict[str, Any] = {}
     if pruner is not None:
         ranks = pruner.finalize()
@@ -930,15 +1020,16 @@ def run_tune(
         report = parameter_report(model)
     saved = save_trained(model, run, config)
     test = prep.evaluate(prep.test)
+    final = folder.final
     summary: dict[str, Any] = {
-        "run": str(run),
+        "run": str(final),
         "model": str(model_dir(config.model)),
         "task": config.task,
         "method": config.method,
         **{f"test_{k}": v for k, v in test.metrics.items()},
         **report.as_dict(),
         "adapter_bytes": folder_bytes(saved),
-        "adapter_path": str(saved),
+        "adapter_path": str(final / saved.relative_to(run)),
         "peak_memory_mb": round(peak_memory_mb(prep.device), 1),
         "train_seconds": round(result.train_seconds, 2),
         "examples_per_s": round(result.examples_per_s, 2),
@@ -967,25 +1058,59 @@ def run_tune(
         summary["select_share_of_wall"] = round(
             prep.scores.seconds / (time.perf_counter() - wall), 4
         )
-    atomic_write(run / "summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write(
+        run / HISTORY,
+        json.dumps({"curve": result.curve, "confusion": test.confusion}) + "\n",
+    )
     tracker.log({f"final/{k}": v for k, v in summary.items()}, result.steps)
     tracker.close()
-    write_report(
+    write_run_report(run, summary)
+    # summary.json last: a folder with it is a finished run; then the switch into place.
+    atomic_write(run / "summary.json", json.dumps(summary, indent=2) + "\n")
+    folder.commit()
+    return summary
+
+
+HISTORY = "history.json"
+"""The per-step loss curve and the test confusion matrix: what rebuilds the report."""
+BEST = "best.safetensors"
+
+
+def write_run_report(run: Path, summary: Mapping[str, Any] | None = None) -> Path:
+    """report.html and its plots, from the files in the run folder (``summary`` given while
+    the run finishes, read from summary.json after)."""
+    from leantune.report import write_report
+
+    run = Path(run)
+    if summary is None:
+        if not (run / "summary.json").is_file():
+            raise LeantuneError(
+                f"{run} is not a finished leantune run (no summary.json); finish it with "
+                "leantune tune --resume"
+            )
+        summary = json.loads((run / "summary.json").read_text())
+    try:
+        config = read_config(run / "config.yaml")
+        history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        extra = json.loads((run / HISTORY).read_text())
+        names = json.loads((run / "labels.json").read_text())
+    except (OSError, ValueError) as e:
+        raise LeantuneError(f"{run}: cannot rebuild the report ({e})") from None
+    plan = Plan.load(run / "plan.json") if (run / "plan.json").is_file() else None
+    return write_report(
         run,
         summary,
-        result.history,
-        result.curve,
-        test.confusion,
-        prep.splits.label_names or None,
-        asdict(config),
+        history,
+        [(int(s), float(v)) for s, v in extra.get("curve", [])],
+        extra.get("confusion"),
+        names or None,
+        config,
         selection=(
-            ("importance.png", [asdict(e) for e in prep.plan.entries])
-            if prep.plan is not None and (run / "importance.png").exists()
+            ("importance.png", [asdict(e) for e in plan.entries])
+            if plan is not None and (run / "importance.png").exists()
             else None
         ),
     )
-    shutil.rmtree(state)
-    return summary
 
 
 def make_penalty(model: nn.Module, config: TuneConfig, prep: Prepared) -> Penalty | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import threading
 import time
@@ -30,6 +31,7 @@ from leantune.errors import LeantuneError
 Batch = Mapping[str, torch.Tensor]
 STATE_TENSORS = "state.safetensors"
 STATE_JSON = "state.json"
+LATEST = "latest.json"
 
 
 @dataclass
@@ -93,6 +95,17 @@ class Progress:
     """Sums of each regularization term since the last evaluation."""
 
 
+class Diverged(LeantuneError):
+    """Training produced a non-finite loss; the message says at which step and what to try."""
+
+    def __init__(self, step: int, what: str) -> None:
+        self.step = step
+        super().__init__(
+            f"training diverged at step {step}: {what}. Try a lower --lr, keep --max-grad-norm "
+            "on, or check the data"
+        )
+
+
 @dataclass
 class TrainResult:
     best: dict[str, float] | None
@@ -132,6 +145,26 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
+def latest_checkpoint(directory: Path) -> Path | None:
+    """The folder of the newest complete checkpoint in ``directory``, or None.
+
+    A checkpoint is one unit: ``step-NNNNNNN/`` holds the tensors, the progress and any extra
+    files (the best weights), and ``latest.json`` names it. The pointer is replaced by one
+    rename after the unit is whole, so a kill at any moment leaves the previous unit in force.
+    """
+    pointer = Path(directory) / LATEST
+    try:
+        name = json.loads(pointer.read_text())["folder"]
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise LeantuneError(f"checkpoint pointer {pointer} is unreadable ({e})") from None
+    folder = Path(directory) / str(name)
+    if Path(name).name != name or not (folder / STATE_JSON).is_file():
+        raise LeantuneError(f"checkpoint pointer {pointer} names {name!r}, which is incomplete")
+    return folder
+
+
 def save_checkpoint(
     directory: Path,
     model: nn.Module,
@@ -139,11 +172,14 @@ def save_checkpoint(
     sched: Any,
     progress: Progress,
     params: Mapping[str, nn.Parameter] | None = None,
-) -> None:
+    extra: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+    meta: Mapping[str, Any] | None = None,
+) -> Path:
     """Trainable weights, optimizer moments and RNG state in safetensors; the rest in JSON.
 
-    Written beside the target and renamed into place, so an interrupted write leaves the
-    previous checkpoint whole.
+    ``extra`` adds safetensors files to the unit (name → tensors); extra files of the previous
+    unit that are not given again are carried over (hard-linked). ``meta`` is stored beside
+    the progress and read back by :func:`checkpoint_meta`. Returns the unit's folder.
     """
     params = trainable_parameters(model) if params is None else params
     tensors = {f"param.{n}": p.detach().cpu().contiguous() for n, p in params.items()}
@@ -155,19 +191,47 @@ def save_checkpoint(
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda.{i}"] = s
-    meta = {
+    info = {
         "progress": asdict(progress),
         "param_groups": opt_state["param_groups"],
         "scheduler": {k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"},
+        "meta": dict(meta or {}),
     }
+    directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tmp_tensors = directory / f".{STATE_TENSORS}.tmp"
-    tmp_json = directory / f".{STATE_JSON}.tmp"
-    save_file(tensors, str(tmp_tensors), metadata={"format": "pt"})
-    tmp_json.write_text(json.dumps(meta))
-    # JSON last: a state.json always names a complete tensor file.
-    os.replace(tmp_tensors, directory / STATE_TENSORS)
-    os.replace(tmp_json, directory / STATE_JSON)
+    previous = latest_checkpoint(directory)
+    unit = directory / f"step-{progress.step:07d}"
+    n = 0
+    while unit.exists():  # the same step again (Ctrl-C after an evaluation), or a torn unit
+        n += 1
+        unit = directory / f"step-{progress.step:07d}.{n}"
+    unit.mkdir()
+    save_file(tensors, str(unit / STATE_TENSORS), metadata={"format": "pt"})
+    for name, file_tensors in (extra or {}).items():
+        save_file(dict(file_tensors), str(unit / name), metadata={"format": "pt"})
+    if previous is not None:
+        for old in previous.iterdir():
+            if old.name not in (STATE_TENSORS, STATE_JSON) and not (unit / old.name).exists():
+                try:
+                    os.link(old, unit / old.name)
+                except OSError:
+                    shutil.copy2(old, unit / old.name)
+    (unit / STATE_JSON).write_text(json.dumps(info))  # last: a unit with it is whole
+    tmp = directory / f".{LATEST}.tmp"
+    tmp.write_text(json.dumps({"folder": unit.name, "step": progress.step}))
+    os.replace(tmp, directory / LATEST)  # the one switch
+    for stale in directory.iterdir():  # older units and units a kill left half-written
+        if stale.is_dir() and stale != unit and stale.name.startswith("step-"):
+            shutil.rmtree(stale, ignore_errors=True)
+    return unit
+
+
+def checkpoint_meta(directory: Path) -> dict[str, Any]:
+    """The ``meta`` stored with the newest checkpoint ({} when there is none)."""
+    unit = latest_checkpoint(directory)
+    if unit is None:
+        return {}
+    return dict(json.loads((unit / STATE_JSON).read_text()).get("meta") or {})
 
 
 def load_checkpoint(
@@ -177,11 +241,14 @@ def load_checkpoint(
     sched: Any,
     params: Mapping[str, nn.Parameter] | None = None,
 ) -> Progress:
+    unit = latest_checkpoint(directory)
+    if unit is None:
+        raise LeantuneError(f"no checkpoint in {directory}; start the run without --resume")
     try:
-        meta = json.loads((directory / STATE_JSON).read_text())
-        tensors = load_file(str(directory / STATE_TENSORS))
+        meta = json.loads((unit / STATE_JSON).read_text())
+        tensors = load_file(str(unit / STATE_TENSORS))
     except (OSError, ValueError) as e:
-        raise LeantuneError(f"no usable checkpoint in {directory}: {e}") from None
+        raise LeantuneError(f"no usable checkpoint in {unit}: {e}") from None
     params = trainable_parameters(model) if params is None else params
     saved = {k.removeprefix("param."): v for k, v in tensors.items() if k.startswith("param.")}
     if set(saved) != set(params):
@@ -247,6 +314,8 @@ def train(
     penalty: Callable[[nn.Module], dict[str, torch.Tensor]] | None = None,
     on_grads: Callable[[int], None] | None = None,
     after_step: Callable[[int], None] | None = None,
+    checkpoint_extra: Callable[[], Mapping[str, Mapping[str, torch.Tensor]]] | None = None,
+    checkpoint_meta: Mapping[str, Any] | None = None,
 ) -> TrainResult:
     """Train ``model``'s trainable parameters.
 
@@ -260,7 +329,11 @@ def train(
     unfreezing); ``penalty(model)`` returns named regularization terms (already weighted) added
     to each batch's loss and logged apart from it. ``on_grads(step)`` sees the clipped gradients
     before each optimizer step and ``after_step(step)`` runs right after it (the adaptive
-    budget's importance and masks).
+    budget's importance and masks). ``checkpoint_extra()`` gives files to store in the next
+    checkpoint unit (the best weights) and ``checkpoint_meta`` what to store beside its progress.
+
+    A non-finite training loss, penalty or validation loss stops training with
+    :class:`Diverged`; the last checkpoint (before the divergence) stays as it was.
     """
     from leantune.train.schedule import lr_lambda
 
@@ -293,6 +366,10 @@ def train(
             p.best, p.step, stopped_early, p.seconds, p.examples, p.history, p.curve, interrupted
         )
 
+    def save(directory: Path) -> None:
+        extra = checkpoint_extra() if checkpoint_extra is not None else None
+        save_checkpoint(directory, model, opt, sched, p, named, extra, checkpoint_meta)
+
     def run_eval() -> bool:
         """Evaluate, keep the best, checkpoint, and say whether to stop."""
         model.eval()
@@ -301,6 +378,8 @@ def train(
         model.train()
         if config.metric not in metrics:
             raise LeantuneError(f"metric {config.metric!r} not among {sorted(metrics)}")
+        if not all(math.isfinite(v) for v in metrics.values()):
+            raise Diverged(p.step, f"validation gives {metrics}")
         row = {
             "step": float(p.step),
             "epoch": round(p.epoch + (p.batch / len(batches(p.epoch)) if p.batch else 0), 4),
@@ -321,7 +400,7 @@ def train(
         if log:
             log(row, p.history)
         if checkpoint is not None:
-            save_checkpoint(checkpoint, model, opt, sched, p, named)
+            save(checkpoint)
         return config.patience is not None and p.bad_evals >= config.patience
 
     model.train()
@@ -341,6 +420,10 @@ def train(
                     for key, term in terms.items():
                         total_loss = total_loss + term
                         p.penalties[key] = p.penalties.get(key, 0.0) + float(term.detach())
+                value = float(total_loss.detach())
+                if not math.isfinite(value):
+                    # Stop before the update: the weights are those of the last good step.
+                    raise Diverged(p.step + 1, f"the training loss is {value}")
                 (total_loss / config.grad_accum).backward()
                 step_loss, step_batches = step_loss + loss.item(), step_batches + 1
                 p.batch += 1
@@ -348,7 +431,9 @@ def train(
                 if step_batches < config.grad_accum and p.batch != len(epoch_batches):
                     continue
                 if config.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                    norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                    if not math.isfinite(float(norm)):
+                        raise Diverged(p.step + 1, f"the gradient norm is {float(norm)}")
                 if on_grads is not None:
                     on_grads(p.step + 1)
                 opt.step()
@@ -374,7 +459,7 @@ def train(
                     return result(run_eval())
                 if stop_requested():
                     if checkpoint is not None:
-                        save_checkpoint(checkpoint, model, opt, sched, p, named)
+                        save(checkpoint)
                     return result(False, interrupted=True)
                 start = time.perf_counter()
             p.epoch, p.batch = p.epoch + 1, 0
