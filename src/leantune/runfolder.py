@@ -206,7 +206,7 @@ class RunFolder:
                 f"{self.checkpoint_step()} in {self.work}); continue it with --resume, or start "
                 "over with --overwrite"
             )
-        if self.work.exists() and read_marker(self.work) is None:
+        if self.work.exists() and not self._partial_is_ours():
             raise LeantuneError(
                 f"{self.work} was not made by leantune; move it away, or use another --name"
             )
@@ -231,6 +231,13 @@ class RunFolder:
                 f"it. Move {'it' if len(foreign) == 1 else f'those {len(foreign)} files'} out, "
                 "or use another --name"
             )
+
+    def _partial_is_ours(self) -> bool:
+        """The partial folder holds the marker, or nothing but a marker being written (a kill
+        right after leantune made it)."""
+        return read_marker(self.work) is not None or all(
+            p.name.startswith(f".{MARKER}") for p in self.work.iterdir()
+        )
 
     def begin(self, resume: bool, **marker: Any) -> Path:
         """The folder to write into: the partial run (kept on resume, else made anew)."""
@@ -264,5 +271,5 @@ class RunFolder:
 
     def discard(self) -> None:
         """Delete the partial run (a pruned sweep trial)."""
-        if read_marker(self.work) is not None:
+        if self.work.exists() and self._partial_is_ours():
             shutil.rmtree(self.work)
