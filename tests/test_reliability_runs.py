@@ -220,7 +220,8 @@ def test_item01_killed_overwrite_leaves_the_old_run_whole(
         now = root / "runs" / "r1"
         whole = now.exists() and snapshot(now) == old
         switched = (root / "runs" / ".r1.replaced").exists() or (
-            now.exists() and json.loads((now / "summary.json").read_text())["steps"] == expected["steps"]
+            now.exists()
+            and json.loads((now / "summary.json").read_text())["steps"] == expected["steps"]
         )
         assert whole or switched, (n, seen[-1])
         got = finish(cfg, overwrite=True)
@@ -252,7 +253,7 @@ def test_item02_overwrite_deletes_only_what_leantune_wrote(
     run = tmp_path / "runs" / "r1"
     assert json.loads((run / MARKER).read_text())["files"]
     (run / "adapter" / "notes.txt").write_text("mine")
-    with pytest.raises(LeantuneError, match="adapter/notes.txt.*which leantune did not write"):
+    with pytest.raises(LeantuneError, match=r"adapter/notes.txt.*which leantune did not write"):
         run_tune(cfg, overwrite=True)
     assert (run / "adapter" / "notes.txt").read_text() == "mine"
     (run / "adapter" / "notes.txt").unlink()
@@ -275,7 +276,9 @@ def test_item06_divergence_stops_the_run_with_no_result(
     assert good["steps"] > 0
 
 
-def test_item06_diverged_cli_exits_non_zero(tmp_path: Path, bert_dir: Path, data_file: Path) -> None:
+def test_item06_diverged_cli_exits_non_zero(
+    tmp_path: Path, bert_dir: Path, data_file: Path
+) -> None:
     args = ["tune", "--model", str(bert_dir), "--data", str(data_file), "--name", "nan"]
     args += ["--runs-dir", str(tmp_path / "runs"), "--epochs", "1", "--lr", "1e30"]
     code, err = cli(*args, "--max-grad-norm", "0", "--reference-examples", "0")
@@ -297,7 +300,7 @@ def test_item09_resume_refuses_changed_data(tmp_path: Path, bert_dir: Path) -> N
     rows = topic_rows(60)
     labels = [r["label"] for r in rows]
     write_rows(data, [r | {"label": y} for r, y in zip(rows, labels[1:] + labels[:1], strict=True)])
-    with pytest.raises(LeantuneError, match="the data changed since .* resume with the same data"):
+    with pytest.raises(LeantuneError, match=r"the data changed since .* resume with the same data"):
         run_tune(cfg, resume=True)
 
 
