@@ -574,7 +574,15 @@ def info(
     """Show what an adapter or run folder holds: method, targets, ranks, sizes, scores."""
     from leantune.formats import CONFIG_NAME, WEIGHTS_NAME, read_adapter_files
 
+    from leantune.runfolder import RunFolder
+
     rows: list[tuple[str, str]] = []
+    partial = RunFolder(path.parent, path.name)
+    if not path.exists() and partial.work.is_dir():  # a run that has not finished
+        step = partial.checkpoint_step()
+        state = f"checkpoint at step {step}; resume it" if step is not None else "no checkpoint"
+        _print_rows([("status", f"unfinished ({state})"), ("folder", str(partial.work))])
+        return
     if (path / "config.yaml").is_file():  # a run folder
         summary_file = path / "summary.json"
         if summary_file.is_file():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import threading
@@ -221,7 +222,7 @@ def save_checkpoint(
     tmp.write_text(json.dumps({"folder": unit.name, "step": progress.step}))
     os.replace(tmp, directory / LATEST)  # the one switch
     for stale in directory.iterdir():  # older units and units a kill left half-written
-        if stale.is_dir() and stale != unit and stale.name.startswith("step-"):
+        if stale.is_dir() and stale != unit and re.fullmatch(r"step-\d{7}(\.\d+)?", stale.name):
             shutil.rmtree(stale, ignore_errors=True)
     return unit
 
