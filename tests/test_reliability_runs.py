@@ -382,3 +382,22 @@ def test_item15_report_is_written_before_the_summary_and_rebuilt_on_demand(
     assert (run / "loss.png").is_file()
     code, err = cli("report", str(tmp_path / "runs" / "nope"))
     assert code == 2 and "not a finished leantune run" in err
+
+
+def test_item02_a_run_from_before_markers_is_replaced_only_when_every_file_is_a_run_file(
+    tmp_path: Path, bert_dir: Path, data_file: Path
+) -> None:
+    legacy = tmp_path / "runs" / "r1"
+    (legacy / "adapter").mkdir(parents=True)
+    for name in ("config.yaml", "summary.json", "report.html", "adapter/adapter_config.json"):
+        (legacy / name).write_text("{}")
+    (legacy / "important.txt").write_text("mine")
+    cfg = config(tmp_path, bert_dir, data_file, max_steps=2)
+    with pytest.raises(LeantuneError, match="not a leantune run folder"):
+        run_tune(cfg, overwrite=True)
+    assert (legacy / "important.txt").read_text() == "mine"
+    (legacy / "important.txt").unlink()
+    assert run_tune(cfg, overwrite=True)["steps"] == 2
+    assert (legacy / MARKER).is_file() and (
+        legacy / "adapter" / "adapter_config.json"
+    ).read_text() != "{}"

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -104,9 +105,29 @@ def write_marker(folder: Path, name: str, **extra: Any) -> None:
     os.replace(tmp, folder / MARKER)
 
 
+LEGACY = re.compile(
+    r"(config\.yaml|labels\.json|metrics\.jsonl|summary\.json|report\.html|plan\.json"
+    r"|(loss|metric|confusion|importance)\.png"
+    r"|adapter/(adapter_config\.json|adapter_model\.safetensors)"
+    r"|trained/(model\.safetensors|leantune\.json)|checkpoint/[^/]+|tensorboard/.+)"
+)
+"""The files a run folder held before the marker existed (leantune 0.1 up to issue 13)."""
+
+
+def legacy_marker(folder: Path) -> dict[str, Any] | None:
+    """A marker for a finished run folder written before markers existed: it has config.yaml
+    and summary.json and every file in it is one such a run writes (anything else: None)."""
+    files = listing(folder)
+    if not {"config.yaml", "summary.json"} <= set(files):
+        return None
+    if not all(LEGACY.fullmatch(f) for f in files):
+        return None
+    return {"leantune": "run", "name": folder.name, "files": files}
+
+
 def foreign_files(folder: Path) -> list[str]:
     """Files in ``folder`` that leantune did not write (everything, without a marker)."""
-    marker = read_marker(folder)
+    marker = read_marker(folder) or legacy_marker(folder)
     files = listing(folder)
     if marker is None:
         return files or ["(no " + MARKER + ")"]
@@ -118,7 +139,7 @@ def foreign_files(folder: Path) -> list[str]:
 def remove_run_files(folder: Path) -> list[str]:
     """Delete the files the marker lists, then the marker and empty folders; return what is
     left (files leantune did not write stay where they are)."""
-    marker = read_marker(folder)
+    marker = read_marker(folder) or legacy_marker(folder)
     if marker is None:
         return listing(folder)
     for rel in marker["files"]:
@@ -219,7 +240,7 @@ class RunFolder:
                 f"run folder {self.final} exists; pass --overwrite to replace it, or --name "
                 "for a new run"
             )
-        if read_marker(self.final) is None:
+        if read_marker(self.final) is None and legacy_marker(self.final) is None:
             raise LeantuneError(
                 f"{self.final} is not a leantune run folder (no {MARKER}); not deleting it. "
                 "Move it away or use another --name"
