@@ -4,7 +4,10 @@ sequence-classification head or as a causal language model. Nothing is fetched."
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import logging
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -37,14 +40,146 @@ def model_dir(path: str | Path | None) -> Path:
         raise LeantuneError(
             f"{folder}/config.json has no model_type; it is not a transformers model config"
         )
+    check_weights(folder)
     return folder
 
 
 def _quiet() -> None:
+    """Progress bars off. Warnings stay on: a few known to be noise are filtered in load_model."""
     from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+
+
+# First parts of weight names that belong to a task head, not to the base model.
+_CLASSIFY_HEADS = {"classifier", "score", "pre_classifier", "qa_outputs"}
+_OTHER_HEADS = _CLASSIFY_HEADS | {
+    "lm_head",
+    "cls",
+    "predictions",
+    "vocab_transform",
+    "vocab_projector",
+    "vocab_layer_norm",
+    "generator_lm_head",
+    "generator_predictions",
+    "discriminator_predictions",
+}
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _report_keys(message: str) -> list[tuple[str, str]] | None:
+    """(key, status) pairs of a transformers weight-loading report; None if not one."""
+    text = _ANSI.sub("", message)
+    if "LOAD REPORT" in text:  # transformers 5: a table of key | status
+        rows = re.findall(r"^(\S+)\s*\|\s*([A-Z]+)\b", text, re.MULTILINE)
+        return [(k, s) for k, s in rows if k != "Key"] or None
+    for pattern, status in (  # transformers 4: sentences with a list of keys
+        (r"were not used when initializing \S+: \[([^\]]*)\]", "UNEXPECTED"),
+        (r"newly initialized: \[([^\]]*)\]", "MISSING"),
+    ):
+        found = re.search(pattern, text)
+        if found:
+            return [(k, status) for k in re.findall(r"'([^']+)'", found.group(1))] or None
+    if "newly initialized because the shapes did not match" in text:
+        return [(k, "MISMATCH") for k in re.findall(r"^- (\S+?):", text, re.MULTILINE)] or None
+    return None
+
+
+class _KnownNoise(logging.Filter):
+    """Drops transformers messages that only describe what leantune does on purpose: a new
+    classification head, and the checkpoint's own head left out. Anything else is shown."""
+
+    def __init__(self, task: str) -> None:
+        super().__init__()
+        self.task = task
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "which is incompatible to the `id2label` map" in message:
+            return False  # leantune passes num_labels and id2label together
+        keys = _report_keys(message)
+        if keys is None:
+            return True
+        for key, status in keys:
+            first = key.split(".")[0]
+            if status == "UNEXPECTED" and (first in _OTHER_HEADS or ".pooler." in key):
+                continue  # the checkpoint's own head or pooler, unused here
+            new_head = status in ("MISSING", "MISMATCH") and first in _CLASSIFY_HEADS
+            if self.task == "classify" and new_head:
+                continue  # the new head for these labels
+            return True
+        return False
+
+
+@contextmanager
+def _filter_known_noise(task: str) -> Iterator[None]:
+    noise = _KnownNoise(task)
+    names = {n for n in logging.Logger.manager.loggerDict if n.split(".")[0] == "transformers"}
+    # Where the noise comes from; these modules may be imported only during the load.
+    names |= {"transformers.modeling_utils", "transformers.configuration_utils"}
+    loggers = [logging.getLogger(n) for n in names]
+    for logger in loggers:
+        logger.addFilter(noise)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(noise)
+
+
+_PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def check_weights(folder: Path) -> None:
+    """Only safetensors weights are loaded: leantune never unpickles a file."""
+    if any(folder.glob("*.safetensors")):
+        return
+    pickled = sorted(
+        p.name
+        for p in folder.iterdir()
+        if p.suffix in _PICKLES and p.name not in ("training_args.bin", "optimizer.pt")
+    )
+    if pickled:
+        raise LeantuneError(
+            f"{folder} holds pickled weights ({', '.join(pickled[:3])}); leantune never "
+            "unpickles: convert it to model.safetensors where you trust the file "
+            "(save_pretrained writes safetensors)"
+        )
+    raise LeantuneError(
+        f"{folder} has no model.safetensors; give a folder with safetensors weights "
+        "(save_pretrained writes them)"
+    )
+
+
+# Model types transformers can load as causal LMs that are encoders: their attention sees the
+# whole text unless the config says is_decoder, so the next token is in plain view.
+def _encoder_types() -> set[str]:
+    from transformers.models.auto import modeling_auto as auto
+
+    both = set(auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) & set(auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+    seq2seq = set(auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES)  # their decoder halves
+    return (both - seq2seq) | {"bert-generation", "xlnet", "reformer"}
+
+
+def check_decoder(folder: Path, config: Any) -> None:
+    """Refuse a model whose attention is not causal for the causal-lm task."""
+    from transformers.models.auto import modeling_auto as auto
+
+    kind = getattr(config, "model_type", "?")
+    if getattr(config, "is_decoder", False) or (kind == "xlm" and getattr(config, "causal", 0)):
+        return
+    if kind in _encoder_types():
+        raise LeantuneError(
+            f"{folder} holds a {kind} model, which is not a decoder: its attention is "
+            "bidirectional, so as a causal LM it would see the tokens it predicts and its "
+            "perplexity would mean nothing; use a decoder (llama, gpt2, ...) for --task "
+            "causal-lm, or --task classify"
+        )
+    if kind not in auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise LeantuneError(
+            f"{folder} holds a {kind} model, which is not a decoder transformers can load as a "
+            "causal LM; use a decoder (llama, gpt2, ...) for --task causal-lm, or --task classify"
+        )
 
 
 def load_tokenizer(folder: Path) -> Any:
@@ -69,23 +204,33 @@ def load_model(
     folder: Path, task: str, label_names: Sequence[str] = (), pad_token_id: int | None = None
 ) -> nn.Module:
     """A classification model with ``len(label_names)`` outputs, or a causal LM."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     if task not in TASKS:
         raise LeantuneError(f"task {task!r} is unknown; use one of {TASKS}")
     _quiet()
+    check_weights(folder)
     try:
-        if task == "classify":
-            model = AutoModelForSequenceClassification.from_pretrained(
-                folder,
-                num_labels=len(label_names),
-                id2label=dict(enumerate(label_names)),
-                label2id={n: i for i, n in enumerate(label_names)},
-                ignore_mismatched_sizes=True,
-                local_files_only=True,
-            )
-        else:
-            model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
+        if task == "causal-lm":
+            config = AutoConfig.from_pretrained(folder, local_files_only=True)
+            check_decoder(folder, config)
+        with _filter_known_noise(task):
+            if task == "classify":
+                model = AutoModelForSequenceClassification.from_pretrained(
+                    folder,
+                    num_labels=len(label_names),
+                    id2label=dict(enumerate(label_names)),
+                    label2id={n: i for i, n in enumerate(label_names)},
+                    ignore_mismatched_sizes=True,
+                    local_files_only=True,
+                    use_safetensors=True,
+                )
+            else:
+                model = AutoModelForCausalLM.from_pretrained(
+                    folder, config=config, local_files_only=True, use_safetensors=True
+                )
+    except LeantuneError:
+        raise
     except Exception as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise LeantuneError(f"could not load a {task} model from {folder}: {first}") from None
