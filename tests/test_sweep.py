@@ -78,6 +78,7 @@ KILLER = textwrap.dedent(
     """
     import os, signal, sys
     from pathlib import Path
+    from leantune.runfolder import RunFolder
     from leantune.sweep import run_sweep
 
     out = Path(sys.argv[1])
@@ -85,7 +86,7 @@ KILLER = textwrap.dedent(
 
     def run(cfg, resume, overwrite, on_validation):
         calls.append(cfg.name)
-        Path(cfg.runs_dir, cfg.name).mkdir(parents=True, exist_ok=True)
+        RunFolder(cfg.runs_dir, cfg.name).begin(resume=False)  # as a started run leaves
         on_validation({"step": 10.0, "epoch": 1.0, "val_accuracy": 1 - cfg.lr})
         if len(calls) == 3:  # mid-trial, the third one
             os.kill(os.getpid(), signal.SIGKILL)
@@ -101,7 +102,7 @@ def test_sweep_survives_kill_9_and_resumes_without_repeating(tmp_path: Path) -> 
     proc = subprocess.run([sys.executable, "-c", KILLER, str(out)], capture_output=True)
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
     assert (out / "sweep.lock").exists()  # left behind by the killed process
-    assert (out / "trial-002").exists()
+    assert (out / ".trial-002.partial").exists()
     log: list[str] = []
     space = {"lr": {"low": 1e-4, "high": 1e-2, "log": True}}
     result = run_sweep({}, space, out, 12, runner=fake_runner(log))
@@ -115,7 +116,7 @@ def test_sweep_survives_kill_9_and_resumes_without_repeating(tmp_path: Path) -> 
     assert trials[3]["retry_of"] == 2 and trials[3]["params"] == trials[2]["params"]
     lrs = [t["params"]["lr"] for t in finished]
     assert len(set(lrs)) == len(lrs)  # no parameters drawn twice
-    assert not (out / "trial-002").exists()  # the killed trial's partial folder is gone
+    assert not (out / ".trial-002.partial").exists()  # the killed trial's partial run is gone
 
 
 def test_real_trials_on_a_tiny_model(tmp_path: Path) -> None:

@@ -520,23 +520,33 @@ def predict(
     ] = None,
     out: Annotated[
         Optional[Path],  # noqa: UP045
-        typer.Option(help="Write JSON Lines here instead of standard output."),
+        typer.Option(
+            help="Write the predictions here instead of standard output: a .jsonl file (JSON "
+            "Lines) or a .csv file (text,label,score). Missing folders are made."
+        ),
     ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing --out file.")
+    ] = False,
 ) -> None:
     """Predict labels for texts with a saved classification run: one JSON line per text."""
-    from leantune.tune import atomic_write, predict_run
+    from leantune.outputs import check_predictions_out, format_predictions, write_text
+    from leantune.tune import predict_run
 
     if not text and input is None:
         fail("give texts with --text or a file with --input")
     try:
+        if out is not None:  # checked before the model loads
+            check_predictions_out(out, overwrite, [input] if input else [], [run])
         rows = predict_run(run, list(text or []), input)
+        lines = format_predictions(rows, out.suffix if out else ".jsonl")
+        if out is not None:
+            write_text(out, lines)
     except LeantuneError as e:
         fail(str(e))
-    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     if out is None:
         typer.echo(lines, nl=False)
     else:
-        atomic_write(out, lines)
         typer.echo(f"{len(rows)} predictions written to {out}", err=True)
 
 
@@ -545,12 +555,16 @@ def merge(
     run: RunArg,
     out: Annotated[Path, typer.Option(help="Folder for the merged transformers model.")],
     overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace an existing --out folder.")
+        bool,
+        typer.Option(
+            "--overwrite", help="Replace an --out folder an earlier merge wrote (nothing else)."
+        ),
     ] = False,
 ) -> None:
     """Export the run as a plain transformers model folder, adapter merged in.
 
     The folder holds the tokenizer too and loads with from_pretrained, without leantune or peft.
+    It may not be the run or its base model; .leantune-merge.json lists the files merge wrote.
     """
     from leantune.tune import merge_run
 
@@ -573,7 +587,6 @@ def info(
 ) -> None:
     """Show what an adapter or run folder holds: method, targets, ranks, sizes, scores."""
     from leantune.formats import CONFIG_NAME, WEIGHTS_NAME, read_adapter_files
-
     from leantune.runfolder import RunFolder
 
     rows: list[tuple[str, str]] = []

@@ -6,19 +6,24 @@ The sweep folder holds ``setup.json`` (common options, data fingerprint, search 
 ``report.html``. TPE samples; a median pruner stops a trial whose validation metric after an
 epoch is below the median of earlier trials at that point.
 
-Interrupted sweeps resume: finished trials (complete, pruned, or refused by their config) are
-kept; a trial left running by a killed process is marked failed and its parameters are tried again
-as a new trial; the sampler is reseeded with the number of trials so far, so a resumed sweep
-does not draw the same parameters as the first trials again. Only one process may work on a
+The search space is checked before anything is written: every choice and both ends of every
+range must be a value tune accepts with the sweep's fixed options. A trial that tune still
+refuses (a combination of searched values, a layer range the model lacks, a run that diverged)
+is marked failed with its reason (``error`` in trials.json) and the sweep goes on; when no trial
+completes, the sweep ends with that reason as its error.
+
+Interrupted sweeps resume: finished trials (complete, pruned, or refused) are kept; a trial
+left running by a killed process is marked failed and its parameters are tried again as a new
+trial; the sampler is reseeded with the number of trials so far, so a resumed sweep does not
+draw the same parameters as the first trials again. Only one process may work on a
 sweep folder at a time (``sweep.lock`` holds its pid).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-import os
-import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -26,6 +31,7 @@ from typing import Any
 
 from leantune.compare import check_setup, data_fingerprint
 from leantune.errors import LeantuneError
+from leantune.runfolder import RunFolder, pid_lock
 
 STUDY_DB = "study.db"
 LOCK = "sweep.lock"
@@ -42,14 +48,31 @@ DEFAULT_SPACE: dict[str, dict[str, Any]] = {
 """Searched when no --space is given: LoRA's rate, rank, schedule, layer decay and L2 weight."""
 
 
-def check_space(space: Any, where: str = "space") -> dict[str, dict[str, Any]]:
-    """Each entry ``option: {low, high[, log][, step]}`` or ``option: {choices: [...]}``."""
-    from leantune.tune import TuneConfig
+def check_space(
+    space: Any, where: str = "space", common: Mapping[str, Any] | None = None
+) -> dict[str, dict[str, Any]]:
+    """Each entry ``option: {low, high[, log][, step]}`` or ``option: {choices: [...]}``.
+
+    Every choice and both ends of every range must be a value tune accepts, checked by building
+    the config with it (on top of ``common``, the options fixed for every trial): a space that
+    passes here does not leave trials that tune then refuses, but for combinations of searched
+    values, which are recorded as failed trials.
+    """
+    import typing
+
+    from leantune.tune import TuneConfig, check_option_types, make_config
 
     if not isinstance(space, dict) or not space:
         raise LeantuneError(f"{where}: give a mapping of option: {{low, high}} or {{choices}}")
-    known = {f.name for f in fields(TuneConfig)} - {"name", "runs_dir", "seed"}
+    known = {f.name for f in fields(TuneConfig)} - {"name", "runs_dir", "seed", "metric"}
+    hints = typing.get_type_hints(TuneConfig)
+    ints = {k for k, hint in hints.items() if int in (typing.get_args(hint) or (hint,))}
+    space = {k: dict(v) if isinstance(v, dict) else v for k, v in space.items()}
     for key, spec in space.items():
+        if key == "metric":
+            raise LeantuneError(
+                f"{where}: metric is what the sweep optimizes; set it with --metric, not in the space"
+            )
         if key not in known:
             raise LeantuneError(f"{where}: {key!r} is not a tune option one can search")
         if not isinstance(spec, dict):
@@ -59,13 +82,31 @@ def check_space(space: Any, where: str = "space") -> dict[str, dict[str, Any]]:
                 raise LeantuneError(f"{where}: {key}: choices stand alone (no low/high)")
             if not isinstance(spec["choices"], list) or not spec["choices"]:
                 raise LeantuneError(f"{where}: {key}: choices is empty; list at least one value")
+            values = list(spec["choices"])
+        else:
+            extra = sorted(set(spec) - {"low", "high", "log", "step"})
+            if extra or "low" not in spec or "high" not in spec:
+                raise LeantuneError(f"{where}: {key}: give low and high (and maybe log, step)")
+            for end in ("low", "high"):  # YAML reads 1e-3 (no dot) as text
+                if isinstance(spec[end], str):
+                    with contextlib.suppress(ValueError):
+                        spec[end] = float(spec[end])
+            low, high = spec["low"], spec["high"]
+            if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (low, high)):
+                raise LeantuneError(f"{where}: {key}: low and high must be numbers")
+            values = [low, high]
+        for value in values:
+            check_option_types({key: value}, where)
+            try:
+                make_config(dict(common or {}) | {key: value})
+            except LeantuneError as e:
+                raise LeantuneError(f"{where}: {key}: {value!r} is refused: {e}") from None
+        if "choices" in spec:
             continue
-        extra = sorted(set(spec) - {"low", "high", "log", "step"})
-        if extra or "low" not in spec or "high" not in spec:
-            raise LeantuneError(f"{where}: {key}: give low and high (and maybe log, step)")
-        low, high = spec["low"], spec["high"]
-        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (low, high)):
-            raise LeantuneError(f"{where}: {key}: low and high must be numbers")
+        if key in ints and not all(isinstance(v, int) for v in (low, high)):
+            raise LeantuneError(
+                f"{where}: {key} takes whole numbers; give low and high as integers"
+            )
         if not low < high:
             raise LeantuneError(
                 f"{where}: {key}: the range [{low}, {high}] is empty; low must be below high "
@@ -100,41 +141,6 @@ def suggest(trial: Any, space: Mapping[str, Mapping[str, Any]]) -> dict[str, Any
     return params
 
 
-class _Lock:
-    """``sweep.lock`` holding this pid; a lock whose process is gone (kill -9) is taken over."""
-
-    def __init__(self, folder: Path) -> None:
-        self.path = folder / LOCK
-
-    def __enter__(self) -> _Lock:
-        if self.path.exists():
-            try:
-                pid = int(self.path.read_text().strip() or 0)
-            except ValueError:
-                pid = 0
-            if pid and pid != os.getpid() and _alive(pid):
-                raise LeantuneError(
-                    f"another sweep (pid {pid}) is working in {self.path.parent}; wait for it"
-                )
-        tmp = self.path.with_name(f".{LOCK}.{os.getpid()}")
-        tmp.write_text(str(os.getpid()))
-        os.replace(tmp, self.path)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.path.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _finished(trial: Any) -> bool:
     from optuna.trial import TrialState
 
@@ -161,11 +167,11 @@ def run_sweep(
 
     if n_trials <= 0:
         raise LeantuneError("--trials must be positive")
-    space = check_space(dict(space))
+    base = make_config(dict(common)).resolved()
+    space = check_space(dict(space), common=common)
     say = log or (lambda s: None)
     run = runner or run_tune
     out = Path(out)
-    base = make_config(dict(common)).resolved()
     metric = str(base.metric)
     higher = metric not in ("perplexity", "loss")
     setup = {
@@ -176,7 +182,7 @@ def run_sweep(
     }
     check_setup(out, setup, "sweep (data, options or search space)")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    with _Lock(out):
+    with pid_lock(out / LOCK, f"sweep {out}"):
         storage = f"sqlite:///{(out / STUDY_DB).resolve()}"
         study = optuna.create_study(
             study_name="leantune",
@@ -188,9 +194,7 @@ def run_sweep(
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             study.tell(t.number, state=TrialState.FAIL)
             study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
-            stale = out / f"trial-{t.number:03d}"
-            if stale.exists():
-                shutil.rmtree(stale)
+            RunFolder(out, f"trial-{t.number:03d}").discard()  # its unfinished run
             say(f"trial {t.number} was interrupted; its parameters will run again")
         done = sum(_finished(t) for t in study.get_trials(deepcopy=False))
         study.sampler = optuna.samplers.TPESampler(
@@ -225,8 +229,16 @@ def run_sweep(
                 summary = run(cfg, resume=False, overwrite=False, on_validation=report)
             except optuna.TrialPruned:
                 study.tell(trial, state=TrialState.PRUNED)
-                shutil.rmtree(out / name / "checkpoint", ignore_errors=True)
+                RunFolder(out, name).discard()  # a pruned trial keeps no partial run
                 say(f"{name}: pruned")
+                done += 1
+                continue
+            except LeantuneError as e:
+                # Refused by tune (values the config accepts but the model or data do not,
+                # or a run that diverged): recorded, not left RUNNING to be retried for ever.
+                trial.set_user_attr("error", str(e))
+                study.tell(trial, state=TrialState.FAIL)
+                say(f"{name}: refused ({e})")
                 done += 1
                 continue
             if summary.get("interrupted"):
@@ -252,6 +264,13 @@ def run_sweep(
         from leantune.report import write_sweep_report
 
         write_sweep_report(out, result)
+    if best is None:
+        errors = [t["error"] for t in result["trials"] if "error" in t]
+        if errors:
+            raise LeantuneError(
+                f"no trial completed: {len(errors)} failed, the last with: {errors[-1]} "
+                f"(all in {out / TRIALS_JSON}); fix it and sweep into a new --out"
+            )
     result["out"] = str(out)
     return result
 

@@ -370,10 +370,10 @@ def read_config(path: Path) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise LeantuneError(f"{path} must hold a mapping of option: value")
     known = {f.name for f in fields(TuneConfig)}
-    unknown = sorted(set(values) - known)
+    unknown = sorted(str(k) for k in values if k not in known)
     if unknown:
         raise LeantuneError(f"{path}: unknown option {unknown[0]!r}; options are {sorted(known)}")
-    return values
+    return check_option_types(values, str(path))
 
 
 def write_config(config: TuneConfig, path: Path) -> None:
@@ -385,11 +385,82 @@ def write_config(config: TuneConfig, path: Path) -> None:
     atomic_write(path, "\n".join(lines) + "\n")
 
 
-def make_config(values: Mapping[str, Any]) -> TuneConfig:
+def make_config(values: Mapping[str, Any], where: str | None = None) -> TuneConfig:
+    """A TuneConfig from option values (a YAML file's, the command line's, a sweep trial's);
+    values of the wrong type are one clear error naming ``where`` they came from."""
     try:
-        return TuneConfig(**values)
+        return TuneConfig(**check_option_types(values, where))
     except TypeError as e:
         raise LeantuneError(f"bad option: {e}") from None
+
+
+_EXAMPLES = {"lr": "2e-3", "l2": "1e-3"}
+"""Examples for error messages where the field's default (None) cannot serve."""
+
+
+def check_option_types(values: Mapping[str, Any], where: str | None = None) -> dict[str, Any]:
+    """``values`` with each TuneConfig field's value checked against its annotation.
+
+    Whole numbers for int fields (3.0 becomes 3; a bool is not a number), numbers for float
+    fields (an int, or text YAML reads as a number such as ``1e-3``, becomes a float), finite
+    floats, true/false for flags, text for text fields (a number becomes its text: ``budget:
+    68000``), None only where the field allows it. Unknown names are left to TuneConfig.
+    """
+    import typing
+
+    hints = typing.get_type_hints(TuneConfig)
+    defaults = {f.name: f.default for f in fields(TuneConfig)}
+    prefix = f"{where}: " if where else ""
+    out = dict(values)
+    for key, value in values.items():
+        if key not in hints:
+            continue
+        kinds = typing.get_args(hints[key]) or (hints[key],)
+        kind = next(k for k in kinds if k is not type(None))
+        default = defaults[key]
+        example = _EXAMPLES.get(key, repr(default) if isinstance(default, kind) else None)
+        if value is None:
+            if type(None) in kinds:
+                continue
+            problem = "has no value"
+        elif kind is bool:
+            if isinstance(value, bool):
+                continue
+            problem, example = f"{value!r} is not true or false", "true"
+        elif kind is str:
+            if isinstance(value, str):
+                continue
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                out[key] = str(value)
+                continue
+            problem = f"{value!r} is not text"
+        elif kind is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                continue
+            if isinstance(value, float) and value.is_integer():
+                out[key] = int(value)
+                continue
+            problem, example = f"{value!r} is not a whole number", example or "10"
+        else:  # float
+            number = value
+            if isinstance(value, str):  # YAML reads 1e-3 (no dot) as text
+                with contextlib.suppress(ValueError):
+                    number = float(value)
+            if isinstance(number, int | float) and not isinstance(number, bool):
+                if math.isfinite(number):
+                    out[key] = float(number)
+                    continue
+                problem = f"{value!r} is not a finite number"
+            else:
+                problem = f"{value!r} is not a number"
+            example = example or "1.0"
+        give = {bool: "true or false", str: "text", int: "a whole number"}.get(kind, "a number")
+        raise LeantuneError(
+            f"{prefix}{key}: {problem}; give {give}"
+            + (f" like {example}" if example and kind is not bool else "")
+            + (" (or leave it out)" if type(None) in kinds else "")
+        )
+    return out
 
 
 # ---------------------------------------------------------------------------- files
@@ -489,6 +560,13 @@ def load_splits(config: TuneConfig) -> Splits:
     test = test or _subset(data, parts[2])
     for what, table in (("training", train_part), ("validation", val), ("test", test)):
         if not table.texts:
+            from leantune.data import PARTS, too_few_rows
+
+            fractions = (train_f / total, val_f / total, test_f / total)
+            where = config.data or "the data"
+            cause = too_few_rows(data.labels, fractions, PARTS.index(what), where)
+            if cause:  # labels with too few rows, not too few rows in all
+                raise LeantuneError(cause)
             raise LeantuneError(
                 f"the {what} split is empty: {config.data or 'the data'} has {len(data.texts)} "
                 "rows; give more rows, a separate file, or other --split fractions"
@@ -503,7 +581,19 @@ def load_splits(config: TuneConfig) -> Splits:
 
 
 def encode(tok: Any, table: TextTable, names: list[str], max_length: int, where: str) -> Encoded:
-    ids = tok(table.texts, truncation=True, max_length=max_length)["input_ids"]
+    # Texts are cut to 100 characters per token of max_length before tokenizing, so one huge
+    # text costs no more than a normal one. Natural text averages about 4 characters a token
+    # and tokens beyond 20 are rare, so max_length tokens end far before the cut and the ids
+    # are those of the whole text. A cut text that does not fill max_length (a long run of
+    # spaces, a giant unknown word) may have lost tokens, so it is tokenized again whole.
+    bound = max_length * 100
+    texts = [t[:bound] for t in table.texts]
+    ids = tok(texts, truncation=True, max_length=max_length)["input_ids"]
+    again = [i for i, t in enumerate(table.texts) if len(t) > bound and len(ids[i]) < max_length]
+    if again:
+        whole = tok([table.texts[i] for i in again], truncation=True, max_length=max_length)
+        for i, seq in zip(again, whole["input_ids"], strict=True):
+            ids[i] = seq
     labels = encode_labels(table.labels, names, where) if names else []
     return Encoded(ids, labels)
 
@@ -985,13 +1075,13 @@ def _run(
         )
     except Diverged as e:
         tracker.close("FAILED")
-        kept = (
+        last = (
             f"the last good checkpoint (step {folder.checkpoint_step()}) is kept in {run}; "
             if folder.resumable()
             else ""
         )
         raise LeantuneError(
-            f"{e}. Nothing was saved as the run's result; {kept}start over with --overwrite"
+            f"{e}. Nothing was saved as the run's result; {last}start over with --overwrite"
         ) from None
     except BaseException:
         tracker.close("FAILED")
@@ -1172,6 +1262,12 @@ def load_run(run: Path) -> SavedRun:
 
     run = Path(run)
     if not (run / "config.yaml").is_file():
+        partial = RunFolder(run.parent, run.name)
+        if partial.resumable():
+            raise LeantuneError(
+                f"{run} has not finished (checkpoint at step {partial.checkpoint_step()}); finish "
+                f"it with leantune tune --name {run.name} --runs-dir {run.parent} --resume"
+            )
         raise LeantuneError(f"{run} is not a leantune run folder (no config.yaml)")
     config = make_config(read_config(run / "config.yaml"))
     if not (run / "summary.json").is_file():
@@ -1227,7 +1323,10 @@ def evaluate_run(run: Path, data: Path | None = None, split: str = "test") -> di
 def predict_run(
     run: Path, texts: list[str], input_file: Path | None = None
 ) -> list[dict[str, Any]]:
-    """Label and probability for each text, in the order given."""
+    """Label and probability for each text, in the order given; a run whose scores are not
+    finite (broken weights) is refused."""
+    from leantune.outputs import check_finite_scores
+
     saved = load_run(run)
     if saved.config.causal:
         raise LeantuneError(f"{run} is a causal-lm run; predict classifies texts")
@@ -1244,50 +1343,55 @@ def predict_run(
         pad_id=saved.tok.pad_token_id,
         batch_size=saved.config.eval_batch_size,
     )
-    return [
+    rows = [
         {"text": t, "label": saved.label_names[p], "score": round(s, 6)}
         for t, p, s in zip(texts, result.predictions, result.probabilities, strict=True)
     ]
+    check_finite_scores(rows, run)
+    return rows
 
 
 def merge_run(run: Path, out: Path, overwrite: bool = False) -> Path:
-    """Write the run's model, adapter merged in, as a plain transformers folder."""
-    from leantune.inject import unload
+    """Write the run's model, adapter merged in, as a plain transformers folder.
 
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise LeantuneError(f"{out} exists and is not empty; pass --overwrite to replace it")
-        if not (out / "config.json").exists():
-            raise LeantuneError(f"{out} is not a model folder (no config.json); not deleting it")
+    ``out`` may not be the run or its base model (nor inside or around them); an existing
+    folder is replaced (with ``overwrite``) only when merge wrote it and it holds nothing else.
+    """
+    from leantune.inject import unload
+    from leantune.outputs import check_merge_out, write_merged_folder
+
+    run, out = Path(run), Path(out)
+    if out.exists() and not out.is_dir():
+        raise LeantuneError(f"--out {out} is a file; give a folder for the merged model")
+    if not (run / "config.yaml").is_file():
+        raise LeantuneError(f"{run} is not a leantune run folder (no config.yaml)")
+    config = make_config(read_config(run / "config.yaml"))
+    check_merge_out(out, overwrite, run, model_dir(config.model))
     saved = load_run(run)
     model = unload(saved.model, merge_active=True).cpu()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
-        model.save_pretrained(tmp)  # type: ignore[operator]
-        saved.tok.save_pretrained(tmp)
-    except Exception:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
+
+    def fill(folder: Path) -> None:
+        model.save_pretrained(folder)  # type: ignore[operator]
+        saved.tok.save_pretrained(folder)
+
+    return write_merged_folder(out, fill, run=str(run.resolve()))
 
 
 def run_select(config: TuneConfig, out: str | os.PathLike[str]) -> tuple[Plan, Scores]:
     """Score and allocate without training: writes the plan and its heatmap beside it."""
+    from leantune.outputs import check_parent
     from leantune.report import write_heatmap
 
     out = Path(out)
     if out.exists() and not out.is_file():
         raise LeantuneError(f"{out} is not a file; give a path for plan.json")
-    if not out.parent.exists():
-        raise LeantuneError(f"folder {out.parent} does not exist")
+    if out.suffix.lower() == ".png":
+        raise LeantuneError(f"--out {out}: the heatmap goes beside the plan as .png; name a .json")
+    check_parent(out)
     prep = prepare(replace(config.resolved(), select="auto", plan=None, method="lora"), False)
     plan, scores = make_plan(prep.model, prep.config, prep.train, prep.tok.pad_token_id)
     assert scores is not None
+    out.parent.mkdir(parents=True, exist_ok=True)  # as tune makes its runs folder
     plan.save(out)
     write_heatmap(out.with_suffix(".png"), scores.by_layer_and_kind("fisher"), "Fisher")
     return plan, scores
