@@ -382,3 +382,26 @@ def test_item10_real_refusal_by_tune_is_recorded_not_stuck(
     # The same command again does not retry them: the same one line, no new trial.
     refused(cli(*args), "no trial completed")
     assert len(json.loads((out / "trials.json").read_text())["trials"]) == 2
+
+
+def test_item04_select_out_needs_overwrite_to_replace_a_plan(
+    world: dict[str, Path], tmp_path: Path
+) -> None:
+    """The same class as predict --out: a plan (maybe edited by hand) is not replaced silently."""
+    out = tmp_path / "plan.json"
+    out.write_text('{"edited": "by hand"}')
+    args = [
+        "select",
+        "--model",
+        str(world["model"]),
+        "--data",
+        str(world["data"]),
+        "--out",
+        str(out),
+    ]
+    res = CliRunner().invoke(app, [*args, "--budget", "1%"])
+    assert res.exit_code == 2 and "exists; pass --overwrite" in res.stderr
+    assert out.read_text() == '{"edited": "by hand"}'
+    res = CliRunner().invoke(app, [*args, "--budget", "1%", "--overwrite"])
+    assert res.exit_code == 0, res.stderr
+    assert json.loads(out.read_text())["entries"]

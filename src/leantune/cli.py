@@ -245,11 +245,11 @@ def select(**kwargs: Any) -> None:
     """
     from leantune.tune import make_config, read_config, run_select
 
-    config, out = kwargs.pop("config"), kwargs.pop("out")
+    config, out, overwrite = kwargs.pop("config"), kwargs.pop("out"), kwargs.pop("overwrite")
     given = {k: v for k, v in kwargs.items() if v is not None}
     try:
         cfg = make_config((read_config(config) if config else {}) | given)
-        plan, scores = run_select(cfg, out)
+        plan, scores = run_select(cfg, out, overwrite=overwrite)
     except LeantuneError as e:
         fail(str(e))
     planned = {
@@ -307,7 +307,8 @@ app.command("select")(
                     inspect.Parameter.KEYWORD_ONLY,
                     default=Path("plan.json"),
                     annotation=Annotated[Path, typer.Option(help="Where to write the plan.")],
-                )
+                ),
+                _flag("overwrite", "Replace an existing plan file (and its heatmap)."),
             ]
         ),
     )

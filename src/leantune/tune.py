@@ -1377,8 +1377,11 @@ def merge_run(run: Path, out: Path, overwrite: bool = False) -> Path:
     return write_merged_folder(out, fill, run=str(run.resolve()))
 
 
-def run_select(config: TuneConfig, out: str | os.PathLike[str]) -> tuple[Plan, Scores]:
-    """Score and allocate without training: writes the plan and its heatmap beside it."""
+def run_select(
+    config: TuneConfig, out: str | os.PathLike[str], overwrite: bool = False
+) -> tuple[Plan, Scores]:
+    """Score and allocate without training: writes the plan and its heatmap beside it. An
+    existing plan (maybe edited by hand) is replaced only with ``overwrite``."""
     from leantune.outputs import check_parent
     from leantune.report import write_heatmap
 
@@ -1387,6 +1390,8 @@ def run_select(config: TuneConfig, out: str | os.PathLike[str]) -> tuple[Plan, S
         raise LeantuneError(f"{out} is not a file; give a path for plan.json")
     if out.suffix.lower() == ".png":
         raise LeantuneError(f"--out {out}: the heatmap goes beside the plan as .png; name a .json")
+    if out.exists() and not overwrite:
+        raise LeantuneError(f"{out} exists; pass --overwrite to replace it, or give another --out")
     check_parent(out)
     prep = prepare(replace(config.resolved(), select="auto", plan=None, method="lora"), False)
     plan, scores = make_plan(prep.model, prep.config, prep.train, prep.tok.pad_token_id)
