@@ -401,3 +401,26 @@ def test_item02_a_run_from_before_markers_is_replaced_only_when_every_file_is_a_
     assert (legacy / MARKER).is_file() and (
         legacy / "adapter" / "adapter_config.json"
     ).read_text() != "{}"
+
+
+def test_item02_save_adapter_replaces_only_a_folder_of_adapter_files(tmp_path: Path) -> None:
+    """The same class of bug in the library: a folder with adapter_config.json and the user's
+    own files is not replaced whole."""
+    import torch
+
+    from conftest import build
+    from leantune import LoraConfig, inject, save_adapter
+
+    model = build("bert")
+    inject(model, LoraConfig(r=2, targets=["query"]))
+    folder = save_adapter(model, tmp_path / "a")
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(LeantuneError, match=r"holds 'notes\.txt' besides the adapter"):
+        save_adapter(model, folder)
+    assert (folder / "notes.txt").read_text() == "mine"
+    (folder / "notes.txt").unlink()
+    with torch.no_grad():
+        next(p for p in model.parameters() if p.requires_grad).add_(1.0)
+    before = (folder / "adapter_model.safetensors").read_bytes()
+    save_adapter(model, folder)
+    assert (folder / "adapter_model.safetensors").read_bytes() != before

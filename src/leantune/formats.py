@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import shutil
@@ -30,13 +31,20 @@ from torch import nn
 
 from leantune.errors import AdapterFileError, LeantuneError
 from leantune.inject import (
+    _all_parameters,
     _record,
     adapter_layers,
+    check_finite,
+    infer_task_type,
     inject,
     mark_trainable,
+    match_targets,
     name_matches,
     records,
     remove_adapter,
+    resolve_modules_to_save,
+    saved_module,
+    set_active,
 )
 from leantune.methods.bitfit import BitFitConfig
 from leantune.methods.delta import DeltaLayer
@@ -69,8 +77,8 @@ def adapter_state_dict(model: nn.Module, name: str | None = None) -> dict[str, t
         elif isinstance(layer, DeltaLayer):
             for key, t in layer.file_tensors(name).items():
                 out[f"{PREFIX}{layer_name}.leantune_{layer.method}.{key}"] = t
-    for mod_name in rec.modules_to_save:
-        for key, t in model.get_submodule(mod_name).state_dict().items():
+    for mod_name in rec.modules_to_save:  # this adapter's own copy of the head
+        for key, t in saved_module(model, mod_name, name).state_dict().items():
             out[f"{PREFIX}{mod_name}.{key}"] = t
     # safetensors wants contiguous tensors that share no memory.
     return {k: v.detach().contiguous().clone() for k, v in out.items()}
@@ -178,8 +186,25 @@ def save_adapter(
         raise AdapterFileError(
             f"{dest} is a non-empty folder that holds no adapter; save to a new or empty folder"
         )
+    # An adapter folder is replaced whole, so it may hold nothing but the two adapter files.
+    others = (
+        sorted(p.name for p in dest.iterdir() if p.name not in (CONFIG_NAME, WEIGHTS_NAME))
+        if dest.is_dir()
+        else []
+    )
+    if others:
+        raise AdapterFileError(
+            f"{dest} holds {others[0]!r} besides the adapter; not replacing it. Move "
+            f"{'it' if len(others) == 1 else f'those {len(others)} files'} out, or save to a new folder"
+        )
     config = adapter_config(model, name)
     tensors = adapter_state_dict(model, name)
+    check_finite(
+        {k.removeprefix(PREFIX): t for k, t in tensors.items()},
+        f"adapter {_record(model, name)[0]!r}",
+        f"nothing was written to {dest}",
+        AdapterFileError,
+    )
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
@@ -249,6 +274,7 @@ def read_adapter_files(
         raise AdapterFileError(
             f"{weights} is truncated or corrupt ({e}); re-save or re-copy the adapter"
         ) from None
+    check_finite(tensors, str(weights), "leantune does not load it", AdapterFileError)
     return config, tensors
 
 
@@ -264,11 +290,117 @@ _UNSUPPORTED = {
 DELTA_METHODS = {"bitfit": BitFitConfig, "layernorm": LayerNormConfig, "sparse": SparseConfig}
 
 
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _bad(key: str, value: Any, want: str) -> AdapterFileError:
+    return AdapterFileError(
+        f"adapter config {key}={_short(value)} must be {want}; fix adapter_config.json or "
+        "re-save the adapter"
+    )
+
+
+def _rank(key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise AdapterFileError(
+            f"adapter config {key}={_short(value)}: a LoRA rank r must be a positive integer; fix "
+            "adapter_config.json or re-save the adapter"
+        )
+    return value
+
+
+def _positive_number(key: str, value: Any) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise _bad(key, value, "a positive finite number")
+    return float(value)
+
+
+def _dropout(key: str, value: Any) -> float:
+    if value is None:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
+        raise _bad(key, value, "a number in [0, 1)")
+    return float(value)
+
+
+def _flag(key: str, value: Any) -> bool:
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise _bad(key, value, "true or false")
+    return value
+
+
+def _names(key: str, value: Any) -> list[str]:
+    """A list of module names (one name alone is taken as a list of one)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise _bad(key, value, "a module name or a list of module names")
+
+
+def _optional_str(key: str, value: Any) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise _bad(key, value, "a string or null")
+    return value
+
+
+def _pattern(key: str, value: Any, convert: Any) -> dict[str, Any]:
+    """rank_pattern / alpha_pattern: regex keys (peft's rule), values checked by ``convert``."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _bad(key, value, "an object mapping module names to values")
+    out = {}
+    for k, v in value.items():
+        try:
+            re.compile(rf"(.*\.)?({k})$")
+        except re.error as e:
+            raise AdapterFileError(
+                f"adapter config {key} key {k!r} is not a valid regex ({e}); fix "
+                "adapter_config.json or re-save the adapter"
+            ) from None
+        out[k] = convert(f"{key}[{k!r}]", v)
+    return out
+
+
+def _layers(value: Any) -> list[int] | None:
+    if value is None:
+        return None
+    items = [value] if isinstance(value, int) and not isinstance(value, bool) else value
+    if not isinstance(items, list) or not all(
+        isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in items
+    ):
+        raise _bad("layers_to_transform", value, "a layer index or a list of layer indices")
+    return list(items)
+
+
+def _layers_pattern(value: Any) -> str | None:
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return str(value[0])
+    if value is None or (isinstance(value, str) and value):
+        return value
+    raise _bad("layers_pattern", value, "the name of the layer list, like 'layers'")
+
+
+_INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
 def config_from_leantune(cfg: dict[str, Any], tensors: dict[str, torch.Tensor]) -> MixedConfig:
     """The adapter config of a ``LEANTUNE`` folder; ``tensors`` are its tensors, prefix removed
     (sparse masks come from them)."""
     version = cfg.get("format_version")
-    if version != FORMAT_VERSION:
+    if version != FORMAT_VERSION or isinstance(version, bool):
         raise AdapterFileError(
             f"leantune adapter format_version {version!r} is not {FORMAT_VERSION}; "
             "update leantune to read it"
@@ -279,26 +411,46 @@ def config_from_leantune(cfg: dict[str, Any], tensors: dict[str, torch.Tensor]) 
     by_method: dict[str, dict[str, dict[str, Any]]] = {}
     for module, spec in modules.items():
         method = spec.get("method") if isinstance(spec, dict) else None
-        if method != "lora" and method not in DELTA_METHODS:
+        if not isinstance(method, str) or (method != "lora" and method not in DELTA_METHODS):
             raise AdapterFileError(
                 f"adapter config: module {module!r} has method {method!r}; leantune knows "
                 f"lora, {', '.join(DELTA_METHODS)}"
             )
         by_method.setdefault(method, {})[module] = spec
-    to_save = _as_list(cfg.get("modules_to_save"))
+    to_save = _names("modules_to_save", cfg.get("modules_to_save"))
+    task_type = _optional_str("task_type", cfg.get("task_type"))
     parts: list[Any] = []
     try:
         if "lora" in by_method:
             specs = by_method["lora"]
+            settings: tuple[float, bool, bool] | None = None
+            for m, spec in specs.items():
+                if "r" not in spec or "alpha" not in spec:
+                    raise AdapterFileError(f"adapter config: LoRA module {m!r} lacks r or alpha")
+                _rank(f"modules[{m!r}].r", spec["r"])
+                _positive_number(f"modules[{m!r}].alpha", spec["alpha"])
+                these = (
+                    _dropout(f"modules[{m!r}].dropout", spec.get("dropout")),
+                    _flag(f"modules[{m!r}].rslora", spec.get("rslora")),
+                    _flag(f"modules[{m!r}].dora", spec.get("dora")),
+                )
+                if settings is not None and these != settings:
+                    raise AdapterFileError(
+                        f"adapter config: LoRA module {m!r} differs from the others in dropout, "
+                        "rslora or dora; leantune writes one setting for all its LoRA modules"
+                    )
+                settings = these
+            assert settings is not None
             first = next(iter(specs.values()))
+            dropout, rslora, dora = settings
             parts.append(
                 LoraConfig(
                     targets=list(specs),
                     r=int(first["r"]),
                     alpha=float(first["alpha"]),
-                    dropout=float(first.get("dropout", 0.0)),
-                    rslora=bool(first.get("rslora", False)),
-                    dora=bool(first.get("dora", False)),
+                    dropout=dropout,
+                    rslora=rslora,
+                    dora=dora,
                     rank_pattern={re.escape(m): int(s["r"]) for m, s in specs.items()},
                     alpha_pattern={re.escape(m): float(s["alpha"]) for m, s in specs.items()},
                     modules_to_save=[],
@@ -310,12 +462,20 @@ def config_from_leantune(cfg: dict[str, Any], tensors: dict[str, torch.Tensor]) 
             names = list(by_method[method])
             extra: dict[str, Any] = {}
             if method == "sparse":
-                missing = [m for m in names if f"{m}.leantune_sparse.indices" not in tensors]
-                if missing:
-                    raise AdapterFileError(f"adapter file lacks the sparse mask of {missing[0]}")
-                extra["masks"] = {m: tensors[f"{m}.leantune_sparse.indices"] for m in names}
+                masks = {}
+                for m in names:
+                    mask = tensors.get(f"{m}.leantune_sparse.indices")
+                    if mask is None:
+                        raise AdapterFileError(f"adapter file lacks the sparse mask of {m}")
+                    if mask.dtype not in _INTEGER_DTYPES or mask.ndim != 1:
+                        raise AdapterFileError(
+                            f"adapter tensor {m}.leantune_sparse.indices must be a 1-D integer "
+                            f"tensor, not {mask.dtype} of shape {tuple(mask.shape)}"
+                        )
+                    masks[m] = mask
+                extra["masks"] = masks
             parts.append(config_cls(targets=names, modules_to_save=[], **extra))
-        return MixedConfig(parts=parts, modules_to_save=to_save, task_type=cfg.get("task_type"))
+        return MixedConfig(parts=parts, modules_to_save=to_save, task_type=task_type)
     except (TypeError, ValueError, KeyError, LeantuneError) as e:
         if isinstance(e, AdapterFileError):
             raise
@@ -323,7 +483,8 @@ def config_from_leantune(cfg: dict[str, Any], tensors: dict[str, torch.Tensor]) 
 
 
 def config_from_peft(cfg: dict[str, Any]) -> LoraConfig:
-    """A LoraConfig from a peft (or leantune) adapter_config.json."""
+    """A LoraConfig from a peft (or leantune) adapter_config.json. Values of the wrong type are
+    refused rather than coerced (a string "false" is not False, 4.5 is not rank 4)."""
     if cfg.get("peft_type") != "LORA":
         raise AdapterFileError(
             f"peft_type {cfg.get('peft_type')!r} is not supported; leantune loads LORA adapters "
@@ -333,43 +494,40 @@ def config_from_peft(cfg: dict[str, Any]) -> LoraConfig:
         if cfg.get(key, ok) not in (ok, None, {}, []):
             raise AdapterFileError(f"adapter config {key}={cfg[key]!r}: {why}")
     init = cfg.get("init_lora_weights", True)
+    if not isinstance(init, bool | str):
+        raise _bad("init_lora_weights", init, "true, false or an init name")
     if isinstance(init, str) and init.lower() not in ("gaussian",):
         raise AdapterFileError(
             f"init_lora_weights={init!r}: such adapters need a rewritten base model; convert it "
             "to a plain LoRA with peft (path_initial_model_for_weight_conversion) first"
         )
-    if "target_modules" not in cfg or not cfg["target_modules"]:
+    targets = cfg.get("target_modules")
+    if not targets:
         raise AdapterFileError("adapter config has no target_modules")
-    layers = cfg.get("layers_to_transform")
-    pattern = cfg.get("layers_pattern")
+    if not isinstance(targets, str):
+        targets = _names("target_modules", targets)
     try:
         return LoraConfig(
-            targets=cfg["target_modules"]
-            if isinstance(cfg["target_modules"], str)
-            else list(cfg["target_modules"]),
-            layers=[layers] if isinstance(layers, int) else layers,
-            layers_pattern=pattern[0] if isinstance(pattern, list) else pattern,
-            exclude=_as_list(cfg.get("exclude_modules")),
-            modules_to_save=_as_list(cfg.get("modules_to_save")),
-            task_type=cfg.get("task_type"),
-            r=int(cfg.get("r", 8)),
-            alpha=float(cfg.get("lora_alpha", 8)),
-            dropout=float(cfg.get("lora_dropout", 0.0)),
-            rslora=bool(cfg.get("use_rslora", False)),
-            dora=bool(cfg.get("use_dora", False)),
-            rank_pattern=dict(cfg.get("rank_pattern") or {}),
-            alpha_pattern=dict(cfg.get("alpha_pattern") or {}),
+            targets=targets,
+            layers=_layers(cfg.get("layers_to_transform")),
+            layers_pattern=_layers_pattern(cfg.get("layers_pattern")),
+            exclude=_names("exclude_modules", cfg.get("exclude_modules")),
+            modules_to_save=_names("modules_to_save", cfg.get("modules_to_save")),
+            task_type=_optional_str("task_type", cfg.get("task_type")),
+            r=_rank("r", cfg.get("r", 8)),
+            alpha=_positive_number("lora_alpha", cfg.get("lora_alpha", 8)),
+            dropout=_dropout("lora_dropout", cfg.get("lora_dropout")),
+            rslora=_flag("use_rslora", cfg.get("use_rslora")),
+            dora=_flag("use_dora", cfg.get("use_dora")),
+            rank_pattern=_pattern("rank_pattern", cfg.get("rank_pattern"), _rank),
+            alpha_pattern=_pattern("alpha_pattern", cfg.get("alpha_pattern"), _positive_number),
         )
     except (TypeError, ValueError) as e:
+        if isinstance(e, AdapterFileError):
+            raise
         raise AdapterFileError(
             f"adapter config does not describe a usable LoRA adapter: {e}"
         ) from None
-
-
-def _as_list(value: Any) -> list[str]:
-    if value is None:
-        return []
-    return [value] if isinstance(value, str) else list(value)
 
 
 def load_adapter(
@@ -381,9 +539,11 @@ def load_adapter(
 ) -> nn.Module:
     """Load an adapter folder written by leantune or peft into ``model`` as adapter ``name``.
 
-    Every tensor must fit a layer of the model and every adapted layer must get its tensors;
-    otherwise the model is left as it was and the error lists what does not fit. The loaded
-    adapter becomes active; with ``trainable`` its parameters (and heads) are left trainable.
+    Every tensor must fit a layer of the model, every adapted layer must get its tensors and
+    every saved module (head) its weights; otherwise the model is left as it was (the adapter
+    that was active stays active) and the error says what does not fit. NaN/inf tensors are
+    refused. The loaded adapter becomes active; with ``trainable`` its parameters (and heads)
+    are left trainable.
     """
     raw, tensors = read_adapter_files(directory)
     bad = [k for k in tensors if not k.startswith(PREFIX)]
@@ -399,18 +559,67 @@ def load_adapter(
     names = [n for n, _ in model.named_modules() if n]
     present = [m for m in config.modules_to_save or [] if any(name_matches(n, [m]) for n in names)]
     config = dataclasses.replace(config, modules_to_save=present)
+    _check_before_building(model, config, tensors)
+    before = model.__dict__.get("_leantune_active")
     inject(model, config, name, freeze=False)
     try:
         _fill(model, name, tensors)
     except Exception:
         remove_adapter(model, name)
+        if before in records(model):
+            set_active(model, before)
         raise
     if trainable:
         mark_trainable(model, name)
     else:
-        for p in model.parameters():
+        for p in _all_parameters(model):
             p.requires_grad_(False)
     return model
+
+
+def _check_before_building(
+    model: nn.Module, config: LoraConfig | MixedConfig, tensors: dict[str, torch.Tensor]
+) -> None:
+    """The file holds each target's LoRA factors at the rank the config gives, and the weights
+    of each saved module; checked before any layer is built (a config saying r=10**12 must not
+    allocate it)."""
+    task_type = config.task_type or infer_task_type(model)
+    to_save = resolve_modules_to_save(model, config, task_type)
+    for module_name in match_targets(model, config, skip=to_save):
+        part = config.part_for(module_name) if isinstance(config, MixedConfig) else config
+        if not isinstance(part, LoraConfig):
+            continue
+        key = next(
+            (
+                k
+                for k in (
+                    f"{module_name}.{LoraLayer.peft_keys['A']}",
+                    f"{module_name}.lora_embedding_A",
+                )
+                if k in tensors
+            ),
+            None,
+        )
+        if key is None:
+            raise AdapterFileError(
+                f"adapter file lacks the LoRA factors of {module_name}, which its config "
+                "targets; the file and adapter_config.json do not belong together"
+            )
+        rank = part.rank_for(module_name)
+        if tensors[key].ndim != 2 or tensors[key].shape[0] != rank:
+            raise AdapterFileError(
+                f"adapter tensor {key!r} has shape {tuple(tensors[key].shape)} but "
+                f"adapter_config.json gives {module_name} rank {rank}; the file and the config "
+                "do not belong together"
+            )
+    for module_name in to_save:
+        for key in model.get_submodule(module_name).state_dict():
+            if f"{module_name}.{key}" not in tensors:
+                raise AdapterFileError(
+                    f"adapter file lacks {module_name}.{key}: adapter_config.json lists "
+                    f"{module_name} in modules_to_save, so its trained weights must be in the "
+                    "file; re-save the adapter"
+                )
 
 
 def _fill(model: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> None:
@@ -435,8 +644,8 @@ def _fill(model: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> None
         if isinstance(layer, LoraLayer) and name in layer.adapter_names():
             for pname, p in layer.named_parameters(recurse=False):
                 heads[f"{layer_name}.base_layer.{pname}"] = p
-    for mod_name in rec.modules_to_save:
-        for key, t in model.get_submodule(mod_name).state_dict(keep_vars=True).items():
+    for mod_name in rec.modules_to_save:  # this adapter's own copy of the head
+        for key, t in saved_module(model, mod_name, name).state_dict(keep_vars=True).items():
             heads[f"{mod_name}.{key}"] = t
     unknown = sorted(set(tensors) - set(wanted) - set(heads))
     if unknown:
@@ -457,6 +666,11 @@ def _fill(model: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> None
             raise AdapterFileError(
                 f"adapter tensor {key!r} has shape {tuple(src.shape)} but the model needs "
                 f"{tuple(dst.shape)}; was the adapter made for another model size?"
+            )
+        if dst.is_floating_point() != src.is_floating_point() or src.is_complex():
+            raise AdapterFileError(
+                f"adapter tensor {key!r} is {src.dtype} but the model needs {dst.dtype}; the "
+                "file is damaged or was not written for this model"
             )
     with torch.no_grad():
         for key, src in tensors.items():

@@ -5,14 +5,21 @@ swaps each matched layer for an adapter layer that keeps the same base parameter
 names, so a base checkpoint still loads. Everything else here is a free function over a model:
 find adapter parameters (by type, never by name), freeze, merge, unmerge, unload, switch or
 disable adapters, mix adapters within one batch.
+
+Modules trained in full with an adapter (``modules_to_save``: a task head) are per adapter, as
+in peft: injection keeps the original module aside and gives each adapter its own copy. The
+model holds the copy of the active adapter at the module's usual name (so ``classifier.weight``
+is the active adapter's head), the original while disabled or unloaded, and in a mixed batch a
+router sending each example through its adapter's copy.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import difflib
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -25,6 +32,7 @@ BASE = "__base__"
 """Adapter name meaning "no adapter" in a mixed batch."""
 
 _RECORDS = "_leantune_adapters"
+_SAVED = "_leantune_saved"
 
 try:  # GPT-2 style layers; transformers is a dependency but keep the core importable without it.
     from transformers.pytorch_utils import Conv1D
@@ -95,8 +103,21 @@ class AdapterConfig:
                     raise TargetError(f"targets {self.targets!r} is not a valid regex: {e}") from e
         elif not self.targets:
             raise TargetError("targets is empty: name at least one module, or use 'all-linear'")
-        if self.layers is not None and any(i < 0 for i in self.layers):
+        for key in ("targets", "exclude", "modules_to_save"):
+            value = getattr(self, key)
+            if isinstance(value, list | tuple) and not all(isinstance(v, str) for v in value):
+                raise TargetError(f"{key} must list module names (strings), got {value!r}")
+        if self.layers is not None and not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers
+        ):
             raise TargetError(f"layers must be non-negative indices, got {self.layers}")
+        if self.layers_pattern is not None:
+            try:
+                re.compile(self.layers_pattern)
+            except (re.error, TypeError) as e:
+                raise TargetError(
+                    f"layers_pattern {self.layers_pattern!r} is not a valid regex: {e}"
+                ) from None
 
     def rewrites_base_weight(self) -> bool:
         """True when injection changes the base weight itself (PiSSA's residual)."""
@@ -218,12 +239,13 @@ def match_targets(model: nn.Module, config: AdapterConfig, skip: Sequence[str] =
     """Names of the modules ``config`` adapts, or a TargetError saying why there are none."""
     supported = config.supported_types()
     modules = dict(model.named_modules())
+    skip = [*skip, *saved_store(model)]  # modules trained in full are never adapted (as in peft)
     head = output_head_names(model) | set(skip)
     inside_head = tuple(h + "." for h in skip)
     chosen: list[str] = []
     unsupported: list[str] = []
     for name, module in modules.items():
-        if not name or name.startswith(inside_head):
+        if not name or name in skip or name.startswith(inside_head):
             continue
         if config.targets == "all-linear":
             # Adapter layers subclass the layers they adapt, so they are found again here.
@@ -284,6 +306,137 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+# ---------------------------------------------------------------------------- saved modules
+
+
+def saved_store(model: nn.Module) -> dict[str, dict[str, nn.Module]]:
+    """Per module trained in full (a head): the original under ``BASE`` and each adapter's own
+    copy under the adapter's name. Kept off the module tree, like the records."""
+    found = model.__dict__.get(_SAVED)
+    if found is None:
+        found = {}
+        model.__dict__[_SAVED] = found
+    return found
+
+
+def saved_module(model: nn.Module, module_name: str, name: str) -> nn.Module:
+    """Adapter ``name``'s own copy of the saved module ``module_name``."""
+    return saved_store(model)[module_name][name]
+
+
+class SavedModuleRouter(nn.Module):
+    """Stands in for a saved module inside ``mixed_batch``: example i goes through the copy of
+    adapter ``names[i]`` (the original for ``BASE`` and adapters that do not save it)."""
+
+    def __init__(self, base: nn.Module, copies: dict[str, nn.Module], names: Sequence[str]):
+        super().__init__()
+        self.base = base
+        self.copies = nn.ModuleDict(copies)
+        self.names = list(names)
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        out = self.base(*args, **kwargs)
+        # The batch rides on the first argument (a head's hidden states), given by position
+        # or by keyword; the other arguments are passed to every copy unchanged.
+        key = None if args else next(iter(kwargs), None)
+        x = args[0] if args else kwargs.get(key) if key is not None else None
+        if not isinstance(x, torch.Tensor) or not isinstance(out, torch.Tensor):
+            raise LeantuneError(
+                f"a mixed batch routes saved modules (heads) row by row, but "
+                f"{type(self.base).__name__} does not map a tensor to a tensor; "
+                "run one adapter at a time with set_active()"
+            )
+
+        def apply(name: str, xs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+            if key is None:
+                return self.copies[name](xs, *args[1:], **kwargs)
+            return self.copies[name](*args, **{**kwargs, key: xs})
+
+        return mixed_rows(self.names, x, out, lambda name: name in self.copies, apply)
+
+
+def _align(module: nn.Module, like: nn.Module) -> nn.Module:
+    """Move ``module``'s tensors to the device and dtype of ``like``'s tensors of the same name
+    (the model may have been moved or cast while ``module`` was kept aside)."""
+    if isinstance(like, SavedModuleRouter):
+        like = like.base
+    ref = dict(like.named_parameters()) | dict(like.named_buffers())
+    for key, t in [*module.named_parameters(), *module.named_buffers()]:
+        want = ref.get(key)
+        if want is not None and (t.device != want.device or t.dtype != want.dtype):
+            t.data = t.data.to(device=want.device, dtype=want.dtype)
+    module.train(like.training)
+    return module
+
+
+def _show_saved(
+    model: nn.Module, active: str | None, batch_names: Sequence[str] | None = None
+) -> None:
+    """Put at each saved module's name: adapter ``active``'s copy (the original when it has
+    none, or for None), or a router for a mixed batch."""
+    for module_name, entry in saved_store(model).items():
+        current = model.get_submodule(module_name)
+        new: nn.Module
+        if batch_names is not None:
+            copies = {n: m for n, m in entry.items() if n != BASE}
+            new = SavedModuleRouter(entry[BASE], copies, batch_names)
+            for m in entry.values():
+                _align(m, current)
+        else:
+            new = entry.get(active, entry[BASE]) if active is not None else entry[BASE]
+            if new is current:
+                continue
+            _align(new, current)
+        _replace(model, module_name, new)
+
+
+def _check_saveable(model: nn.Module, to_save: Sequence[str]) -> None:
+    """Refuse saved modules holding adapter layers or overlapping another adapter's."""
+    for module_name in to_save:
+        module = model.get_submodule(module_name)
+        inner = next((n for n, m in module.named_modules() if isinstance(m, AdapterModule)), None)
+        if inner is not None:
+            where = module_name + (f".{inner}" if inner else "")
+            raise TargetError(
+                f"modules_to_save {module_name!r} holds an adapter layer ({where}) of another "
+                "adapter; a module is either adapted or trained in full. Leave it out of one"
+            )
+        for other in saved_store(model):
+            if other != module_name and (
+                other.startswith(module_name + ".") or module_name.startswith(other + ".")
+            ):
+                raise TargetError(
+                    f"modules_to_save {module_name!r} overlaps {other!r}, which another adapter "
+                    f"saves; save the same module ({other!r}) instead"
+                )
+
+
+def _all_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The model's parameters and those of the saved-module copies kept aside, each once."""
+    seen: dict[int, nn.Parameter] = {id(p): p for p in model.parameters()}
+    for entry in saved_store(model).values():
+        for module in entry.values():
+            for p in module.parameters():
+                seen.setdefault(id(p), p)
+    return list(seen.values())
+
+
+def check_finite(
+    tensors: Mapping[str, torch.Tensor],
+    where: str,
+    then: str,
+    error: type[LeantuneError] = LeantuneError,
+) -> None:
+    """Refuse NaN/inf: ``where`` names the source, ``then`` what was not done."""
+    for key, t in tensors.items():
+        floating = t.is_floating_point() or t.is_complex()
+        if floating and not bool(torch.isfinite(t.detach()).all()):
+            raise error(
+                f"{where}: tensor {key!r} holds NaN/inf values, so the training run that made "
+                f"it diverged; {then}. Retrain with a lower --lr"
+            )
+
+
 def inject(
     model: nn.Module, config: AdapterConfig, adapter_name: str = "default", *, freeze: bool = True
 ) -> nn.Module:
@@ -305,6 +458,7 @@ def inject(
         )
     task_type = config.task_type or infer_task_type(model)
     to_save = resolve_modules_to_save(model, config, task_type)
+    _check_saveable(model, to_save)
     names = match_targets(model, config, skip=to_save)
     tied = tied_modules(model)
     if config.rewrites_base_weight():
@@ -330,6 +484,10 @@ def inject(
             if not layer.adapter_names():
                 _replace(model, name, layer.unwrap())
         raise
+    store = saved_store(model)
+    for module_name in to_save:  # the adapter's own copy, made from the original module
+        entry = store.setdefault(module_name, {BASE: model.get_submodule(module_name)})
+        entry[adapter_name] = _align(copy.deepcopy(entry[BASE]), model.get_submodule(module_name))
     records(model)[adapter_name] = AdapterRecord(config, names, to_save, task_type)
     set_active(model, adapter_name)
     if freeze:
@@ -368,10 +526,10 @@ def adapter_parameters(model: nn.Module, name: str | None = None) -> dict[str, n
 
 def saved_module_parameters(model: nn.Module, name: str | None = None) -> dict[str, nn.Parameter]:
     """Parameters of the fully trained modules (heads) of adapter ``name``."""
-    _, rec = _record(model, name)
+    name, rec = _record(model, name)
     out: dict[str, nn.Parameter] = {}
     for mod_name in rec.modules_to_save:
-        for key, p in model.get_submodule(mod_name).named_parameters():
+        for key, p in saved_module(model, mod_name, name).named_parameters():
             out[f"{mod_name}.{key}"] = p
     return out
 
@@ -396,7 +554,7 @@ def mark_trainable(
             for key, p in model.get_submodule(mod_name).named_parameters():
                 trainable[f"{mod_name}.{key}"] = p
     keep = {id(p) for p in trainable.values()}
-    for p in model.parameters():
+    for p in _all_parameters(model):
         p.requires_grad_(id(p) in keep)
     return trainable
 
@@ -407,6 +565,7 @@ def _broadcast(
     active = active_adapter(model) if records(model) else None
     for _, layer in adapter_layers(model):
         layer.set_adapter_state(active, disabled, batch_names)
+    _show_saved(model, None if disabled else active, batch_names)
 
 
 def set_active(model: nn.Module, name: str) -> None:
@@ -449,7 +608,8 @@ def mixed_rows(
         if name == BASE or not has(name):
             continue
         idx = torch.tensor([i for i, n in enumerate(names) if n == name], device=out.device)
-        out = out.index_copy(0, idx, apply(name, x[idx], out[idx].clone()))
+        rows = apply(name, x[idx], out[idx].clone())
+        out = out.index_copy(0, idx, rows.to(out.dtype))  # autocast may give another dtype
     return out
 
 
@@ -487,6 +647,9 @@ def merge(model: nn.Module, name: str | None = None) -> nn.Module:
     """Fold adapter ``name`` (default: the active one) into the base weights. Idempotent."""
     name, _ = _record(model, name)
     tied = tied_modules(model)
+    check_finite(
+        adapter_parameters(model, name), f"adapter {name!r}", "merging it would ruin the weights"
+    )
     for layer_name, layer in adapter_layers(model):
         if name in layer.adapter_names() and layer_name in tied:
             raise LeantuneError(
@@ -517,8 +680,12 @@ def remove_adapter(model: nn.Module, name: str) -> nn.Module:
     del records(model)[name]
     if model.__dict__.get("_leantune_active") == name:
         model.__dict__.pop("_leantune_active")
-    if records(model):
-        _broadcast(model)
+    store = saved_store(model)
+    for entry in store.values():
+        entry.pop(name, None)
+    _broadcast(model)
+    for module_name in [m for m, entry in store.items() if len(entry) == 1]:
+        del store[module_name]  # the original is back in place and no adapter saves it
     return model
 
 
@@ -526,14 +693,21 @@ def unload(model: nn.Module, merge_active: bool = False) -> nn.Module:
     """Return ``model`` as a plain model with no adapter layers left in it.
 
     With ``merge_active`` the active adapter is merged first, so its effect stays in the
-    weights; otherwise the base weights come back as they were before injection.
+    weights, and its own copies of the saved modules (its trained head) stay in the model;
+    otherwise the model comes back as it was before injection, original heads included.
     """
+    keep = None
     if merge_active and records(model):
+        keep = active_adapter(model)
+        heads = saved_module_parameters(model, keep)
+        check_finite(heads, f"adapter {keep!r}", "merging it would ruin the weights")
         merge(model)
     else:
         unmerge(model)
     for layer_name, layer in list(adapter_layers(model)):
         _replace(model, layer_name, layer.unwrap())
+    _show_saved(model, keep)
+    model.__dict__.pop(_SAVED, None)
     model.__dict__.pop(_RECORDS, None)
     model.__dict__.pop("_leantune_active", None)
     return model

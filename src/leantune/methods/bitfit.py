@@ -59,7 +59,7 @@ class BitFitLayer(DeltaLayer):
         return BiasDelta(size, self.bias.dtype)
 
     def contribution(self, delta: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        return out + cast(BiasDelta, delta).bias
+        return out + cast(BiasDelta, delta).bias.to(out.dtype)  # autocast: keep out's dtype
 
     def fold(self, delta: nn.Module, sign: float) -> None:
         self.bias.add_(cast(BiasDelta, delta).bias.to(self.bias.dtype), alpha=sign)

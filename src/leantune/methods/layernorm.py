@@ -132,8 +132,10 @@ class LayerNormLayer(DeltaLayer):
 
     def contribution(self, delta: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         d = cast(NormDelta, delta)
-        out = out + d.weight * self.normalized(x)
-        return out if d.bias is None else out + d.bias
+        change = d.weight * self.normalized(x)
+        if d.bias is not None:
+            change = change + d.bias
+        return out + change.to(out.dtype)  # autocast may run the norm in another dtype
 
     def fold(self, delta: nn.Module, sign: float) -> None:
         d = cast(NormDelta, delta)

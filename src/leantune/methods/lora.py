@@ -8,6 +8,7 @@ unmerged forward adds ``scaling * B(A(dropout(x)))`` and never builds the (out, 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import re
@@ -30,6 +31,10 @@ from leantune.inject import (
 )
 
 INITS = ("standard", "gaussian", "pissa")
+
+
+def _positive_number(x: object) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) and x > 0
 
 
 def _matches_pattern(key: str, module_name: str) -> bool:
@@ -63,10 +68,10 @@ class LoraConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.r, int) or self.r <= 0:
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             raise LeantuneError(f"LoRA rank r must be a positive integer, got {self.r!r}")
-        if not self.alpha > 0:
-            raise LeantuneError(f"LoRA alpha must be positive, got {self.alpha!r}")
+        if not _positive_number(self.alpha):
+            raise LeantuneError(f"LoRA alpha must be positive and finite, got {self.alpha!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise LeantuneError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
         if self.init not in INITS:
@@ -74,11 +79,19 @@ class LoraConfig(AdapterConfig):
         if self.dora and self.init == "pissa":
             raise LeantuneError("DoRA with PiSSA init is not supported; pick one of the two")
         for key, r in self.rank_pattern.items():
-            if not isinstance(r, int) or r <= 0:
+            if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
                 raise LeantuneError(f"rank_pattern[{key!r}] must be a positive integer, got {r!r}")
         for key, a in self.alpha_pattern.items():
-            if not a > 0:
+            if not _positive_number(a):
                 raise LeantuneError(f"alpha_pattern[{key!r}] must be positive, got {a!r}")
+        for key in [*self.rank_pattern, *self.alpha_pattern]:
+            try:
+                re.compile(rf"(.*\.)?({key})$")
+            except (re.error, TypeError) as e:
+                raise LeantuneError(
+                    f"rank/alpha pattern key {key!r} is not a valid regex ({e}); peft matches "
+                    "these keys as regexes against module names"
+                ) from None
 
     def rewrites_base_weight(self) -> bool:
         return self.init == "pissa"
@@ -179,9 +192,11 @@ class PlainLora:
     ) -> torch.Tensor:
         h = layer.lora_down(adapter, x)
         # out += s·h·Bᵀ in one in-place addmm: the base op does not keep its output for
-        # backward, so no (tokens, out) temporary is made for the update.
+        # backward, so no (tokens, out) temporary is made for the update. In-place ops are not
+        # autocast, so h and B follow out's dtype (bf16 under autocast; a no-op otherwise).
         flat = out.view(-1, out.shape[-1])
-        flat.addmm_(h.reshape(-1, h.shape[-1]), adapter.B.T, alpha=adapter.scaling)
+        B = adapter.B.T.to(out.dtype)
+        flat.addmm_(h.reshape(-1, h.shape[-1]).to(out.dtype), B, alpha=adapter.scaling)
         return out
 
     def merge(self, layer: LoraLayer, adapter: LoraAdapter, name: str) -> None:
@@ -200,6 +215,14 @@ def _row_norm(weight: torch.Tensor, adapter: LoraAdapter) -> torch.Tensor:
         + s * s * (B * (B @ (A @ A.T))).sum(1)
     )
     return sq.clamp_min(0).sqrt()
+
+
+def _full_precision(t: torch.Tensor) -> contextlib.AbstractContextManager[Any]:
+    """Autocast switched off for ``t``'s device when it is on (DoRA's norms stay exact)."""
+    kind = t.device.type
+    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+        return torch.autocast(kind, enabled=False)
+    return contextlib.nullcontext()
 
 
 class Dora:
@@ -223,7 +246,7 @@ class Dora:
     ) -> torch.Tensor:
         assert adapter.magnitude is not None
         weight = layer.weight_oi()
-        with torch.no_grad():
+        with torch.no_grad(), _full_precision(weight):
             norm = _row_norm(weight, adapter)
         scale = adapter.magnitude / norm
         if isinstance(adapter.dropout, nn.Identity) or not layer.training:
@@ -271,13 +294,17 @@ class DropoutDown(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, keep, A = ctx.saved_tensors
         # The dropout scale rides on the small (tokens, r) gradient, not on the wide tensors.
-        grad_h = grad.reshape(-1, grad.shape[-1]) * (1.0 / (1.0 - ctx.p))
+        # Under autocast the forward ran in bf16/fp16 while x and A may not: compute in the
+        # wider of their dtypes and hand each gradient back in its input's dtype.
+        dtype = torch.promote_types(x.dtype, A.dtype)
+        grad_h = grad.reshape(-1, grad.shape[-1]).to(dtype) * (1.0 / (1.0 - ctx.p))
         grad_A = None
         if ctx.needs_input_grad[1]:
-            grad_A = grad_h.T @ (x * keep).reshape(-1, x.shape[-1])
+            grad_A = (grad_h.T @ (x * keep).reshape(-1, x.shape[-1]).to(dtype)).to(A.dtype)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = (grad_h @ A).mul_(keep.reshape(-1, x.shape[-1])).reshape(x.shape)
+            grad_x = (grad_h @ A.to(dtype)).mul_(keep.reshape(-1, x.shape[-1])).reshape(x.shape)
+            grad_x = grad_x.to(x.dtype)
         return grad_x, grad_A, None
 
 
