@@ -144,6 +144,17 @@ def topic_rows(n: int = 60, seed: int = 0) -> list[dict[str, str]]:
     return rows
 
 
+def snapshot(root: Path) -> dict[str, str]:
+    """sha256 of every file under ``root``: what "nothing on disk changed" compares."""
+    import hashlib
+
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
 def write_rows(path: Path, rows: list[dict[str, str]]) -> Path:
     """CSV or JSON Lines by suffix."""
     import csv

@@ -7,7 +7,6 @@ where a real refusal by ``run_tune`` is the point."""
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import shutil
 import subprocess
@@ -19,7 +18,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from conftest import tiny_model_folder, topic_rows, write_rows
+from conftest import snapshot, tiny_model_folder, topic_rows, write_rows
 from leantune.cli import app
 from leantune.errors import LeantuneError
 from leantune.sweep import check_space, run_sweep
@@ -41,14 +40,6 @@ def refused(res: subprocess.CompletedProcess[str], *expected: str) -> None:
     assert "Traceback" not in res.stderr
     for text in expected:
         assert text in res.stderr, res.stderr
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
 
 
 @pytest.fixture(scope="module")

@@ -160,7 +160,7 @@ def test_select_command_prints_the_ranking_and_writes_the_plan(tmp_path: Path) -
     assert f"{plan.params:,} of {plan.budget:,} budgeted" in res.stdout
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     before = out.read_bytes()
-    res = CliRunner().invoke(app, [*args[:-1], "0", "--out", str(out)])
+    res = CliRunner().invoke(app, [*args[:-1], "0", "--out", str(out), "--overwrite"])
     assert res.exit_code == 2 and res.stderr.count("\n") == 1 and "budget" in res.stderr
     assert out.read_bytes() == before  # a failed select leaves the old plan alone
 

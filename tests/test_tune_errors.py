@@ -3,7 +3,6 @@ nothing on disk destroyed or half-written."""
 
 from __future__ import annotations
 
-import hashlib
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import tiny_model_folder, topic_rows, write_rows
+from conftest import snapshot, tiny_model_folder, topic_rows, write_rows
 from leantune.cli import app
 
 
@@ -31,14 +30,6 @@ def test_bad_input_from_a_real_process_has_no_traceback(tmp_path: Path) -> None:
     assert res.returncode == 2 and res.stdout == ""
     assert res.stderr == f"leantune: data file {tmp_path / 'no.csv'} does not exist\n"
     assert list(tmp_path.iterdir()) == []  # no runs/ folder made
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
 
 
 @pytest.fixture(scope="module")

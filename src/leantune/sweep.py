@@ -201,6 +201,12 @@ def run_sweep(
             seed=seed + len(study.trials), n_startup_trials=max(3, n_trials // 3)
         )
         study.pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)
+
+        def refuse(trial: Any, name: str, e: LeantuneError) -> None:
+            trial.set_user_attr("error", str(e))
+            study.tell(trial, state=TrialState.FAIL)
+            say(f"{name}: refused ({e})")
+
         while done < n_trials:
             trial = study.ask()
             params = suggest(trial, space)
@@ -210,9 +216,7 @@ def run_sweep(
                     dict(common) | params | {"name": name, "runs_dir": str(out)}
                 ).resolved()
             except LeantuneError as e:
-                trial.set_user_attr("error", str(e))
-                study.tell(trial, state=TrialState.FAIL)
-                say(f"{name}: refused ({e})")
+                refuse(trial, name, e)
                 done += 1
                 continue
             shown = ", ".join(
@@ -236,9 +240,8 @@ def run_sweep(
             except LeantuneError as e:
                 # Refused by tune (values the config accepts but the model or data do not,
                 # or a run that diverged): recorded, not left RUNNING to be retried for ever.
-                trial.set_user_attr("error", str(e))
-                study.tell(trial, state=TrialState.FAIL)
-                say(f"{name}: refused ({e})")
+                refuse(trial, name, e)
+                RunFolder(out, name).discard()
                 done += 1
                 continue
             if summary.get("interrupted"):

@@ -54,7 +54,11 @@ def _numbers(values: Mapping[str, Any]) -> dict[str, float]:
 class Tracker:
     """Fans each record out to the chosen backends; does nothing when none is chosen."""
 
-    def __init__(self, spec: str | None, run: Path, config: Mapping[str, Any]) -> None:
+    def __init__(
+        self, spec: str | None, run: Path, config: Mapping[str, Any], name: str | None = None
+    ) -> None:
+        """Log into the folder ``run`` (the partial folder while the run trains) under the run
+        name ``name`` (default: the folder's name)."""
         names = check_backends(spec)
         self.tb: Any = None
         self.mlflow: Any = None
@@ -74,7 +78,7 @@ class Tracker:
             self.mlflow = MlflowClient(tracking_uri=uri)
             exp = self.mlflow.get_experiment_by_name("leantune")
             exp_id = exp.experiment_id if exp else self.mlflow.create_experiment("leantune")
-            self.run_id = self.mlflow.create_run(exp_id, run_name=run.name).info.run_id
+            self.run_id = self.mlflow.create_run(exp_id, run_name=name or run.name).info.run_id
             self.mlflow.log_batch(
                 self.run_id, params=[Param(k, v[:6000]) for k, v in params.items()]
             )

@@ -991,7 +991,7 @@ def _run(
             "selected " + ", ".join(f"{n} {m}" for m, n in counts.items()) + " module(s) in "
             f"{prep.scores.seconds:.1f} s on {prep.scores.examples} examples"
         )
-    tracker = Tracker(config.track, run, asdict(config))
+    tracker = Tracker(config.track, run, asdict(config), name=folder.name)
 
     # The best weights travel inside the checkpoint unit, so they always match its progress.
     best_weights: dict[str, torch.Tensor] | None = None
