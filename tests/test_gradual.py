@@ -12,7 +12,13 @@ import leantune as lt
 from conftest import build, tiny_model_folder, topic_rows, write_rows
 from leantune.methods.bitfit import BitFitConfig
 from leantune.methods.sparse import SparseConfig
-from leantune.train.loop import TrainConfig, param_groups, train, trainable_parameters
+from leantune.train.loop import (
+    TrainConfig,
+    TrainHooks,
+    param_groups,
+    train,
+    trainable_parameters,
+)
 from leantune.train.regularize import Penalty, fisher_diagonal, lora_l2
 from leantune.train.schedule import SLANTED_RATIO, Unfreezer, lr_lambda, lr_scales
 from leantune.tune import DEFAULT_LORA_L2, TuneConfig, run_tune
@@ -71,7 +77,7 @@ def test_gradual_unfreezing_flips_flags_on_schedule_and_updates_late_groups() ->
         lambda e: batches,
         lambda m: accuracy(m, batches),
         TrainConfig(epochs=2, lr=1e-2),
-        unfreeze=record,
+        TrainHooks(unfreeze=record),
     )
     flags = {step: f for step, *f in seen}
     assert flags[0] == [True, False, False] and flags[3] == [True, False, False]
@@ -169,7 +175,7 @@ def test_l2_sp_with_a_huge_weight_keeps_the_pretrained_weights() -> None:
             lambda e: batches,
             lambda m: accuracy(m, batches),
             TrainConfig(epochs=2, lr=1e-3),
-            penalty=penalty,
+            TrainHooks(penalty=penalty),
         )
         return max(
             float((p - start[n]).abs().max())

@@ -10,7 +10,7 @@ import torch
 
 import leantune as lt
 from conftest import build
-from leantune.train.loop import Progress, TrainConfig, latest_checkpoint, train
+from leantune.train.loop import Progress, TrainConfig, TrainHooks, latest_checkpoint, train
 from leantune.train.schedule import lr_lambda
 
 
@@ -43,7 +43,7 @@ def test_loop_learns_and_keeps_best() -> None:
         lambda epoch: data,
         lambda m: accuracy(m, data),
         TrainConfig(epochs=8, lr=3e-3, seed=0),
-        on_best=lambda m, row: kept.append(row["val_accuracy"]),
+        TrainHooks(on_best=lambda m, row: kept.append(row["val_accuracy"])),
     )
     assert result.best is not None and result.best["val_accuracy"] >= 0.9
     assert kept == sorted(kept) and kept[-1] == result.best["val_accuracy"]
@@ -126,7 +126,9 @@ def test_ctrl_c_then_resume_matches_an_uninterrupted_run(tmp_path: Path, stop_at
             signal.raise_signal(signal.SIGINT)
 
     first = lora_bert()
-    cut = train(first, shuffled, evaluate, config, on_step=interrupt, checkpoint=tmp_path)
+    cut = train(
+        first, shuffled, evaluate, config, TrainHooks(on_step=interrupt), checkpoint=tmp_path
+    )
     assert cut.interrupted and cut.steps == stop_at
     assert latest_checkpoint(tmp_path) is not None
     resumed_model = lora_bert()  # a fresh process would rebuild the model the same way

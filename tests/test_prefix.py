@@ -10,7 +10,7 @@ import torch
 import leantune as lt
 from conftest import build
 from leantune.evaluate import Encoded, make_batch
-from leantune.train.loop import TrainConfig, train
+from leantune.train.loop import TrainConfig, TrainHooks, train
 from leantune.train.prefix import PrefixCache
 
 
@@ -49,7 +49,7 @@ def test_cached_prefix_gives_the_same_losses_and_skips_the_prefix(kind: str) -> 
             lambda e: epochs[e],
             lambda m: {"accuracy": 0.0},
             TrainConfig(epochs=3, lr=1e-2, seed=0),
-            forward=prefix.forward if cache else plain,  # type: ignore[arg-type]
+            TrainHooks(forward=prefix.forward if cache else plain),  # type: ignore[arg-type]
         )
         return res.curve, calls[0]
 

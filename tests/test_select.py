@@ -10,6 +10,7 @@ import torch
 
 import leantune as lt
 from conftest import build, tiny_model_folder, topic_rows, write_rows
+from leantune.errors import LeantuneError
 from leantune.inject import layer_index
 from leantune.plan import Plan, PlanEntry, allocate, parse_budget
 from leantune.select import score
@@ -295,3 +296,31 @@ def test_a_plan_that_buys_only_the_head_is_refused_before_training(tmp_path: Pat
     with pytest.raises(lt.LeantuneError, match="only the task head"):
         run_tune(config)
     assert not (tmp_path / "runs").exists()
+
+
+def test_select_and_plan_honour_the_lora_options(tmp_path: Path) -> None:
+    """Issue 14 item 4: --dora, --dropout, --rslora and --alpha reach the adapter under --select
+    auto and --plan (they used to be dropped for a plain LoRA); a plan that says otherwise than
+    the command line is refused."""
+    model = tiny_model_folder(tmp_path / "tiny-bert")
+    data = write_rows(tmp_path / "topics.jsonl", topic_rows(60))
+    common = {"model": str(model), "data": str(data), "runs_dir": str(tmp_path / "runs")}
+    common |= {"epochs": 1, "batch_size": 8, "reference_examples": 0, "budget": "3000"}
+    options = {"dora": True, "dropout": 0.1, "rslora": True, "alpha": 24.0, "r": 8}
+    summary = run_tune(TuneConfig(**common, name="auto", select="auto", **options))
+    run = tmp_path / "runs" / "auto"
+    saved = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert saved["use_dora"] and saved["use_rslora"] and saved["lora_dropout"] == 0.1
+    assert saved["lora_alpha"] == 3.0 * saved["r"]  # alpha / r = 24 / 8 at every rank
+    plan = Plan.load(run / "plan.json")
+    assert all(e.options["dora"] for e in plan.lora())
+    assert summary["steps"] > 0
+    # The plan file carries the options: a plain --plan run gets DoRA again.
+    run_tune(TuneConfig(**common, name="again", plan=str(run / "plan.json")))
+    again = json.loads(
+        (tmp_path / "runs" / "again" / "adapter" / "adapter_config.json").read_text()
+    )
+    assert again["use_dora"] and again["lora_dropout"] == 0.1
+    # A command line that contradicts the plan is refused.
+    with pytest.raises(LeantuneError, match=r"the plan.s LoRA entries say dropout 0\.1"):
+        run_tune(TuneConfig(**common, name="third", plan=str(run / "plan.json"), dropout=0.2))

@@ -1,5 +1,6 @@
 """leantune: train only the parameters that matter, and prove it with numbers."""
 
+from leantune.accounting import ParameterReport, parameter_report
 from leantune.errors import AdapterFileError, LeantuneError, TargetError
 from leantune.formats import adapter_config, adapter_state_dict, load_adapter, save_adapter
 from leantune.inject import (
@@ -7,7 +8,6 @@ from leantune.inject import (
     METHODS,
     AdapterConfig,
     AdapterModule,
-    ParameterReport,
     active_adapter,
     adapter_parameters,
     disable,
@@ -15,7 +15,6 @@ from leantune.inject import (
     mark_trainable,
     merge,
     mixed_batch,
-    parameter_report,
     register,
     remove_adapter,
     set_active,

@@ -587,7 +587,7 @@ def info(
     ],
 ) -> None:
     """Show what an adapter or run folder holds: method, targets, ranks, sizes, scores."""
-    from leantune.formats import CONFIG_NAME, WEIGHTS_NAME, read_adapter_files
+    from leantune.formats import describe
     from leantune.runfolder import RunFolder
 
     rows: list[tuple[str, str]] = []
@@ -615,39 +615,9 @@ def info(
             return
         path = path / "adapter"
     try:
-        config, tensors = read_adapter_files(path)
+        rows += describe(path)
     except LeantuneError as e:
         fail(str(e))
-    count = sum(t.numel() for t in tensors.values())
-    targets = config.get("target_modules")
-    shown = targets if isinstance(targets, str) else f"{len(targets or [])} modules"
-    if config.get("peft_type") == "LEANTUNE":
-        modules = config.get("modules") or {}
-        per = Counter(str(spec.get("method")) for spec in modules.values())
-        rows += [
-            ("method", "LEANTUNE (leantune format; peft cannot load it)"),
-            ("modules", ", ".join(f"{n} {m}" for m, n in per.items())),
-            ("modules_to_save", json.dumps(config.get("modules_to_save"))),
-            ("task_type", str(config.get("task_type"))),
-            ("tensors", f"{len(tensors)} holding {count:,} values"),
-            ("file bytes", f"{(Path(path) / WEIGHTS_NAME).stat().st_size:,} ({WEIGHTS_NAME})"),
-            ("config", str(Path(path) / CONFIG_NAME)),
-        ]
-        _print_rows(rows)
-        return
-    rows += [
-        ("method", f"{config.get('peft_type')}" + (" (DoRA)" if config.get("use_dora") else "")),
-        ("rank / alpha", f"{config.get('r')} / {config.get('lora_alpha')}"),
-        ("rank_pattern", json.dumps(config.get("rank_pattern") or {})),
-        ("rsLoRA", str(bool(config.get("use_rslora")))),
-        ("targets", shown),
-        ("modules_to_save", json.dumps(config.get("modules_to_save"))),
-        ("task_type", str(config.get("task_type"))),
-        ("base model", str(config.get("base_model_name_or_path"))),
-        ("tensors", f"{len(tensors)} holding {count:,} parameters"),
-        ("file bytes", f"{(Path(path) / WEIGHTS_NAME).stat().st_size:,} ({WEIGHTS_NAME})"),
-        ("config", str(Path(path) / CONFIG_NAME)),
-    ]
     _print_rows(rows)
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from leantune.errors import LeantuneError
+from leantune.files import atomic_write, read_yaml
 
 SETUP = "setup.json"
 TABLE_JSON = "comparison.json"
@@ -112,8 +113,6 @@ def parse_strategies(items: Any, where: str = "strategies") -> list[Strategy]:
 
 def load_strategies(spec: str) -> tuple[list[Strategy], dict[str, Any]]:
     """A preset name or a YAML file: a list of strategies, or {strategies: [...], common: {...}}."""
-    from leantune.tune import read_yaml
-
     if spec in PRESETS:
         preset = PRESETS[spec]
         return parse_strategies(preset["strategies"], spec), dict(preset["common"])
@@ -160,8 +159,6 @@ def data_fingerprint(config: Any) -> dict[str, str]:
 
 def check_setup(folder: Path, setup: dict[str, Any], what: str) -> None:
     """Write setup.json into a new folder; refuse a folder whose setup.json differs."""
-    from leantune.tune import atomic_write
-
     path = folder / SETUP
     if path.exists():
         old = json.loads(path.read_text())
@@ -284,7 +281,7 @@ def run_compare(
     table, the Pareto plots and report.html. Returns {"rows", "recommendation", ...}."""
     from leantune.report import write_compare_report
     from leantune.runfolder import RunFolder
-    from leantune.tune import atomic_write, make_config, run_tune
+    from leantune.tune import make_config, run_tune
 
     say = log or (lambda s: None)
     run = runner or run_tune

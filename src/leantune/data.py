@@ -1,7 +1,7 @@
 """Task data: the embedded BBC News default or the user's CSV / JSONL / ``save_to_disk`` folder,
 split stratified, and batched by length so padding stays small.
 
-Step 1 of the tune job (issue 3). CSV and JSON Lines are read here, cells as found (no type
+The first step of ``leantune tune``. CSV and JSON Lines are read here, cells as found (no type
 guessing), so every error can name the file and line; ``save_to_disk`` folders load with
 ``datasets``. Batching is plain PyTorch.
 """

@@ -35,14 +35,10 @@ from leantune.inject import (
     _record,
     adapter_layers,
     check_finite,
-    infer_task_type,
     inject,
     mark_trainable,
-    match_targets,
-    name_matches,
     records,
     remove_adapter,
-    resolve_modules_to_save,
     saved_module,
     set_active,
 )
@@ -52,6 +48,7 @@ from leantune.methods.layernorm import LayerNormConfig
 from leantune.methods.lora import DORA, LoraConfig, LoraLayer
 from leantune.methods.mixed import MixedConfig
 from leantune.methods.sparse import SparseConfig
+from leantune.targets import infer_task_type, match_targets, name_matches, resolve_modules_to_save
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -276,6 +273,46 @@ def read_adapter_files(
         ) from None
     check_finite(tensors, str(weights), "leantune does not load it", AdapterFileError)
     return config, tensors
+
+
+def describe(directory: str | os.PathLike[str]) -> list[tuple[str, str]]:
+    """What an adapter folder holds, as (key, value) rows: method, sizes, targets, files.
+
+    Reads the folder as :func:`read_adapter_files` does (and raises its errors); builds no model.
+    A peft ``LORA`` folder gives its rank, alpha, patterns and targets; a ``LEANTUNE`` folder the
+    count of modules per method.
+    """
+    path = Path(directory)
+    config, tensors = read_adapter_files(path)
+    count = sum(t.numel() for t in tensors.values())
+    size = f"{(path / WEIGHTS_NAME).stat().st_size:,} ({WEIGHTS_NAME})"
+    if config.get("peft_type") == LEANTUNE_TYPE:
+        modules = config.get("modules") or {}
+        per = Counter(str(spec.get("method")) for spec in modules.values())
+        return [
+            ("method", f"{LEANTUNE_TYPE} (leantune format; peft cannot load it)"),
+            ("modules", ", ".join(f"{n} {m}" for m, n in per.items())),
+            ("modules_to_save", json.dumps(config.get("modules_to_save"))),
+            ("task_type", str(config.get("task_type"))),
+            ("tensors", f"{len(tensors)} holding {count:,} values"),
+            ("file bytes", size),
+            ("config", str(path / CONFIG_NAME)),
+        ]
+    targets = config.get("target_modules")
+    dora = " (DoRA)" if config.get("use_dora") else ""
+    return [
+        ("method", f"{config.get('peft_type')}{dora}"),
+        ("rank / alpha", f"{config.get('r')} / {config.get('lora_alpha')}"),
+        ("rank_pattern", json.dumps(config.get("rank_pattern") or {})),
+        ("rsLoRA", str(bool(config.get("use_rslora")))),
+        ("targets", targets if isinstance(targets, str) else f"{len(targets or [])} modules"),
+        ("modules_to_save", json.dumps(config.get("modules_to_save"))),
+        ("task_type", str(config.get("task_type"))),
+        ("base model", str(config.get("base_model_name_or_path"))),
+        ("tensors", f"{len(tensors)} holding {count:,} parameters"),
+        ("file bytes", size),
+        ("config", str(path / CONFIG_NAME)),
+    ]
 
 
 _UNSUPPORTED = {

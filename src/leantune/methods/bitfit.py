@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from leantune.errors import TargetError
-from leantune.inject import LINEAR_TYPES, AdapterConfig, register
+from leantune.methods.base import LINEAR_TYPES, AdapterConfig, register
 from leantune.methods.delta import DeltaLayer
 
 

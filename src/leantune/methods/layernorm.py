@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from leantune.errors import TargetError
-from leantune.inject import AdapterConfig, register
+from leantune.methods.base import AdapterConfig, register
 from leantune.methods.delta import DeltaLayer
 
 
@@ -114,6 +114,7 @@ class NormDelta(nn.Module):
 
 class LayerNormLayer(DeltaLayer):
     method: ClassVar[str] = "layernorm"
+    layer_state: ClassVar[tuple[str, ...]] = ("rms",)
 
     def shift(self) -> nn.Parameter | None:
         """The base norm's bias β (RMSNorms have none)."""

@@ -9,10 +9,8 @@ unmerged forward adds ``scaling * B(A(dropout(x)))`` and never builds the (out, 
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, cast
 
@@ -20,15 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from leantune.errors import LeantuneError, TargetError
-from leantune.inject import (
-    LINEAR_TYPES,
-    AdapterConfig,
-    AdapterModule,
-    Conv1D,
-    mixed_rows,
-    register,
-)
+from leantune.errors import LeantuneError
+from leantune.methods.base import LINEAR_TYPES, AdapterConfig, AdapterLayer, Conv1D, register
 
 INITS = ("standard", "gaussian", "pissa")
 
@@ -111,12 +102,7 @@ class LoraConfig(AdapterConfig):
         return (*LINEAR_TYPES, nn.Embedding)
 
     def adapt(self, module: nn.Module, adapter_name: str, module_name: str) -> nn.Module:
-        if isinstance(module, AdapterModule) and not isinstance(module, LoraLayer):
-            raise TargetError(
-                f"{module_name} already holds a {type(module).__name__} adapter; leantune puts "
-                "one method on a module, so LoRA cannot go there too"
-            )
-        layer = module if isinstance(module, LoraLayer) else _lora_layer_for(module)
+        layer = _layer_class_for(module).wrap(module, module_name)
         layer.add_adapter(
             adapter_name, self.rank_for(module_name), self.alpha_for(module_name), self
         )
@@ -311,18 +297,15 @@ class DropoutDown(torch.autograd.Function):
 # ---------------------------------------------------------------------------- layers
 
 
-class LoraLayer(nn.Module):
-    """Mixin for a layer type adapted with LoRA. Subclasses also inherit the base layer type."""
+class LoraLayer(AdapterLayer):
+    """Base of a layer type adapted with LoRA. Subclasses also inherit the base layer type."""
 
+    method: ClassVar[str] = "lora"
+    store: ClassVar[str] = "lora"
+    layer_state: ClassVar[tuple[str, ...]] = ("_dora_norms",)
     lora: nn.ModuleDict
-    merged: list[str]
-    weight: nn.Parameter
     bias: nn.Parameter | None
-    _base_class: type[nn.Module]
     _dora_norms: dict[str, torch.Tensor]
-    _active: str | None
-    _disabled: bool
-    _batch_names: list[str] | None
     # Names of the tensors in peft's files, per adapter parameter.
     peft_keys: ClassVar[dict[str, str]] = {
         "A": "lora_A.weight",
@@ -330,32 +313,10 @@ class LoraLayer(nn.Module):
         "magnitude": "lora_magnitude_vector",
     }
 
-    @classmethod
-    def adopt(cls, base: nn.Module) -> LoraLayer:
-        """A LoRA layer sharing ``base``'s parameters, buffers and hooks (``base`` is unchanged)."""
-        new = cls.__new__(cls)
-        new.__dict__.update(
-            {k: copy.copy(v) if isinstance(v, dict) else v for k, v in base.__dict__.items()}
-        )
-        new._base_class = type(base)
-        new.lora = nn.ModuleDict()
-        new.merged, new._dora_norms = [], {}
-        new._active, new._disabled, new._batch_names = None, False, None
-        return new
+    def init_state(self) -> None:
+        self._dora_norms = {}
 
-    def unwrap(self) -> nn.Module:
-        plain = self._base_class.__new__(self._base_class)
-        state = {k: copy.copy(v) if isinstance(v, dict) else v for k, v in self.__dict__.items()}
-        for key in ("_base_class", "merged", "_dora_norms", "_active", "_disabled", "_batch_names"):
-            state.pop(key, None)
-        state["_modules"].pop("lora", None)
-        plain.__dict__.update(state)
-        return plain
-
-    # Subclasses say how the base layer computes and how its weight is oriented.
-    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
+    # Subclasses say how their weight is oriented (and may say how the base layer computes).
     def weight_oi(self) -> torch.Tensor:
         """The base weight as an (out, in) view, so updates through it land in the parameter."""
         return self.weight
@@ -384,19 +345,6 @@ class LoraLayer(nn.Module):
 
     def adapter(self, name: str) -> LoraAdapter:
         return cast(LoraAdapter, self.lora[name])
-
-    # --- AdapterModule protocol
-
-    def adapter_names(self) -> list[str]:
-        return list(self.lora.keys())
-
-    def adapter_params(self, name: str | None = None) -> dict[str, nn.Parameter]:
-        return {
-            f"lora.{n}.{k}": p
-            for n, adapter in self.lora.items()
-            if name is None or n == name
-            for k, p in adapter.named_parameters()
-        }
 
     def add_adapter(self, name: str, r: int, alpha: float, config: LoraConfig) -> None:
         if name in self.lora:
@@ -428,36 +376,24 @@ class LoraLayer(nn.Module):
         adapter.register_buffer("B0", adapter.B.detach().clone(), persistent=False)
         weight.sub_(adapter.delta_weight().to(weight.dtype))
 
-    def remove_adapter(self, name: str) -> None:
-        if name in self.merged:
-            with torch.no_grad():
-                self.adapter(name).variant.unmerge(self, self.adapter(name), name)
-            self.merged.remove(name)
+    # --- AdapterLayer hooks
+
+    def apply_adapter(self, name: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        adapter = self.adapter(name)
+        return adapter.variant.forward(self, adapter, x, out)
+
+    def merge_adapter(self, name: str) -> None:
+        self.adapter(name).variant.merge(self, self.adapter(name), name)
+
+    def unmerge_adapter(self, name: str) -> None:
+        self.adapter(name).variant.unmerge(self, self.adapter(name), name)
+
+    def drop_adapter(self, name: str) -> None:
         adapter = self.adapter(name)
         if adapter.init == "pissa":  # give the base layer its original weight back
             with torch.no_grad():
                 self.weight_oi().add_(adapter.scaling * adapter.initial_delta())
-        del self.lora[name]
-
-    def merge(self, name: str) -> None:
-        if name in self.merged:
-            return
-        adapter = self.adapter(name)
-        with torch.no_grad():
-            adapter.variant.merge(self, adapter, name)
-        self.merged.append(name)
-
-    def unmerge(self) -> None:
-        with torch.no_grad():
-            while self.merged:
-                name = self.merged.pop()
-                self.adapter(name).variant.unmerge(self, self.adapter(name), name)
-
-    def set_adapter_state(
-        self, active: str | None, disabled: bool, batch_names: Sequence[str] | None
-    ) -> None:
-        self._active, self._disabled = active, disabled
-        self._batch_names = None if batch_names is None else list(batch_names)
+        super().drop_adapter(name)
 
     def peft_tensors(self, name: str) -> dict[str, torch.Tensor]:
         """Adapter ``name`` as peft stores it, keyed relative to this layer."""
@@ -479,37 +415,15 @@ class LoraLayer(nn.Module):
         r = 2 * adapter.r
         return r, adapter.scaling * (math.sqrt(r) if adapter.rslora else r)
 
-    # --- forward
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        out = self.base_forward(x, *args, **kwargs)
-        if self._batch_names is not None:
-            return self._mixed_forward(x, out)
-        name = self._active
-        if self._disabled or name is None or name not in self.lora or name in self.merged:
-            return out
-        adapter = self.adapter(name)
-        return adapter.variant.forward(self, adapter, x, out)
-
-    def _mixed_forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        assert self._batch_names is not None
-
-        def apply(name: str, xs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-            adapter = self.adapter(name)
-            return adapter.variant.forward(self, adapter, xs, rows)
-
-        return mixed_rows(self._batch_names, x, out, lambda name: name in self.lora, apply)
-
 
 class LoraLinear(LoraLayer, nn.Linear):  # type: ignore[misc]
-    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+    """LoRA on nn.Linear; the base forward is nn.Linear's own."""
 
 
 class LoraConv1D(LoraLayer, Conv1D if Conv1D is not None else nn.Module):  # type: ignore[misc]
     """GPT-2's Conv1D: a linear layer whose weight is stored (in, out)."""
 
-    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def base_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         size_out = (*x.shape[:-1], self.weight.shape[1])
         flat = x.reshape(-1, x.shape[-1])
         out = (
@@ -527,9 +441,6 @@ class LoraEmbedding(LoraLayer, nn.Embedding):  # type: ignore[misc]
     """LoRA on an embedding table (num, dim): A is (r, num), B is (dim, r)."""
 
     peft_keys: ClassVar[dict[str, str]] = {"A": "lora_embedding_A", "B": "lora_embedding_B"}
-
-    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.Embedding.forward(self, x)
 
     def weight_oi(self) -> torch.Tensor:
         return self.weight.T
@@ -563,10 +474,11 @@ if Conv1D is not None:
     _LAYERS[Conv1D] = LoraConv1D
 
 
-def _lora_layer_for(module: nn.Module) -> LoraLayer:
+def _layer_class_for(module: nn.Module) -> type[LoraLayer]:
+    """The LoRA layer class for ``module``'s kind of layer (a subclass of nn.Linear is linear)."""
     cls = _LAYERS.get(type(module)) or next(
         (lay for base, lay in _LAYERS.items() if isinstance(module, base)), None
     )
     if cls is None:
         raise LeantuneError(f"LoRA cannot adapt {type(module).__name__}")
-    return cls.adopt(module)
+    return cls

@@ -14,7 +14,8 @@ from typing import ClassVar
 from torch import nn
 
 from leantune.errors import LeantuneError
-from leantune.inject import AdapterConfig, name_matches, register
+from leantune.methods.base import AdapterConfig, register
+from leantune.targets import name_matches
 
 
 @dataclass

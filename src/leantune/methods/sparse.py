@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from leantune.errors import LeantuneError, TargetError
-from leantune.inject import LINEAR_TYPES, AdapterConfig, Conv1D, register
+from leantune.methods.base import LINEAR_TYPES, AdapterConfig, Conv1D, register
 from leantune.methods.delta import DeltaLayer
 
 
@@ -72,6 +72,7 @@ class MaskDelta(nn.Module):
 
 class SparseLayer(DeltaLayer):
     method: ClassVar[str] = "sparse"
+    layer_state: ClassVar[tuple[str, ...]] = ("pending_mask",)
     pending_mask: torch.Tensor | None = None
 
     def shape_oi(self) -> tuple[int, int]:

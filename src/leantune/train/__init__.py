@@ -1,1 +1,3 @@
-"""Training: the one loop (loop.py); schedules and regularizers join it later."""
+"""Training: the one loop (loop.py) and what it is given to run: learning-rate schedules and
+per-parameter rates (schedule.py), penalties on the learned change (regularize.py), adaptive
+LoRA ranks (adapt.py) and skipping the frozen bottom layers after the first epoch (prefix.py)."""

@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -28,100 +28,18 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from leantune.errors import LeantuneError
+from leantune.train.interface import (
+    Batch,
+    Diverged,
+    Progress,
+    TrainConfig,
+    TrainHooks,
+    TrainResult,
+)
 
-Batch = Mapping[str, torch.Tensor]
 STATE_TENSORS = "state.safetensors"
 STATE_JSON = "state.json"
 LATEST = "latest.json"
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = 3
-    """Passes over the training data."""
-    lr: float = 5e-4
-    """Peak learning rate, reached after warmup."""
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.06
-    """Fraction of optimizer steps spent warming up linearly from 0."""
-    schedule: str = "linear"
-    """linear, cosine, constant or slanted (see leantune.train.schedule)."""
-    grad_accum: int = 1
-    """Batches whose gradients are summed before each optimizer step."""
-    max_grad_norm: float | None = 1.0
-    """Clip the gradient norm to this; None turns clipping off."""
-    eval_every: int | None = None
-    """Evaluate every N optimizer steps as well as at the end of each epoch."""
-    patience: int | None = None
-    """Stop after this many evaluations without improvement; None never stops early."""
-    metric: str = "accuracy"
-    """Validation metric that picks the best checkpoint and drives early stopping."""
-    higher_is_better: bool = True
-    max_steps: int | None = None
-    """Stop after this many optimizer steps (the schedule still spans all epochs)."""
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.epochs <= 0 or self.grad_accum <= 0:
-            raise LeantuneError("epochs and grad_accum must be positive")
-        if not self.lr > 0:
-            raise LeantuneError(f"learning rate must be positive, got {self.lr}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise LeantuneError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        for name in ("eval_every", "patience", "max_steps"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise LeantuneError(f"{name} must be positive, got {value}")
-
-
-@dataclass
-class Progress:
-    """Where training stands; saved in every checkpoint so a resumed run continues exactly."""
-
-    step: int = 0
-    epoch: int = 0
-    batch: int = 0
-    """Batches of ``epoch`` already consumed."""
-    examples: int = 0
-    seconds: float = 0.0
-    loss_sum: float = 0.0
-    """Sum of batch losses since the last evaluation (for the logged train_loss)."""
-    loss_count: int = 0
-    bad_evals: int = 0
-    best: dict[str, float] | None = None
-    history: list[dict[str, float]] = field(default_factory=list)
-    curve: list[tuple[int, float]] = field(default_factory=list)
-    """(optimizer step, mean loss of its batches) for every step."""
-    penalties: dict[str, float] = field(default_factory=dict)
-    """Sums of each regularization term since the last evaluation."""
-
-
-class Diverged(LeantuneError):
-    """Training produced a non-finite loss; the message says at which step and what to try."""
-
-    def __init__(self, step: int, what: str) -> None:
-        self.step = step
-        super().__init__(
-            f"training diverged at step {step}: {what}. Try a lower --lr, keep --max-grad-norm "
-            "on, or check the data"
-        )
-
-
-@dataclass
-class TrainResult:
-    best: dict[str, float] | None
-    steps: int
-    stopped_early: bool
-    train_seconds: float
-    examples: int
-    history: list[dict[str, float]] = field(default_factory=list)
-    curve: list[tuple[int, float]] = field(default_factory=list)
-    interrupted: bool = False
-    """Ctrl-C: a checkpoint was saved at the last finished step; resume to continue."""
-
-    @property
-    def examples_per_s(self) -> float:
-        return self.examples / self.train_seconds if self.train_seconds else 0.0
 
 
 # ---------------------------------------------------------------------------- checkpoints
@@ -304,86 +222,108 @@ def train(
     batches: Callable[[int], Sequence[Batch]],
     evaluate: Callable[[nn.Module], dict[str, float]],
     config: TrainConfig,
-    on_best: Callable[[nn.Module, dict[str, float]], None] | None = None,
-    log: Callable[[dict[str, float], list[dict[str, float]]], None] | None = None,
-    on_step: Callable[[Progress, int], None] | None = None,
+    hooks: TrainHooks | None = None,
+    *,
     checkpoint: Path | None = None,
     resume: bool = False,
-    forward: Callable[[nn.Module, Batch], Any] | None = None,
     lr_scales: Mapping[str, float] | None = None,
-    unfreeze: Callable[[int], Any] | None = None,
-    penalty: Callable[[nn.Module], dict[str, torch.Tensor]] | None = None,
-    on_grads: Callable[[int], None] | None = None,
-    after_step: Callable[[int], None] | None = None,
-    checkpoint_extra: Callable[[], Mapping[str, Mapping[str, torch.Tensor]]] | None = None,
     checkpoint_meta: Mapping[str, Any] | None = None,
 ) -> TrainResult:
     """Train ``model``'s trainable parameters.
 
     ``batches(epoch)`` gives that epoch's batches (the same list each time it is asked for the
     same epoch), each holding the model's inputs and ``labels``. ``evaluate`` returns validation
-    metrics; ``log`` sees each evaluation row and the history so far; ``on_step(progress, total_steps)`` runs after
-    every optimizer step. With ``checkpoint`` a folder, a checkpoint is written after every
-    evaluation and on Ctrl-C; ``resume=True`` continues from it. ``forward(model, batch)``
-    replaces ``model(**batch)`` (the frozen-prefix cache uses it). ``lr_scales`` multiplies the
-    rate per parameter name; ``unfreeze(step)`` runs before each optimizer step (gradual
-    unfreezing); ``penalty(model)`` returns named regularization terms (already weighted) added
-    to each batch's loss and logged apart from it. ``on_grads(step)`` sees the clipped gradients
-    before each optimizer step and ``after_step(step)`` runs right after it (the adaptive
-    budget's importance and masks). ``checkpoint_extra()`` gives files to store in the next
-    checkpoint unit (the best weights) and ``checkpoint_meta`` what to store beside its progress.
+    metrics; ``hooks`` (:class:`TrainHooks`) plug in logging, the best weights, the
+    regularizers and the schedules. With ``checkpoint`` a folder, a checkpoint is written after
+    every evaluation and on Ctrl-C; ``resume=True`` continues from it. ``lr_scales`` multiplies
+    the rate per parameter name; ``checkpoint_meta`` is stored beside each checkpoint's
+    progress.
 
     A non-finite training loss, penalty or validation loss stops training with
     :class:`Diverged`; the last checkpoint (before the divergence) stays as it was.
     """
-    from leantune.train.schedule import lr_lambda
+    loop = _Loop(model, batches, evaluate, config, hooks or TrainHooks(), checkpoint)
+    loop.start(resume, lr_scales, checkpoint_meta)
+    return loop.run()
 
-    torch.manual_seed(config.seed)
-    named = trainable_parameters(model)  # gradual unfreezing may switch some off below
-    params = list(named.values())
-    if not params:
-        raise LeantuneError("the model has no trainable parameters; inject an adapter first")
-    opt = torch.optim.AdamW(
-        param_groups(named, config.lr, lr_scales), lr=config.lr, weight_decay=config.weight_decay
-    )
-    per_epoch = math.ceil(len(batches(0)) / config.grad_accum)
-    total = per_epoch * config.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lr_lambda(config.schedule, total, round(total * config.warmup_ratio))
-    )
-    if resume:
-        if checkpoint is None:
-            raise LeantuneError("resume needs a checkpoint folder")
-        progress = load_checkpoint(checkpoint, model, opt, sched, named)
-    else:
-        progress = Progress()
-    p = progress
-    sign = 1.0 if config.higher_is_better else -1.0
-    limit = min(total, config.max_steps or total)
-    device = params[0].device
 
-    def result(stopped_early: bool, interrupted: bool = False) -> TrainResult:
+class _Loop:
+    """One call of :func:`train`: the optimizer, the schedule, the progress and the steps."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        batches: Callable[[int], Sequence[Batch]],
+        evaluate: Callable[[nn.Module], dict[str, float]],
+        config: TrainConfig,
+        hooks: TrainHooks,
+        checkpoint: Path | None,
+    ) -> None:
+        self.model, self.batches, self.evaluate = model, batches, evaluate
+        self.config, self.hooks, self.checkpoint = config, hooks, checkpoint
+
+    def start(
+        self, resume: bool, lr_scales: Mapping[str, float] | None, meta: Mapping[str, Any] | None
+    ) -> None:
+        """The optimizer and schedule, fresh or as the checkpoint left them."""
+        from leantune.train.schedule import lr_lambda
+
+        config, model = self.config, self.model
+        torch.manual_seed(config.seed)
+        self.meta = meta
+        self.named = trainable_parameters(model)  # gradual unfreezing may switch some off below
+        self.params = list(self.named.values())
+        if not self.params:
+            raise LeantuneError("the model has no trainable parameters; inject an adapter first")
+        self.opt = torch.optim.AdamW(
+            param_groups(self.named, config.lr, lr_scales),
+            lr=config.lr,
+            weight_decay=config.weight_decay,
+        )
+        per_epoch = math.ceil(len(self.batches(0)) / config.grad_accum)
+        total = per_epoch * config.epochs
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lr_lambda(config.schedule, total, round(total * config.warmup_ratio))
+        )
+        if resume:
+            if self.checkpoint is None:
+                raise LeantuneError("resume needs a checkpoint folder")
+            self.p = load_checkpoint(self.checkpoint, model, self.opt, self.sched, self.named)
+        else:
+            self.p = Progress()
+        self.sign = 1.0 if config.higher_is_better else -1.0
+        self.limit = min(total, config.max_steps or total)
+        self.device = self.params[0].device
+
+    def result(self, stopped_early: bool, interrupted: bool = False) -> TrainResult:
+        p = self.p
         return TrainResult(
             p.best, p.step, stopped_early, p.seconds, p.examples, p.history, p.curve, interrupted
         )
 
-    def save(directory: Path) -> None:
-        extra = checkpoint_extra() if checkpoint_extra is not None else None
-        save_checkpoint(directory, model, opt, sched, p, named, extra, checkpoint_meta)
+    def save(self) -> None:
+        if self.checkpoint is None:
+            return
+        extra = self.hooks.checkpoint_extra() if self.hooks.checkpoint_extra else None
+        save_checkpoint(
+            self.checkpoint, self.model, self.opt, self.sched, self.p, self.named, extra, self.meta
+        )
 
-    def run_eval() -> bool:
+    def validate(self) -> bool:
         """Evaluate, keep the best, checkpoint, and say whether to stop."""
+        config, p, model = self.config, self.p, self.model
         model.eval()
         with torch.no_grad():
-            metrics = dict(evaluate(model))
+            metrics = dict(self.evaluate(model))
         model.train()
         if config.metric not in metrics:
             raise LeantuneError(f"metric {config.metric!r} not among {sorted(metrics)}")
         if not all(math.isfinite(v) for v in metrics.values()):
             raise Diverged(p.step, f"validation gives {metrics}")
+        done = p.batch / len(self.batches(p.epoch)) if p.batch else 0
         row = {
             "step": float(p.step),
-            "epoch": round(p.epoch + (p.batch / len(batches(p.epoch)) if p.batch else 0), 4),
+            "epoch": round(p.epoch + done, 4),
             "train_loss": p.loss_sum / max(1, p.loss_count),
             "train_seconds": p.seconds,
         } | {f"val_{k}": v for k, v in metrics.items()}
@@ -392,80 +332,98 @@ def train(
         p.history.append(row)
         p.loss_sum, p.loss_count, p.penalties = 0.0, 0, {}
         key = f"val_{config.metric}"
-        if p.best is None or sign * row[key] > sign * p.best[key]:
+        if p.best is None or self.sign * row[key] > self.sign * p.best[key]:
             p.best, p.bad_evals = row, 0
-            if on_best:
-                on_best(model, row)
+            if self.hooks.on_best:
+                self.hooks.on_best(model, row)
         else:
             p.bad_evals += 1
-        if log:
-            log(row, p.history)
-        if checkpoint is not None:
-            save(checkpoint)
+        if self.hooks.log:
+            self.hooks.log(row, p.history)
+        self.save()
         return config.patience is not None and p.bad_evals >= config.patience
 
-    model.train()
-    with _stop_on_sigint() as stop_requested:
-        while p.epoch < config.epochs and p.step < limit:
-            epoch_batches = batches(p.epoch)
-            start = time.perf_counter()
-            step_loss, step_batches = 0.0, 0
-            while p.batch < len(epoch_batches):
-                if unfreeze is not None and step_batches == 0:
-                    unfreeze(p.step)
-                batch = {k: v.to(device) for k, v in epoch_batches[p.batch].items()}
-                loss = (forward(model, batch) if forward else model(**batch)).loss
-                total_loss = loss
-                if penalty is not None:
-                    terms = penalty(model)
-                    for key, term in terms.items():
-                        total_loss = total_loss + term
-                        p.penalties[key] = p.penalties.get(key, 0.0) + float(term.detach())
-                value = float(total_loss.detach())
-                if not math.isfinite(value):
-                    # Stop before the update: the weights are those of the last good step.
-                    raise Diverged(p.step + 1, f"the training loss is {value}")
-                (total_loss / config.grad_accum).backward()
-                step_loss, step_batches = step_loss + loss.item(), step_batches + 1
-                p.batch += 1
-                p.examples += len(batch["labels"])
-                if step_batches < config.grad_accum and p.batch != len(epoch_batches):
-                    continue
-                if config.max_grad_norm:
-                    norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-                    if not math.isfinite(float(norm)):
-                        raise Diverged(p.step + 1, f"the gradient norm is {float(norm)}")
-                if on_grads is not None:
-                    on_grads(p.step + 1)
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-                p.step += 1
-                if after_step is not None:
-                    after_step(p.step)
-                p.loss_sum += step_loss
-                p.loss_count += step_batches
-                p.curve.append((p.step, step_loss / step_batches))
-                step_loss, step_batches = 0.0, 0
-                now = time.perf_counter()
-                p.seconds += now - start
-                start = now
-                if on_step:
-                    on_step(p, limit)
-                if p.batch == len(epoch_batches):
-                    break  # the end-of-epoch evaluation below covers this step
-                if config.eval_every and p.step % config.eval_every == 0 and run_eval():
-                    return result(True)
-                if p.step >= limit:
-                    return result(run_eval())
+    def run(self) -> TrainResult:
+        p, config = self.p, self.config
+        self.model.train()
+        with _stop_on_sigint() as stop_requested:
+            while p.epoch < config.epochs and p.step < self.limit:
+                ended = self.run_epoch(stop_requested)
+                if ended is not None:
+                    return ended
+                p.epoch, p.batch = p.epoch + 1, 0
+                if self.validate():
+                    return self.result(True)
                 if stop_requested():
-                    if checkpoint is not None:
-                        save(checkpoint)
-                    return result(False, interrupted=True)
-                start = time.perf_counter()
-            p.epoch, p.batch = p.epoch + 1, 0
-            if run_eval():
-                return result(True)
+                    return self.result(False, interrupted=True)
+        return self.result(False)
+
+    def run_epoch(self, stop_requested: Callable[[], bool]) -> TrainResult | None:
+        """The epoch's remaining batches; a result when training ends inside the epoch."""
+        p, config, hooks = self.p, self.config, self.hooks
+        epoch_batches = self.batches(p.epoch)
+        start = time.perf_counter()
+        step_loss, step_batches = 0.0, 0
+        while p.batch < len(epoch_batches):
+            if hooks.unfreeze is not None and step_batches == 0:
+                hooks.unfreeze(p.step)
+            step_loss += self.backward(epoch_batches[p.batch])
+            step_batches += 1
+            if step_batches < config.grad_accum and p.batch != len(epoch_batches):
+                continue
+            self.optimizer_step(step_loss, step_batches)
+            step_loss, step_batches = 0.0, 0
+            now = time.perf_counter()
+            p.seconds += now - start
+            start = now
+            if hooks.on_step:
+                hooks.on_step(p, self.limit)
+            if p.batch == len(epoch_batches):
+                break  # the end-of-epoch evaluation covers this step
+            if config.eval_every and p.step % config.eval_every == 0 and self.validate():
+                return self.result(True)
+            if p.step >= self.limit:
+                return self.result(self.validate())
             if stop_requested():
-                return result(False, interrupted=True)
-    return result(False)
+                self.save()
+                return self.result(False, interrupted=True)
+            start = time.perf_counter()
+        return None
+
+    def backward(self, cpu_batch: Batch) -> float:
+        """One batch forward and backward (gradients accumulate); returns its task loss."""
+        p, hooks, model = self.p, self.hooks, self.model
+        batch = {k: v.to(self.device) for k, v in cpu_batch.items()}
+        loss = (hooks.forward(model, batch) if hooks.forward else model(**batch)).loss
+        total_loss = loss
+        if hooks.penalty is not None:
+            for key, term in hooks.penalty(model).items():
+                total_loss = total_loss + term
+                p.penalties[key] = p.penalties.get(key, 0.0) + float(term.detach())
+        value = float(total_loss.detach())
+        if not math.isfinite(value):
+            # Stop before the update: the weights are those of the last good step.
+            raise Diverged(p.step + 1, f"the training loss is {value}")
+        (total_loss / self.config.grad_accum).backward()
+        p.batch += 1
+        p.examples += len(batch["labels"])
+        return float(loss.item())
+
+    def optimizer_step(self, step_loss: float, step_batches: int) -> None:
+        """Clip, step, and record the step's mean loss."""
+        p, config, hooks = self.p, self.config, self.hooks
+        if config.max_grad_norm:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, config.max_grad_norm)
+            if not math.isfinite(float(norm)):
+                raise Diverged(p.step + 1, f"the gradient norm is {float(norm)}")
+        if hooks.on_grads is not None:
+            hooks.on_grads(p.step + 1)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        p.step += 1
+        if hooks.after_step is not None:
+            hooks.after_step(p.step)
+        p.loss_sum += step_loss
+        p.loss_count += step_batches
+        p.curve.append((p.step, step_loss / step_batches))

@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from torch import nn
 
 from leantune.errors import LeantuneError
-from leantune.inject import layer_index
+from leantune.targets import layer_index
 
 SCHEDULES = ("linear", "cosine", "constant", "slanted")
 SLANTED_RATIO = 32

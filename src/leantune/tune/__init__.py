@@ -1,0 +1,91 @@
+"""The tune job: config → model and data → method → the one loop → test metrics → run folder.
+
+Everything that can be wrong with the input (files, columns, labels, model folder, run folder)
+is checked before anything is written, so bad input never touches the disk.
+
+Run folder ``runs/<name>/``: config.yaml (re-runs the job), labels.json, metrics.jsonl (one
+line per validation), adapter/ (LoRA, peft format) or trained/ (full / head-only tensors),
+summary.json, report.html with PNG plots; checkpoint/ while the run is unfinished.
+
+One module per job: :mod:`~leantune.tune.config` (the options), :mod:`~leantune.tune.prepare`
+(model, tokenizer, splits, token ids), :mod:`~leantune.tune.method` (what trains: a method or a
+plan), :mod:`~leantune.tune.run` (the run in named phases) and :mod:`~leantune.tune.saved`
+(commands on a finished run).
+"""
+
+from leantune.tune.config import (
+    ADAPTER_METHODS,
+    DEFAULT_LORA_L2,
+    DEFAULT_LR,
+    METHODS,
+    TuneConfig,
+    check_option_types,
+    field_docs,
+    make_config,
+    option_docs,
+    read_config,
+    write_config,
+)
+from leantune.tune.method import (
+    apply_method,
+    apply_plan,
+    head_modules,
+    make_penalty,
+    make_plan,
+    parse_layers,
+    parse_targets,
+    scoring_batches,
+)
+from leantune.tune.prepare import Prepared, Splits, encode, load_splits, pick_device, prepare
+from leantune.tune.run import TuneRecipe, check_run_folder, run_tune
+from leantune.tune.saved import (
+    SavedRun,
+    evaluate_run,
+    load_run,
+    merge_run,
+    predict_run,
+    run_select,
+    save_trained,
+    side_by_side,
+    write_run_report,
+)
+
+__all__ = [
+    "ADAPTER_METHODS",
+    "DEFAULT_LORA_L2",
+    "DEFAULT_LR",
+    "METHODS",
+    "Prepared",
+    "SavedRun",
+    "Splits",
+    "TuneConfig",
+    "TuneRecipe",
+    "apply_method",
+    "apply_plan",
+    "check_option_types",
+    "check_run_folder",
+    "encode",
+    "evaluate_run",
+    "field_docs",
+    "head_modules",
+    "load_run",
+    "load_splits",
+    "make_config",
+    "make_penalty",
+    "make_plan",
+    "merge_run",
+    "option_docs",
+    "parse_layers",
+    "parse_targets",
+    "pick_device",
+    "predict_run",
+    "prepare",
+    "read_config",
+    "run_select",
+    "run_tune",
+    "save_trained",
+    "scoring_batches",
+    "side_by_side",
+    "write_config",
+    "write_run_report",
+]

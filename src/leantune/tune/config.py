@@ -1,0 +1,417 @@
+"""The tune job's options: :class:`TuneConfig`, its field docstrings (the CLI help and the
+YAML comments), and reading, writing and type-checking config.yaml files."""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import inspect
+import itertools
+import math
+import typing
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from leantune.errors import LeantuneError
+from leantune.files import atomic_write, read_yaml
+from leantune.methods.lora import LoraConfig
+from leantune.models import TASKS
+from leantune.plan import parse_methods
+from leantune.track import parse_track
+from leantune.train.interface import TrainConfig
+from leantune.train.schedule import SCHEDULES
+
+METHODS = ("lora", "bitfit", "layernorm", "sparse", "full", "head")
+ADAPTER_METHODS = ("lora", "bitfit", "layernorm", "sparse")
+"""Methods whose run saves an adapter/ folder (the others save trained/)."""
+DEFAULT_LR = {
+    "lora": 2e-3,
+    "bitfit": 2e-3,
+    "layernorm": 2e-3,
+    "sparse": 2e-3,  # its values train at SparseConfig.lr_scale (0.05) of it
+    "full": 5e-5,
+    "head": 5e-3,
+}
+DEFAULT_LORA_L2 = 1e-3
+CLASSIFY_METRICS = ("accuracy", "macro_f1", "loss")
+
+
+@dataclass
+class TuneConfig:
+    """Everything a tune run needs; saved as config.yaml in the run folder."""
+
+    name: str | None = None
+    """Run folder name under runs_dir (default: <model>-<data>-<method>)."""
+    runs_dir: str = "runs"
+    """Folder that holds the run folders."""
+    model: str | None = None
+    """Local transformers model folder (default: the embedded MiniLM-L6)."""
+    task: str = "classify"
+    """classify (sequence classification) or causal-lm (language modelling; metric perplexity)."""
+    data: str | None = None
+    """Training data: .csv, .jsonl or a datasets save_to_disk folder (default: BBC News)."""
+    eval_data: str | None = None
+    """Validation data file; default: a split of --data."""
+    test_data: str | None = None
+    """Test data file; default: a split of --data."""
+    text_column: str = "text"
+    """Column holding the text."""
+    label_column: str = "label"
+    """Column holding the label (classification)."""
+    split: str = "0.7,0.1,0.2"
+    """Train,validation,test fractions of --data, stratified by label."""
+    train_examples: int | None = None
+    """Train on a stratified sample of this many training examples (the validation and test
+    splits stay the same): a small-data run."""
+    max_length: int = 128
+    """Truncate texts to this many tokens (capped at the model's positions)."""
+    batch_size: int = 16
+    """Training batch size; batches group texts of similar length."""
+    eval_batch_size: int = 64
+    """Batch size for validation, test and predict."""
+    method: str = "lora"
+    """lora; bitfit (biases) or layernorm (norm scales and shifts) within --layers; sparse (the
+    top-Fisher weight entries within --budget and --layers, a FISH mask); full (every
+    parameter) or head (the task head only)."""
+    # LoRA's own options: their help is LoraConfig's field docstrings (see option_docs).
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    rslora: bool = False
+    dora: bool = False
+    init: str = "standard"
+    targets: str = "all-linear"
+    """LoRA targets: all-linear, a comma list of module names, or a regex."""
+    layers: str = "upper-half"
+    """Layers adapted (and where --select auto may spend): upper-half, all, a range 3-5 or a
+    list 3,4,5."""
+    select: str | None = None
+    """auto: score the parameters on a few training batches and spend --budget on the ones that
+    matter (per module: a method from --plan-methods and its size, + the head) within --layers;
+    replaces --targets and --r."""
+    budget: str = "0.5%"
+    """Trainable parameters for --select auto and --method sparse: a count (68000) or a share of
+    the model (0.5%)."""
+    plan_methods: str = "lora"
+    """Methods --select auto may spend the budget on: a comma list of lora, bitfit, layernorm,
+    sparse (one method per module; the best gain per parameter wins)."""
+    plan: str | None = None
+    """A plan.json (from leantune select or --select auto, maybe edited) to tune by."""
+    score_examples: int = 64
+    """Training examples --select auto scores the parameters on."""
+    reference_text: str | None = None
+    """General (not task) text to measure knowledge kept on: entries separated by % lines,
+    blank lines or newlines (default: the fortunes of fortunes-min when installed, else skip)."""
+    reference_examples: int = 256
+    """Reference texts used to measure knowledge kept (0 turns the measurement off)."""
+    cache_prefix: bool = False
+    """Run the frozen bottom layers without dropout and reuse their outputs after the first
+    epoch: later epochs skip them (faster; holds their outputs in memory)."""
+    epochs: int = 2
+    """Passes over the training data."""
+    lr: float | None = None
+    """Peak learning rate (default per method: lora 2e-3, full 5e-5, head 5e-3)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_ratio: float = 0.06
+    """Fraction of steps warming up before the decay (slanted: the rise)."""
+    schedule: str = "linear"
+    """Learning-rate shape after warmup: linear, cosine, constant or slanted (slanted
+    triangular: short rise, long fall to 1/32)."""
+    layer_decay: float = 1.0
+    """Layer-wise rate decay: layer l of L trains at decay^(L-1-l) of the rate (1: off)."""
+    unfreeze_every: int | None = None
+    """Gradual unfreezing: the head and top layer train first, one more layer every N
+    optimizer steps (default: everything from the start)."""
+    loraplus_ratio: float = 1.0
+    """LoRA+: the B matrices train at this multiple of A's rate (1: off; the paper uses 16)."""
+    l2: float | None = None
+    """Weight of the L2 penalty on the learned change (LoRA: |s·B·A|²; in-place tuning: L2-SP,
+    |θ - θ₀|²; task heads are not penalized). Default: 1e-3 for LoRA (not DoRA/PiSSA), else 0."""
+    l1: float = 0.0
+    """Weight of the L1 penalty on the learned change."""
+    ewc: float = 0.0
+    """Weight of EWC: Σ F·change², F the Fisher diagonal of the pretrained weights on
+    --score-examples training examples."""
+    grad_accum: int = 1
+    """Batches per optimizer step."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0 turns clipping off)."""
+    eval_every: int | None = None
+    """Also validate every N optimizer steps (default: once per epoch)."""
+    patience: int | None = None
+    """Stop after N validations without improvement (default: never)."""
+    metric: str | None = None
+    """Validation metric for the best checkpoint (default: accuracy, or perplexity)."""
+    max_steps: int | None = None
+    """Stop after N optimizer steps (a quick look; the schedule still spans all epochs)."""
+    seed: int = 0
+    """Seed for the split, initialisation, batches and dropout."""
+    device: str = "auto"
+    """auto (CUDA when present), cpu, cuda or cuda:N."""
+    adapt: float = 1.0
+    """Adaptive budget (AdaLoRA-style): LoRA starts at this multiple of its ranks and prunes
+    rank components by smoothed |w·grad| importance, cubically from the end of warmup to 70%
+    of the steps, down to the parameter count it started from; the adapter is saved at that
+    size with uneven ranks (1: off)."""
+    track: str | None = None
+    """Experiment tracking, off by default: tensorboard (<run>/tensorboard), mlflow (local
+    SQLite store <runs_dir>/mlflow.db) or tensorboard,mlflow; each an optional extra of leantune."""
+
+    def __post_init__(self) -> None:
+        choices = {"task": TASKS, "method": METHODS, "init": ("standard", "gaussian", "pissa")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise LeantuneError(
+                    f"--{key} {getattr(self, key)!r} is unknown; use one of {allowed}"
+                )
+        for key in ("max_length", "batch_size", "eval_batch_size", "r", "epochs", "grad_accum"):
+            if getattr(self, key) <= 0:
+                raise LeantuneError(f"--{key.replace('_', '-')} must be positive")
+        if self.name is not None and (
+            not self.name or Path(self.name).name != self.name or self.name.startswith(".")
+        ):
+            raise LeantuneError(
+                f"--name {self.name!r} must be a plain folder name (not starting with a dot)"
+            )
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise LeantuneError(f"--lr must be a finite positive number, got {self.lr}")
+        for key in ("eval_every", "patience", "max_steps"):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                flag = key.replace("_", "-")
+                raise LeantuneError(
+                    f"--{flag} must be a positive number (or left out), got {value}"
+                )
+        if not 0 <= self.warmup_ratio < 1:
+            raise LeantuneError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
+            raise LeantuneError(
+                f"--max-grad-norm must be 0 (off) or a positive number, got {self.max_grad_norm}"
+            )
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise LeantuneError(f"--weight-decay must be 0 or more, got {self.weight_decay}")
+        allowed_metrics = ("perplexity", "loss") if self.task == "causal-lm" else CLASSIFY_METRICS
+        if self.metric is not None and self.metric not in allowed_metrics:
+            raise LeantuneError(
+                f"--metric {self.metric!r} is not a {self.task} metric; use one of {allowed_metrics}"
+            )
+        self.fractions()  # validates
+        if self.select not in (None, "auto"):
+            raise LeantuneError(f"--select {self.select!r}: the one selector is auto")
+        if self.select and self.plan:
+            raise LeantuneError("--select auto makes a plan and --plan gives one; pick one")
+        if (self.select or self.plan) and self.method not in ("lora", "sparse"):
+            raise LeantuneError("--select / --plan choose their own methods; drop --method")
+        parse_methods(self.plan_methods)
+        if self.score_examples <= 0:
+            raise LeantuneError("--score-examples must be positive")
+        if self.schedule not in SCHEDULES:
+            raise LeantuneError(f"--schedule {self.schedule!r} is unknown; use one of {SCHEDULES}")
+        for key in ("l2", "l1", "ewc"):
+            if (getattr(self, key) or 0) < 0:
+                raise LeantuneError(f"--{key} must be 0 or more, got {getattr(self, key)}")
+        if not 0 < self.layer_decay <= 1:
+            raise LeantuneError(f"--layer-decay must be in (0, 1], got {self.layer_decay}")
+        if not self.loraplus_ratio >= 1:
+            raise LeantuneError("--loraplus-ratio must be 1 (off) or more")
+        if self.unfreeze_every is not None and self.unfreeze_every <= 0:
+            raise LeantuneError("--unfreeze-every must be a positive number of steps")
+        if (self.l2 or self.l1 or self.ewc) and (self.init == "pissa" or self.dora):
+            raise LeantuneError(
+                "--l2/--l1/--ewc penalize the LoRA update s·B·A, which is not the change from the "
+                "pretrained weights under PiSSA or DoRA; drop one of the two"
+            )
+        if self.train_examples is not None and self.train_examples <= 0:
+            raise LeantuneError("--train-examples must be positive")
+        if self.reference_examples < 0:
+            raise LeantuneError("--reference-examples must be 0 (off) or more")
+        parse_track(self.track)
+        if self.adapt < 1:
+            raise LeantuneError(f"--adapt must be 1 (off) or more, got {self.adapt}")
+        if self.adapt > 1 and (self.method != "lora" or self.dora or self.init == "pissa"):
+            raise LeantuneError("--adapt prunes plain LoRA ranks; use it with --method lora")
+        if self.adapt > 1 and "lora" not in parse_methods(self.plan_methods) and self.select:
+            raise LeantuneError("--adapt prunes LoRA ranks; --plan-methods must include lora")
+
+    def fractions(self) -> tuple[float, float, float]:
+        try:
+            parts = tuple(float(x) for x in self.split.split(","))
+        except ValueError:
+            parts = ()
+        if len(parts) != 3 or min(parts) < 0 or abs(sum(parts) - 1) > 1e-6:
+            raise LeantuneError(
+                f"--split {self.split!r} must be three fractions summing to 1, like 0.7,0.1,0.2"
+            )
+        return parts[0], parts[1], parts[2]
+
+    @property
+    def causal(self) -> bool:
+        return self.task == "causal-lm"
+
+    def resolved(self) -> TuneConfig:
+        """Defaults that depend on other fields filled in, as saved in config.yaml."""
+        values = asdict(self)
+        if self.lr is None:
+            values["lr"] = DEFAULT_LR[self.method]
+        if self.l2 is None:
+            # Measured (docs/BENCHMARKS.md, gradual tuning): on a full pass over the data L2 1e-3
+            # on the LoRA update keeps more of the original model at no cost in accuracy.
+            plain_lora = self.method == "lora" and not self.dora and self.init != "pissa"
+            values["l2"] = DEFAULT_LORA_L2 if plain_lora else 0.0
+        if self.metric is None:
+            values["metric"] = "perplexity" if self.causal else "accuracy"
+        if self.name is None:
+            model = Path(self.model).name if self.model else "minilm"
+            data = Path(self.data).stem if self.data else "bbc"
+            values["name"] = f"{model}-{data}-{self.method}"
+        return TuneConfig(**values)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Field docstrings (the string right after each field): CLI help and YAML comments."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for node, nxt in itertools.pairwise(body):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+        ):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def option_docs() -> dict[str, str]:
+    """Help for every TuneConfig field; the LoRA ones come from LoraConfig."""
+    lora = {k: f"LoRA: {v}" for k, v in field_docs(LoraConfig).items()}
+    return lora | field_docs(TuneConfig)
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """A YAML mapping of TuneConfig fields; unknown keys are refused by name."""
+    values = read_yaml(path, "config")
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise LeantuneError(f"{path} must hold a mapping of option: value")
+    known = {f.name for f in fields(TuneConfig)}
+    unknown = sorted(str(k) for k in values if k not in known)
+    if unknown:
+        raise LeantuneError(f"{path}: unknown option {unknown[0]!r}; options are {sorted(known)}")
+    return check_option_types(values, str(path))
+
+
+def write_config(config: TuneConfig, path: Path) -> None:
+    docs = option_docs()
+    lines = ["# leantune tune --config this-file   (command-line options override it)"]
+    for key, value in asdict(config).items():
+        lines.append(f"# {docs.get(key, '')}")
+        lines.append(yaml.safe_dump({key: value}, default_flow_style=False, width=1000).strip())
+    atomic_write(path, "\n".join(lines) + "\n")
+
+
+def make_config(values: Mapping[str, Any], where: str | None = None) -> TuneConfig:
+    """A TuneConfig from option values (a YAML file's, the command line's, a sweep trial's);
+    values of the wrong type are one clear error naming ``where`` they came from."""
+    try:
+        return TuneConfig(**check_option_types(values, where))
+    except TypeError as e:
+        raise LeantuneError(f"bad option: {e}") from None
+
+
+_EXAMPLES = {"lr": "2e-3", "l2": "1e-3"}
+"""Examples for error messages where the field's default (None) cannot serve."""
+
+
+def check_option_types(values: Mapping[str, Any], where: str | None = None) -> dict[str, Any]:
+    """``values`` with each TuneConfig field's value checked against its annotation.
+
+    Whole numbers for int fields (3.0 becomes 3; a bool is not a number), numbers for float
+    fields (an int, or text YAML reads as a number such as ``1e-3``, becomes a float), finite
+    floats, true/false for flags, text for text fields (a number becomes its text: ``budget:
+    68000``), None only where the field allows it. Unknown names are left to TuneConfig.
+    """
+    hints = typing.get_type_hints(TuneConfig)
+    defaults = {f.name: f.default for f in fields(TuneConfig)}
+    prefix = f"{where}: " if where else ""
+    out = dict(values)
+    for key, value in values.items():
+        if key not in hints:
+            continue
+        kinds = typing.get_args(hints[key]) or (hints[key],)
+        kind = next(k for k in kinds if k is not type(None))
+        default = defaults[key]
+        example = _EXAMPLES.get(key, repr(default) if isinstance(default, kind) else None)
+        if value is None:
+            if type(None) in kinds:
+                continue
+            problem = "has no value"
+        elif kind is bool:
+            if isinstance(value, bool):
+                continue
+            problem, example = f"{value!r} is not true or false", "true"
+        elif kind is str:
+            if isinstance(value, str):
+                continue
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                out[key] = str(value)
+                continue
+            problem = f"{value!r} is not text"
+        elif kind is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                continue
+            if isinstance(value, float) and value.is_integer():
+                out[key] = int(value)
+                continue
+            problem, example = f"{value!r} is not a whole number", example or "10"
+        else:  # float
+            number = value
+            if isinstance(value, str):  # YAML reads 1e-3 (no dot) as text
+                with contextlib.suppress(ValueError):
+                    number = float(value)
+            if isinstance(number, int | float) and not isinstance(number, bool):
+                if math.isfinite(number):
+                    out[key] = float(number)
+                    continue
+                problem = f"{value!r} is not a finite number"
+            else:
+                problem = f"{value!r} is not a number"
+            example = example or "1.0"
+        give = {bool: "true or false", str: "text", int: "a whole number"}.get(kind, "a number")
+        raise LeantuneError(
+            f"{prefix}{key}: {problem}; give {give}"
+            + (f" like {example}" if example and kind is not bool else "")
+            + (" (or leave it out)" if type(None) in kinds else "")
+        )
+    return out
+
+
+def train_config(config: TuneConfig) -> TrainConfig:
+    """The loop's options from the run's (resolved) config."""
+    return TrainConfig(
+        epochs=config.epochs,
+        lr=float(config.lr or 0),
+        weight_decay=config.weight_decay,
+        warmup_ratio=config.warmup_ratio,
+        schedule=config.schedule,
+        grad_accum=config.grad_accum,
+        max_grad_norm=config.max_grad_norm or None,
+        eval_every=config.eval_every,
+        patience=config.patience,
+        metric=str(config.metric),
+        higher_is_better=config.metric != "perplexity" and config.metric != "loss",
+        max_steps=config.max_steps,
+        seed=config.seed,
+    )
+
+
+def started_with(config: TuneConfig) -> dict[str, Any]:
+    """The options a checkpoint records: a resumed run must match them."""
+    return {k: v for k, v in asdict(config).items() if k not in ("name", "runs_dir")}

@@ -1,0 +1,199 @@
+"""Which parameters a run trains: the method of --method (:func:`apply_method`) or a Plan
+scored and allocated by --select auto / read from --plan, and the run's penalties."""
+
+from __future__ import annotations
+
+import random
+import re
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from leantune.errors import LeantuneError
+from leantune.evaluate import Encoded, make_batch
+from leantune.inject import adapter_layers, inject, name_matches, output_head_names
+from leantune.methods.bitfit import BitFitConfig
+from leantune.methods.layernorm import LayerNormConfig
+from leantune.methods.lora import LoraConfig
+from leantune.models import num_layers
+from leantune.plan import Plan, allocate, apply_lora_options, parse_budget, parse_methods
+from leantune.select import SPARSE_CHUNK, Scores, score
+from leantune.train.regularize import Penalty, find_changes, fisher_diagonal
+from leantune.tune.config import TuneConfig
+
+if TYPE_CHECKING:
+    from leantune.tune.prepare import Prepared
+
+
+def parse_targets(spec: str) -> str | list[str]:
+    if spec == "all-linear":
+        return spec
+    if "," in spec or re.fullmatch(r"[\w.]+", spec):
+        return [t.strip() for t in spec.split(",") if t.strip()]
+    return spec  # a regex
+
+
+def parse_layers(spec: str, n: int | None) -> list[int] | None:
+    if spec == "all":
+        return None
+    if n is None:
+        raise LeantuneError(
+            f"--layers {spec!r} needs the model's layer count, which its config does not give; "
+            "use --layers all"
+        )
+    if spec == "upper-half":
+        return list(range(n // 2, n))
+    try:
+        if re.fullmatch(r"\d+-\d+", spec):
+            lo, hi = (int(x) for x in spec.split("-"))
+            layers = list(range(lo, hi + 1))
+        else:
+            layers = [int(x) for x in spec.split(",")]
+    except ValueError:
+        raise LeantuneError(
+            f"--layers {spec!r}: use upper-half, all, a range like 3-5 or a list like 3,4,5"
+        ) from None
+    bad = [i for i in layers if not 0 <= i < n]
+    if bad or not layers:
+        raise LeantuneError(f"--layers {spec!r}: the model has layers 0-{n - 1}")
+    return layers
+
+
+def head_modules(model: nn.Module, causal: bool) -> list[str]:
+    if causal:
+        return sorted(output_head_names(model))
+    names = [n for n, _ in model.named_modules() if n and name_matches(n, ["classifier", "score"])]
+    return [n for n in names if not any(n.startswith(o + ".") for o in names)]
+
+
+def apply_method(model: nn.Module, config: TuneConfig) -> None:
+    """Make the parameters of ``config.method`` trainable (LoRA: inject adapters)."""
+    if config.method == "lora":
+        lora = LoraConfig(
+            r=config.r,
+            alpha=config.alpha,
+            dropout=config.dropout,
+            rslora=config.rslora,
+            dora=config.dora,
+            init=config.init,
+            targets=parse_targets(config.targets),
+            layers=parse_layers(config.layers, num_layers(model)),
+        )
+        inject(model, lora)
+        return
+    if config.method in ("bitfit", "layernorm"):
+        cls = BitFitConfig if config.method == "bitfit" else LayerNormConfig
+        inject(model, cls(targets="all", layers=parse_layers(config.layers, num_layers(model))))
+        return
+    if config.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return
+    heads = head_modules(model, config.causal)
+    if not heads:
+        raise LeantuneError("--method head: the model has no classifier/score/output head")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    modules = dict(model.named_modules())
+    for name in heads:
+        for p in modules[name].parameters():
+            p.requires_grad_(True)
+
+
+def scoring_batches(
+    config: TuneConfig, train: Encoded, pad_id: int
+) -> list[dict[str, torch.Tensor]]:
+    """--score-examples training examples (seeded sample) in batches: what selection scores and
+    EWC measures its Fisher on."""
+    rows = list(range(len(train)))
+    random.Random(config.seed).shuffle(rows)
+    rows = rows[: config.score_examples]
+    return [
+        make_batch(train, rows[i : i + config.batch_size], pad_id, config.causal)
+        for i in range(0, len(rows), config.batch_size)
+    ]
+
+
+def make_plan(
+    model: nn.Module, config: TuneConfig, train: Encoded, pad_id: int
+) -> tuple[Plan, Scores | None]:
+    """The run's Plan: read from --plan, or scored on a few training batches and allocated."""
+    modules = dict(model.named_modules())
+    heads = [
+        (n, sum(p.numel() for p in modules[n].parameters()))
+        for n in head_modules(model, config.causal)
+    ]
+    if config.plan:
+        plan = Plan.load(config.plan)
+        plan.check(model)
+        apply_lora_options(plan, lora_options(config), lora_options(TuneConfig()), config.plan)
+        return plan, None
+    base = sum(p.numel() for p in model.parameters())
+    budget = parse_budget(config.budget, base)
+    batches = scoring_batches(config, train, pad_id)
+    methods = ("sparse",) if config.method == "sparse" else parse_methods(config.plan_methods)
+    # Rank enough entries per module for sparse units to be able to take the whole budget.
+    entries = max(16 * SPARSE_CHUNK, budget) if "sparse" in methods else 0
+    scores = score(model, batches, skip=[h for h, _ in heads], max_entries=entries)
+    # --layers bounds where the plan may go (default: the upper half, so backward stays short
+    # and the frozen bottom can be cached); modules outside the layer stack stay candidates.
+    allowed = parse_layers(config.layers, num_layers(model))
+    candidates = Scores(
+        [m for m in scores.modules if allowed is None or m.layer is None or m.layer in allowed],
+        scores.examples,
+        scores.seconds,
+        # The embeddings' norm sits below every layer: tuning it would run backward to the bottom.
+        [
+            m
+            for m in scores.norms
+            if allowed is None or m.layer in allowed or (m.layer is None and "embed" not in m.name)
+        ],
+    )
+    plan = allocate(candidates, budget, base, heads, methods=methods)
+    apply_lora_options(plan, lora_options(config), lora_options(TuneConfig()))
+    return plan, scores
+
+
+def lora_options(config: TuneConfig) -> dict[str, Any]:
+    """The run's LoRA options as a plan entry carries them (the rank is the entry's size)."""
+    return {
+        "alpha_ratio": config.alpha / config.r,
+        "dropout": config.dropout,
+        "dora": config.dora,
+        "rslora": config.rslora,
+        "init": config.init,
+    }
+
+
+def apply_plan(model: nn.Module, plan: Plan) -> None:
+    """The plan's methods and sizes on its modules, its heads trained in full, the rest frozen."""
+    adapter = plan.adapter_config()
+    if adapter is None:
+        raise LeantuneError(
+            f"the plan trains only the task head ({plan.params:,} parameters): the budget "
+            "buys nothing else. Raise --budget, or use --method head"
+        )
+    inject(model, adapter)
+
+
+def make_penalty(model: nn.Module, config: TuneConfig, prep: Prepared) -> Penalty | None:
+    """The run's regularizers (None when every weight is 0); EWC measures its Fisher here."""
+    if not (config.l2 or config.l1 or config.ewc):
+        return None
+    heads = head_modules(model, config.causal)
+    fisher = None
+    if config.ewc:
+        changes = find_changes(model, heads)
+        names = [
+            f"{n}.{k}"
+            for n, layer in adapter_layers(model)
+            if isinstance(layer, nn.Module)
+            for k, _ in layer.named_parameters(recurse=False)
+        ]
+        names += list(changes.anchors)
+        batches = scoring_batches(config, prep.train, prep.tok.pad_token_id)
+        fisher = fisher_diagonal(model, batches, names)
+    return Penalty(
+        model, l2=config.l2 or 0.0, l1=config.l1, ewc=config.ewc, fisher=fisher, skip=heads
+    )

@@ -1,0 +1,199 @@
+"""What a run starts from: the model and tokenizer, the train/validation/test splits, and
+their token ids; :func:`prepare` loads and checks them all and writes nothing."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from leantune.data import (
+    PARTS,
+    TextTable,
+    encode_labels,
+    label_names,
+    length_buckets,
+    load_table,
+    stratified_split,
+    too_few_rows,
+)
+from leantune.errors import LeantuneError
+from leantune.evaluate import Encoded, Evaluation, evaluate, make_batch
+from leantune.models import load_model, load_tokenizer, max_positions, model_dir
+from leantune.plan import Plan
+from leantune.select import Scores
+from leantune.tune.config import TuneConfig
+from leantune.tune.method import apply_method, apply_plan, make_plan
+
+
+@dataclass
+class Splits:
+    train: TextTable
+    val: TextTable
+    test: TextTable
+    label_names: list[str]
+
+
+def _subset(table: TextTable, rows: list[int]) -> TextTable:
+    labels = [table.labels[i] for i in rows] if table.labels else []
+    return TextTable([table.texts[i] for i in rows], labels)
+
+
+def load_splits(config: TuneConfig) -> Splits:
+    label_column = None if config.causal else config.label_column
+    if config.data is None:
+        from leantune.defaults import bbc_news
+
+        bbc = bbc_news()
+        labels = [] if config.causal else [bbc.label_names[y] for y in bbc.labels]
+        data = TextTable(bbc.texts, labels)
+    else:
+        data = load_table(config.data, config.text_column, label_column)
+
+    def side(path: str | None) -> TextTable | None:
+        return None if path is None else load_table(path, config.text_column, label_column)
+
+    val, test = side(config.eval_data), side(config.test_data)
+    train_f, val_f, test_f = config.fractions()
+    val_f, test_f = (0.0 if val else val_f), (0.0 if test else test_f)
+    total = train_f + val_f + test_f
+    if total <= 0:
+        raise LeantuneError("--split leaves no training data")
+    strata = data.labels or ["_"] * len(data.texts)
+    index = {n: i for i, n in enumerate(sorted(set(strata)))}
+    parts = stratified_split(
+        [index[s] for s in strata], (train_f / total, val_f / total, test_f / total), config.seed
+    )
+    train_part = _subset(data, parts[0])
+    if config.train_examples is not None and config.train_examples < len(train_part.texts):
+        keep = config.train_examples / len(train_part.texts)
+        inner = train_part.labels or ["_"] * len(train_part.texts)
+        ids = {n: i for i, n in enumerate(sorted(set(inner)))}
+        sample = stratified_split([ids[s] for s in inner], (keep, 1 - keep, 0.0), config.seed)[0]
+        train_part = _subset(train_part, sample)
+    val = val or _subset(data, parts[1])
+    test = test or _subset(data, parts[2])
+    for what, table in (("training", train_part), ("validation", val), ("test", test)):
+        if not table.texts:
+            fractions = (train_f / total, val_f / total, test_f / total)
+            where = config.data or "the data"
+            cause = too_few_rows(data.labels, fractions, PARTS.index(what), where)
+            if cause:  # labels with too few rows, not too few rows in all
+                raise LeantuneError(cause)
+            raise LeantuneError(
+                f"the {what} split is empty: {config.data or 'the data'} has {len(data.texts)} "
+                "rows; give more rows, a separate file, or other --split fractions"
+            )
+    names = [] if config.causal else label_names(train_part.labels)
+    if not config.causal and len(names) < 2:
+        raise LeantuneError(
+            f"the training data has {len(names)} label value(s) in column "
+            f"{config.label_column!r}; classification needs at least 2"
+        )
+    return Splits(train_part, val, test, names)
+
+
+def encode(tok: Any, table: TextTable, names: list[str], max_length: int, where: str) -> Encoded:
+    # Texts are cut to 100 characters per token of max_length before tokenizing, so one huge
+    # text costs no more than a normal one. Natural text averages about 4 characters a token
+    # and tokens beyond 20 are rare, so max_length tokens end far before the cut and the ids
+    # are those of the whole text. A cut text that does not fill max_length (a long run of
+    # spaces, a giant unknown word) may have lost tokens, so it is tokenized again whole.
+    bound = max_length * 100
+    texts = [t[:bound] for t in table.texts]
+    ids = tok(texts, truncation=True, max_length=max_length)["input_ids"]
+    again = [i for i, t in enumerate(table.texts) if len(t) > bound and len(ids[i]) < max_length]
+    if again:
+        whole = tok([table.texts[i] for i in again], truncation=True, max_length=max_length)
+        for i, seq in zip(again, whole["input_ids"], strict=True):
+            ids[i] = seq
+    labels = encode_labels(table.labels, names, where) if names else []
+    return Encoded(ids, labels)
+
+
+@dataclass
+class Prepared:
+    """A model and tokenized data, ready to train or evaluate."""
+
+    config: TuneConfig
+    model: nn.Module
+    tok: Any
+    splits: Splits
+    train: Encoded
+    val: Encoded
+    test: Encoded
+    device: torch.device
+    plan: Plan | None = None
+    scores: Scores | None = None
+    _cache: dict[int, list[dict[str, torch.Tensor]]] = field(default_factory=dict)
+
+    def evaluate(self, enc: Encoded) -> Evaluation:
+        return evaluate(
+            self.model,
+            enc,
+            causal=self.config.causal,
+            num_labels=len(self.splits.label_names),
+            pad_id=self.tok.pad_token_id,
+            batch_size=self.config.eval_batch_size,
+        )
+
+    def batches(self, epoch: int) -> list[dict[str, torch.Tensor]]:
+        """This epoch's training batches: similar lengths together, padded per batch."""
+        if epoch in self._cache:
+            return self._cache[epoch]
+        rows = length_buckets(
+            [len(x) for x in self.train.ids],
+            self.config.batch_size,
+            seed=self.config.seed * 100_003 + epoch,
+        )
+        pad = self.tok.pad_token_id
+        rows_too = self.config.cache_prefix
+        self._cache = {
+            epoch: [make_batch(self.train, r, pad, self.config.causal, rows_too) for r in rows]
+        }
+        return self._cache[epoch]
+
+
+def pick_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise LeantuneError(f"--device {spec!r} is not a device; use auto, cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LeantuneError("--device cuda: no CUDA device is available here; use --device auto")
+    return device
+
+
+def prepare(config: TuneConfig, with_method: bool = True) -> Prepared:
+    """Load and check everything; writes nothing."""
+    device = pick_device(config.device)
+    folder = model_dir(config.model)
+    splits = load_splits(config)
+    tok = load_tokenizer(folder)
+    random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    model = load_model(folder, config.task, splits.label_names, tok.pad_token_id)
+    length = min(config.max_length, max_positions(model) or config.max_length)
+    names = splits.label_names
+    train_enc = encode(tok, splits.train, names, length, "the training data")
+    val_enc = encode(tok, splits.val, names, length, config.eval_data or "the validation split")
+    test_enc = encode(tok, splits.test, names, length, config.test_data or "the test split")
+    if config.causal:
+        for enc in (train_enc, val_enc, test_enc):  # a 1-token text predicts nothing
+            enc.ids = [x for x in enc.ids if len(x) > 1]
+        if not train_enc.ids or not val_enc.ids or not test_enc.ids:
+            raise LeantuneError("causal-lm needs texts of at least 2 tokens in every split")
+    model.to(device)
+    plan, scores = None, None
+    if with_method and (config.select or config.plan or config.method == "sparse"):
+        plan, scores = make_plan(model, config, train_enc, tok.pad_token_id)
+        apply_plan(model, plan)
+    elif with_method:
+        apply_method(model, config)
+    model.to(device)
+    return Prepared(config, model, tok, splits, train_enc, val_enc, test_enc, device, plan, scores)

@@ -1,0 +1,431 @@
+"""The tune run as a recipe of named phases, each a method of :class:`TuneRecipe`:
+
+1. ``setup_training`` loads and checks everything (model, data, method, schedules, penalties)
+   and writes nothing, so bad input never touches the disk;
+2. ``write_start`` takes the run's lock and writes the partial run folder (config.yaml,
+   labels.json, plan.json and its heatmap);
+3. ``baseline`` measures the model before any step (test metrics, the knowledge reference);
+4. ``train`` runs the one loop (:func:`leantune.train.loop.train`) with the run's hooks;
+5. ``finish`` puts the best weights back, saves them, tests, writes the summary and the report
+   and switches the finished folder into place (see :mod:`leantune.runfolder`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from leantune import runfolder
+from leantune.errors import LeantuneError
+from leantune.evaluate import Evaluation
+from leantune.files import atomic_write, folder_bytes, load_into, unique_tensors
+from leantune.inject import ParameterReport, parameter_report
+from leantune.knowledge import (
+    Reference,
+    cache_root,
+    folder_fingerprint,
+    knowledge_kept,
+    prepare_reference,
+    reference_texts,
+)
+from leantune.memory import peak_memory_mb, reset_peak_memory
+from leantune.models import max_positions, model_dir, num_layers
+from leantune.runfolder import RunFolder
+from leantune.track import Tracker, check_backends
+from leantune.train.adapt import RankPruner
+from leantune.train.interface import Diverged, Progress, TrainHooks, TrainResult
+from leantune.train.loop import checkpoint_meta, latest_checkpoint, train, trainable_parameters
+from leantune.train.prefix import PrefixCache
+from leantune.train.schedule import Unfreezer, lr_scales
+from leantune.tune.config import TuneConfig, started_with, train_config, write_config
+from leantune.tune.method import make_penalty
+from leantune.tune.prepare import Prepared, pick_device, prepare
+from leantune.tune.saved import BEST, HISTORY, save_trained, side_by_side, write_run_report
+
+STATE = runfolder.STATE
+
+
+def check_run_folder(run: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse a start that would lose or clash with something in ``run``; touches nothing."""
+    RunFolder(run.parent, run.name).check(resume, overwrite)
+
+
+def run_tune(
+    config: TuneConfig,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    log: Callable[[str], None] | None = None,
+    on_step: Callable[[Progress, int], None] | None = None,
+    on_validation: Callable[[dict[str, float]], None] | None = None,
+) -> dict[str, Any]:
+    """Run the tune job; returns the summary (``{"interrupted": True, ...}`` after Ctrl-C).
+
+    Everything is checked before anything is written; the run is built in its partial folder
+    and replaces ``runs/<name>`` only once finished (see :mod:`leantune.runfolder`).
+    ``on_validation`` sees each validation row (step, epoch, val_<metric>...) once it is saved;
+    an exception it raises (a sweep's pruning) ends the run there, checkpoint kept."""
+    config = config.resolved()
+    folder = RunFolder(config.runs_dir, str(config.name))
+    if folder.root.is_dir():  # finish what a killed process left half-way
+        with folder.lock():
+            folder.recover()
+    folder.check(resume, overwrite)  # fails fast; checked again under the lock
+    recipe = TuneRecipe(config, folder, resume, overwrite, log, on_step, on_validation)
+    with contextlib.ExitStack() as stack:
+        recipe.setup_training()
+        recipe.write_start(stack)
+        recipe.baseline()
+        return recipe.finish(recipe.train())
+
+
+def check_same_start(config: TuneConfig, folder: RunFolder, fingerprint: dict[str, Any]) -> None:
+    """A resumed run continues only on the data and options it started with."""
+    started = checkpoint_meta(folder.work / STATE)
+    if started.get("data_sha256", fingerprint) != fingerprint:
+        changed = [k for k, v in fingerprint.items() if started["data_sha256"].get(k) != v]
+        raise LeantuneError(
+            f"the data changed since {folder.final} started ({', '.join(changed)}: "
+            f"{getattr(config, changed[0])}); resume with the same data, or start over "
+            "with --overwrite"
+        )
+    if started.get("config", started_with(config)) != json.loads(json.dumps(started_with(config))):
+        raise LeantuneError(
+            f"{folder.work / 'config.yaml'} changed since the run started; put it back, or "
+            "start over with --overwrite"
+        )
+
+
+def validation_line(row: dict[str, float]) -> str:
+    """``step 98 (epoch 1)  val loss 0.1135  val accuracy 0.9507``: one line per validation."""
+    pairs = "  ".join(
+        f"{k.replace('_', ' ')} {round(v, 4)}" for k, v in row.items() if k.startswith("val_")
+    )
+    return f"step {int(row['step'])} (epoch {row['epoch']:g})  {pairs}"
+
+
+class TuneRecipe:
+    """One tune run, built phase by phase (see the module docstring for the phases)."""
+
+    prep: Prepared
+    fingerprint: dict[str, Any]
+    report: ParameterReport
+    named: dict[str, nn.Parameter]
+    scales: dict[str, float]
+    run: Path
+    tracker: Tracker
+    task_before: dict[str, float]
+    texts: list[str]
+    source: str
+
+    def __init__(
+        self,
+        config: TuneConfig,
+        folder: RunFolder,
+        resume: bool,
+        overwrite: bool,
+        log: Callable[[str], None] | None,
+        on_step: Callable[[Progress, int], None] | None,
+        on_validation: Callable[[dict[str, float]], None] | None,
+    ) -> None:
+        self.config, self.folder, self.resume, self.overwrite = config, folder, resume, overwrite
+        self.say: Callable[[str], None] = log or (lambda s: None)
+        self.on_step, self.on_validation = on_step, on_validation
+        self.wall = time.perf_counter()
+        self.state = folder.work / STATE
+        self.pruner: RankPruner | None = None
+        self.unfreezer: Unfreezer | None = None
+        self.prefix: PrefixCache | None = None
+        self.ref: Reference | None = None
+        # The best weights travel inside the checkpoint unit, so they always match its progress.
+        self.best_weights: dict[str, torch.Tensor] | None = None
+        self.pending: dict[str, dict[str, torch.Tensor]] = {}
+        self.saved_best: dict[str, float] = {}
+
+    # ------------------------------------------------------------------------ phases
+
+    def setup_training(self) -> None:
+        """Load and check the model, data, method, schedules and penalties; writes nothing."""
+        config, folder = self.config, self.folder
+        reset_peak_memory(pick_device(config.device))  # this run's peak, not an earlier run's
+        from leantune.compare import data_fingerprint
+
+        plan_file = folder.work / "plan.json"
+        if self.resume and plan_file.exists():  # the plan the run started with, not a new one
+            self.prep = prepare(replace(config, select=None, plan=str(plan_file)))
+            self.prep.config = config
+        else:
+            self.prep = prepare(config)
+        self.fingerprint = data_fingerprint(config)
+        if self.resume:
+            check_same_start(config, folder, self.fingerprint)
+        model, prep = self.prep.model, self.prep
+        total_steps = math.ceil(len(prep.batches(0)) / config.grad_accum) * config.epochs
+        if config.adapt > 1:
+            self.pruner = self.grow_ranks(total_steps)
+        self.texts, self.source = (
+            reference_texts(config.reference_text, config.reference_examples, config.seed)
+            if config.reference_examples
+            else ([], "")
+        )
+        self.report = report = parameter_report(model)
+        self.say(
+            f"{config.method} on {config.model or 'the embedded MiniLM-L6'}: "
+            f"{report.trainable:,} of {report.total:,} parameters trainable "
+            f"({report.percent:.2f}%); {len(prep.train)} train / {len(prep.val)} validation / "
+            f"{len(prep.test)} test texts"
+        )
+        # Gradual schedules and penalties: checked (and the Fisher measured) before anything is
+        # written.
+        self.named = named = trainable_parameters(model)
+        n_layers = num_layers(model) or 0
+        self.scales = lr_scales(
+            named,
+            n_layers=n_layers,
+            layer_decay=config.layer_decay,
+            loraplus_ratio=config.loraplus_ratio,
+        )
+        if config.unfreeze_every:
+            self.unfreezer = Unfreezer(named, n_layers, config.unfreeze_every, total_steps)
+        self.penalty = make_penalty(model, config, prep)
+        check_backends(config.track)
+
+    def write_start(self, stack: contextlib.ExitStack) -> None:
+        """Under the run's lock (held until the run ends): the partial folder's first files."""
+        from leantune.report import write_heatmap
+
+        config, folder, prep = self.config, self.folder, self.prep
+        stack.enter_context(folder.lock())
+        folder.recover()
+        folder.check(self.resume, self.overwrite)
+        self.run = run = folder.begin(self.resume, data_sha256=self.fingerprint)
+        if not self.resume:
+            write_config(config, run / "config.yaml")
+            atomic_write(run / "labels.json", json.dumps(prep.splits.label_names, indent=1) + "\n")
+            if prep.plan is not None:
+                prep.plan.save(run / "plan.json")
+        if prep.scores is not None:
+            write_heatmap(run / "importance.png", prep.scores.by_layer_and_kind("fisher"), "Fisher")
+            counts = Counter(e.method for e in prep.plan.entries) if prep.plan else Counter()
+            self.say(
+                "selected " + ", ".join(f"{n} {m}" for m, n in counts.items()) + " module(s) in "
+                f"{prep.scores.seconds:.1f} s on {prep.scores.examples} examples"
+            )
+        self.tracker = Tracker(config.track, run, asdict(config), name=folder.name)
+        if self.resume:
+            best_file = latest_checkpoint(self.state)
+            if best_file is not None and (best_file / BEST).is_file():
+                self.best_weights = load_file(str(best_file / BEST))
+
+    def baseline(self) -> None:
+        """The original model's behaviour, before any step (adapters start as the identity)."""
+        config, prep, model = self.config, self.prep, self.prep.model
+        if self.texts:
+            self.ref = prepare_reference(
+                model,
+                prep.tok,
+                self.texts,
+                self.source,
+                causal=config.causal,
+                max_length=min(64, max_positions(model) or 64),
+                fingerprint=folder_fingerprint(model_dir(config.model)),
+            )
+            if self.ref.cached:
+                self.say(f"knowledge kept: the original model's side read from {cache_root()}")
+        elif config.reference_examples:
+            self.say(
+                "knowledge kept: no reference text (install fortunes-min or give --reference-text)"
+            )
+        self.task_before = prep.evaluate(prep.test).metrics
+        if config.cache_prefix:
+            self.prefix = PrefixCache(model, [len(x) for x in prep.train.ids])
+            self.say(
+                f"frozen prefix: layers below {self.prefix.start} are cached after the first epoch"
+                if self.prefix.active
+                else "frozen prefix: nothing to cache (the lowest layer or embeddings are trained)"
+            )
+
+    def train(self) -> TrainResult:
+        """The one loop with the run's hooks; a divergence or an error closes the tracker."""
+        prep, pruner, unfreezer = self.prep, self.pruner, self.unfreezer
+        hooks = TrainHooks(
+            on_best=self.on_best,
+            log=self.on_eval,
+            on_step=self.on_step,
+            forward=self.prefix.forward if self.prefix is not None else None,
+            unfreeze=unfreezer.apply if unfreezer is not None else None,
+            penalty=self.penalty if self.penalty else None,
+            on_grads=pruner.observe if pruner is not None else None,
+            after_step=pruner.after_step if pruner is not None else None,
+            checkpoint_extra=self.extra_files,
+        )
+        try:
+            return train(
+                prep.model,
+                prep.batches,
+                lambda m: prep.evaluate(prep.val).metrics,
+                train_config(self.config),
+                hooks,
+                checkpoint=self.state,
+                resume=self.resume,
+                lr_scales=self.scales,
+                checkpoint_meta={
+                    "data_sha256": self.fingerprint,
+                    "config": started_with(self.config),
+                },
+            )
+        except Diverged as e:
+            self.tracker.close("FAILED")
+            last = (
+                f"the last good checkpoint (step {self.folder.checkpoint_step()}) is kept in "
+                f"{self.run}; "
+                if self.folder.resumable()
+                else ""
+            )
+            raise LeantuneError(
+                f"{e}. Nothing was saved as the run's result; {last}start over with --overwrite"
+            ) from None
+        except BaseException:
+            self.tracker.close("FAILED")
+            raise
+        finally:
+            if unfreezer is not None:
+                unfreezer.release()
+
+    def finish(self, result: TrainResult) -> dict[str, Any]:
+        """Best weights back, saved, tested; summary, report, and the switch into place."""
+        config, run, model = self.config, self.run, self.prep.model
+        if result.interrupted:
+            self.tracker.close("KILLED")
+            return {"interrupted": True, "step": result.steps, "run": str(self.folder.final)}
+        best = result.best or {}
+        if self.pruner is not None:
+            if not self.saved_best:  # no validation after pruning ended: the final weights
+                self.best_weights = unique_tensors(self.named)
+                self.saved_best.update(result.history[-1] if result.history else {})
+            best = self.saved_best
+        if self.best_weights is not None:
+            load_into(model, self.best_weights, self.state / BEST)
+        adapt_info: dict[str, Any] = {}
+        report = self.report
+        if self.pruner is not None:
+            ranks = self.pruner.finalize()
+            adapt_info = {"adapt_start_params": report.trainable, "adapt_ranks": ranks}
+            report = parameter_report(model)
+        saved = save_trained(model, run, config)
+        test = self.prep.evaluate(self.prep.test)
+        summary = self.summarize(result, best, report, saved, test, adapt_info)
+        atomic_write(
+            run / HISTORY,
+            json.dumps({"curve": result.curve, "confusion": test.confusion}) + "\n",
+        )
+        self.tracker.log({f"final/{k}": v for k, v in summary.items()}, result.steps)
+        self.tracker.close()
+        write_run_report(run, summary)
+        # summary.json last: a folder with it is a finished run; then the switch into place.
+        atomic_write(run / "summary.json", json.dumps(summary, indent=2) + "\n")
+        self.folder.commit()
+        return summary
+
+    # ------------------------------------------------------------------------ hooks
+
+    def grow_ranks(self, total_steps: int) -> RankPruner:
+        """--adapt: LoRA grown now, pruned back to its size from warmup to 70% of the steps."""
+        config = self.config
+        pruner = RankPruner(
+            self.prep.model,
+            config.adapt,
+            total_steps,
+            start=round(total_steps * config.warmup_ratio),
+            end=round(total_steps * 0.7),
+        )
+        self.say(
+            f"adaptive budget: LoRA grown to {pruner.initial:,} parameters, pruned to "
+            f"{pruner.target:,} by step {pruner.end}"
+        )
+        return pruner
+
+    def on_best(self, model: nn.Module, row: dict[str, float]) -> None:
+        if self.pruner is not None and not self.pruner.done:
+            return  # a best checkpoint must be at the target size
+        # Copies: on the CPU .cpu() and .contiguous() return the live parameters themselves.
+        self.best_weights = {k: t.clone() for k, t in unique_tensors(self.named).items()}
+        self.pending[BEST] = self.best_weights
+        self.saved_best.clear()
+        self.saved_best.update(row)
+
+    def extra_files(self) -> dict[str, dict[str, torch.Tensor]]:
+        files = dict(self.pending)
+        self.pending.clear()
+        return files
+
+    def on_eval(self, row: dict[str, float], history: list[dict[str, float]]) -> None:
+        self.say(validation_line(row))
+        # Rewritten whole from the loop's history, so a resumed run's file stays complete.
+        atomic_write(self.run / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+        self.tracker.log(row, int(row["step"]))
+        if self.on_validation is not None:
+            self.on_validation(row)
+
+    # ------------------------------------------------------------------------ the summary
+
+    def summarize(
+        self,
+        result: TrainResult,
+        best: dict[str, float],
+        report: ParameterReport,
+        saved: Path,
+        test: Evaluation,
+        adapt_info: dict[str, Any],
+    ) -> dict[str, Any]:
+        """summary.json's contents (and the one line it says: task gained, knowledge kept)."""
+        config, prep, final = self.config, self.prep, self.folder.final
+        summary: dict[str, Any] = {
+            "run": str(final),
+            "model": str(model_dir(config.model)),
+            "task": config.task,
+            "method": config.method,
+            **{f"test_{k}": v for k, v in test.metrics.items()},
+            **report.as_dict(),
+            "adapter_bytes": folder_bytes(saved),
+            "adapter_path": str(final / saved.relative_to(self.run)),
+            "peak_memory_mb": round(peak_memory_mb(prep.device), 1),
+            "train_seconds": round(result.train_seconds, 2),
+            "examples_per_s": round(result.examples_per_s, 2),
+            "steps": result.steps,
+            "stopped_early": result.stopped_early,
+            "best_step": int(best.get("step", 0)),
+            f"best_val_{config.metric}": best.get(f"val_{config.metric}"),
+            "train_examples": len(prep.train),
+            "val_examples": len(prep.val),
+            "test_examples": len(prep.test),
+            "device": str(prep.device),
+            **adapt_info,
+        }
+        key = "perplexity" if config.causal else "accuracy"
+        summary[f"test_{key}_before"] = self.task_before[key]
+        summary["task_gain"] = test.metrics[key] - self.task_before[key]
+        if self.ref is not None:
+            kept = knowledge_kept(prep.model, self.ref)
+            summary |= kept | {"reference_source": self.ref.source}
+            summary["knowledge_share_of_wall"] = round(
+                kept["knowledge_seconds"] / (time.perf_counter() - self.wall), 4
+            )
+        self.say(side_by_side(summary, key))
+        if prep.scores is not None:
+            summary["select_seconds"] = round(prep.scores.seconds, 2)
+            summary["select_share_of_wall"] = round(
+                prep.scores.seconds / (time.perf_counter() - self.wall), 4
+            )
+        return summary

@@ -1,0 +1,267 @@
+"""Saved runs: the trained weights a run writes (:func:`save_trained`) and the commands on a
+finished run folder: load, evaluate, predict, merge, rebuild its report; and ``select``."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from leantune.data import load_table
+from leantune.errors import LeantuneError
+from leantune.evaluate import Encoded, evaluate
+from leantune.files import load_into, unique_tensors
+from leantune.formats import save_adapter
+from leantune.models import load_model, load_tokenizer, max_positions, model_dir
+from leantune.plan import Plan
+from leantune.runfolder import RunFolder
+from leantune.select import Scores
+from leantune.train.loop import trainable_parameters
+from leantune.tune.config import ADAPTER_METHODS, TuneConfig, make_config, read_config
+from leantune.tune.method import make_plan
+from leantune.tune.prepare import encode, load_splits, pick_device, prepare
+
+HISTORY = "history.json"
+"""The per-step loss curve and the test confusion matrix: what rebuilds the report."""
+BEST = "best.safetensors"
+
+
+def save_trained(model: nn.Module, run: Path, config: TuneConfig) -> Path:
+    """adapter/ for LoRA (peft format) and the other adapter methods (leantune format);
+    trained/ (safetensors + JSON) for full and head."""
+    if config.method in ADAPTER_METHODS:
+        return save_adapter(model, run / "adapter")
+    final = run / "trained"
+    tmp = Path(tempfile.mkdtemp(prefix=".trained-", dir=run))
+    tensors = unique_tensors(trainable_parameters(model))
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    meta = {
+        "method": config.method,
+        "base_model": str(model_dir(config.model)),
+        "tensors": len(tensors),
+    }
+    (tmp / "leantune.json").write_text(json.dumps(meta, indent=2) + "\n")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def write_run_report(run: Path, summary: Mapping[str, Any] | None = None) -> Path:
+    """report.html and its plots, from the files in the run folder (``summary`` given while
+    the run finishes, read from summary.json after)."""
+    from leantune.report import write_report
+
+    run = Path(run)
+    if summary is None:
+        if not (run / "summary.json").is_file():
+            raise LeantuneError(
+                f"{run} is not a finished leantune run (no summary.json); finish it with "
+                "leantune tune --resume"
+            )
+        summary = json.loads((run / "summary.json").read_text())
+    try:
+        config = read_config(run / "config.yaml")
+        history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        extra = json.loads((run / HISTORY).read_text())
+        names = json.loads((run / "labels.json").read_text())
+    except (OSError, ValueError) as e:
+        raise LeantuneError(f"{run}: cannot rebuild the report ({e})") from None
+    plan = Plan.load(run / "plan.json") if (run / "plan.json").is_file() else None
+    return write_report(
+        run,
+        summary,
+        history,
+        [(int(s), float(v)) for s, v in extra.get("curve", [])],
+        extra.get("confusion"),
+        names or None,
+        config,
+        selection=(
+            ("importance.png", [asdict(e) for e in plan.entries])
+            if plan is not None and (run / "importance.png").exists()
+            else None
+        ),
+    )
+
+
+@dataclass
+class SavedRun:
+    config: TuneConfig
+    model: nn.Module
+    tok: Any
+    label_names: list[str]
+    max_length: int
+
+
+def load_run(run: Path) -> SavedRun:
+    """The base model with the run's trained weights (adapter/ or trained/) put back."""
+    from leantune.formats import load_adapter
+
+    run = Path(run)
+    if not (run / "config.yaml").is_file():
+        partial = RunFolder(run.parent, run.name)
+        if partial.resumable():
+            raise LeantuneError(
+                f"{run} has not finished (checkpoint at step {partial.checkpoint_step()}); finish "
+                f"it with leantune tune --name {run.name} --runs-dir {run.parent} --resume"
+            )
+        raise LeantuneError(f"{run} is not a leantune run folder (no config.yaml)")
+    config = make_config(read_config(run / "config.yaml"))
+    if not (run / "summary.json").is_file():
+        raise LeantuneError(f"{run} has not finished; finish it with leantune tune --resume")
+    names = json.loads((run / "labels.json").read_text()) if (run / "labels.json").exists() else []
+    folder = model_dir(config.model)
+    tok = load_tokenizer(folder)
+    torch.manual_seed(config.seed)
+    model = load_model(folder, config.task, names, tok.pad_token_id)
+    if config.method in ADAPTER_METHODS:
+        load_adapter(model, run / "adapter")
+    else:
+        weights = run / "trained" / "model.safetensors"
+        if not weights.is_file():
+            raise LeantuneError(f"{weights} is missing; the run folder is incomplete")
+        load_into(model, load_file(str(weights)), weights)
+    model.eval().to(pick_device(config.device))
+    length = min(config.max_length, max_positions(model) or config.max_length)
+    return SavedRun(config, model, tok, names, length)
+
+
+def evaluate_run(run: Path, data: Path | None = None, split: str = "test") -> dict[str, Any]:
+    """Metrics of a saved run on its own test (or val) split, or on another labelled file."""
+    if split not in ("test", "val"):
+        raise LeantuneError(f"--split {split!r}: use test or val")
+    saved = load_run(run)
+    cfg = saved.config
+    if data is not None:
+        table = load_table(data, cfg.text_column, None if cfg.causal else cfg.label_column)
+        where = str(data)
+    else:
+        splits = load_splits(cfg)
+        table = splits.test if split == "test" else splits.val
+        where = f"the {split} split"
+    enc = encode(saved.tok, table, saved.label_names, saved.max_length, where)
+    if cfg.causal:
+        enc.ids = [x for x in enc.ids if len(x) > 1]
+    result = evaluate(
+        saved.model,
+        enc,
+        causal=cfg.causal,
+        num_labels=len(saved.label_names),
+        pad_id=saved.tok.pad_token_id,
+        batch_size=cfg.eval_batch_size,
+    )
+    out: dict[str, Any] = {"data": where, "examples": len(enc), **result.metrics}
+    if result.confusion is not None:
+        out["confusion"] = result.confusion
+        out["label_names"] = saved.label_names
+    return out
+
+
+def predict_run(
+    run: Path, texts: list[str], input_file: Path | None = None
+) -> list[dict[str, Any]]:
+    """Label and probability for each text, in the order given; a run whose scores are not
+    finite (broken weights) is refused."""
+    from leantune.outputs import check_finite_scores
+
+    saved = load_run(run)
+    if saved.config.causal:
+        raise LeantuneError(f"{run} is a causal-lm run; predict classifies texts")
+    if input_file is not None:
+        texts = texts + load_table(input_file, saved.config.text_column, None).texts
+    if not texts:
+        raise LeantuneError("no texts to predict")
+    enc = Encoded(saved.tok(texts, truncation=True, max_length=saved.max_length)["input_ids"])
+    result = evaluate(
+        saved.model,
+        enc,
+        causal=False,
+        num_labels=len(saved.label_names),
+        pad_id=saved.tok.pad_token_id,
+        batch_size=saved.config.eval_batch_size,
+    )
+    rows = [
+        {"text": t, "label": saved.label_names[p], "score": round(s, 6)}
+        for t, p, s in zip(texts, result.predictions, result.probabilities, strict=True)
+    ]
+    check_finite_scores(rows, run)
+    return rows
+
+
+def merge_run(run: Path, out: Path, overwrite: bool = False) -> Path:
+    """Write the run's model, adapter merged in, as a plain transformers folder.
+
+    ``out`` may not be the run or its base model (nor inside or around them); an existing
+    folder is replaced (with ``overwrite``) only when merge wrote it and it holds nothing else.
+    """
+    from leantune.inject import unload
+    from leantune.outputs import check_merge_out, write_merged_folder
+
+    run, out = Path(run), Path(out)
+    if out.exists() and not out.is_dir():
+        raise LeantuneError(f"--out {out} is a file; give a folder for the merged model")
+    if not (run / "config.yaml").is_file():
+        raise LeantuneError(f"{run} is not a leantune run folder (no config.yaml)")
+    config = make_config(read_config(run / "config.yaml"))
+    check_merge_out(out, overwrite, run, model_dir(config.model))
+    saved = load_run(run)
+    model = unload(saved.model, merge_active=True).cpu()
+
+    def fill(folder: Path) -> None:
+        model.save_pretrained(folder)  # type: ignore[operator]
+        saved.tok.save_pretrained(folder)
+
+    return write_merged_folder(out, fill, run=str(run.resolve()))
+
+
+def run_select(
+    config: TuneConfig, out: str | os.PathLike[str], overwrite: bool = False
+) -> tuple[Plan, Scores]:
+    """Score and allocate without training: writes the plan and its heatmap beside it. An
+    existing plan (maybe edited by hand) is replaced only with ``overwrite``."""
+    from leantune.outputs import check_parent
+    from leantune.report import write_heatmap
+
+    out = Path(out)
+    if out.exists() and not out.is_file():
+        raise LeantuneError(f"{out} is not a file; give a path for plan.json")
+    if out.suffix.lower() == ".png":
+        raise LeantuneError(f"--out {out}: the heatmap goes beside the plan as .png; name a .json")
+    if out.exists() and not overwrite:
+        raise LeantuneError(f"{out} exists; pass --overwrite to replace it, or give another --out")
+    check_parent(out)
+    prep = prepare(replace(config.resolved(), select="auto", plan=None, method="lora"), False)
+    plan, scores = make_plan(prep.model, prep.config, prep.train, prep.tok.pad_token_id)
+    assert scores is not None
+    out.parent.mkdir(parents=True, exist_ok=True)  # as tune makes its runs folder
+    plan.save(out)
+    write_heatmap(out.with_suffix(".png"), scores.by_layer_and_kind("fisher"), "Fisher")
+    return plan, scores
+
+
+def side_by_side(summary: dict[str, Any], key: str) -> str:
+    """One line: what the task gained and what the model kept."""
+    before, after = summary[f"test_{key}_before"], summary[f"test_{key}"]
+    task = f"task: test {key} {before:.4g} -> {after:.4g} ({after - before:+.4g})"
+    if "knowledge_cosine" in summary:
+        kept = (
+            f"knowledge kept: embedding cosine {summary['knowledge_cosine']:.3f}, 10-NN overlap "
+            f"{summary['knowledge_knn_overlap']:.3f} on {int(summary['reference_texts'])} texts"
+        )
+    elif "reference_perplexity_after" in summary:
+        kept = (
+            f"knowledge kept: reference perplexity {summary['reference_perplexity_before']:.4g}"
+            f" -> {summary['reference_perplexity_after']:.4g}"
+        )
+    else:
+        kept = "knowledge kept: not measured (no reference text)"
+    return f"{task} | {kept}"
