@@ -5,7 +5,9 @@ is checked before anything is written, so bad input never touches the disk.
 
 Run folder ``runs/<name>/``: config.yaml (re-runs the job), labels.json, metrics.jsonl (one
 line per validation), adapter/ (LoRA, peft format) or trained/ (full / head-only tensors),
-summary.json, report.html with PNG plots; checkpoint/ while the run is unfinished.
+history.json, report.html with PNG plots, summary.json (written last) and the marker
+.leantune-run.json. While it trains the run lives in ``runs/.<name>.partial/`` with its
+checkpoint/ (see :mod:`leantune.runfolder`).
 
 One module per job: :mod:`~leantune.tune.config` (the options), :mod:`~leantune.tune.prepare`
 (model, tokenizer, splits, token ids), :mod:`~leantune.tune.method` (what trains: a method or a
