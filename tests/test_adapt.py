@@ -13,7 +13,7 @@ import torch
 from peft import PeftModel
 
 import leantune as lt
-from conftest import build, inputs, logits, tiny_model_folder, topic_rows, write_rows
+from helpers import build, inputs, logits, tiny_model_folder, topic_rows, write_rows
 from leantune.errors import LeantuneError
 from leantune.inject import adapter_layers
 from leantune.train.adapt import RankPruner

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import leantune as lt
-from conftest import build
+from helpers import build
 from leantune.formats import describe
 from leantune.methods.bitfit import BitFitConfig
 from leantune.methods.mixed import MixedConfig

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import topic_rows, write_rows
+from helpers import topic_rows, write_rows
 from leantune.cli import app
 from leantune.compare import (
     builtin_strategy,

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import leantune as lt
-from conftest import TARGETS, build, inputs, logits
+from helpers import TARGETS, build, inputs, logits
 from leantune.errors import AdapterFileError, TargetError
 from leantune.formats import CONFIG_NAME, WEIGHTS_NAME
 from leantune.inject import adapter_layers, match_targets

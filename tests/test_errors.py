@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 import leantune as lt
-from conftest import build, inputs, logits, tiny_bert
+from helpers import build, inputs, logits, tiny_bert
 from leantune import formats
 from leantune.inject import adapter_layers, records
 from test_contract import randomize

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import leantune as lt
-from conftest import build, tiny_model_folder, topic_rows, write_rows
+from helpers import build, tiny_model_folder, topic_rows, write_rows
 from leantune.methods.bitfit import BitFitConfig
 from leantune.methods.sparse import SparseConfig
 from leantune.train.loop import (

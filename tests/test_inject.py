@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import leantune as lt
-from conftest import build, inputs, logits
+from helpers import build, inputs, logits
 from leantune.inject import adapter_layers, layer_index
 from leantune.methods.lora import LoraAdapter
 from test_contract import randomize

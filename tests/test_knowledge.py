@@ -13,7 +13,7 @@ import torch
 from transformers import AutoTokenizer
 
 import leantune as lt
-from conftest import build, tiny_model_folder, topic_rows, write_rows
+from helpers import build, tiny_model_folder, topic_rows, write_rows
 from leantune import knowledge
 from leantune.evaluate import Encoded
 from leantune.knowledge import (

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import leantune as lt
-from conftest import build
+from helpers import build
 from leantune.train.loop import Progress, TrainConfig, TrainHooks, latest_checkpoint, train
 from leantune.train.schedule import lr_lambda
 

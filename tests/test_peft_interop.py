@@ -10,7 +10,7 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 
 import leantune as lt
-from conftest import TARGETS, build, inputs, logits
+from helpers import TARGETS, build, inputs, logits
 from test_contract import config, randomize
 
 TO_PEFT = [

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import leantune as lt
-from conftest import build
+from helpers import build
 from leantune.evaluate import Encoded, make_batch
 from leantune.train.loop import TrainConfig, TrainHooks, train
 from leantune.train.prefix import PrefixCache

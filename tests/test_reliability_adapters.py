@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import leantune as lt
-from conftest import build, inputs, logits
+from helpers import build, inputs, logits
 from leantune.formats import CONFIG_NAME, WEIGHTS_NAME, read_adapter_files
 from leantune.inject import adapter_layers, records, saved_module_parameters
 from leantune.methods.bitfit import BitFitConfig

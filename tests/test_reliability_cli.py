@@ -18,7 +18,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from conftest import snapshot, tiny_model_folder, topic_rows, write_rows
+from helpers import snapshot, tiny_model_folder, topic_rows, write_rows
 from leantune.cli import app
 from leantune.errors import LeantuneError
 from leantune.sweep import check_space, run_sweep

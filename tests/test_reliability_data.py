@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from conftest import build, tiny_model_folder, topic_rows, write_rows
+from helpers import build, tiny_model_folder, topic_rows, write_rows
 from leantune.cli import app
 from leantune.data import TextTable, load_table
 from leantune.errors import LeantuneError

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from conftest import snapshot, topic_rows, write_rows
+from helpers import snapshot, topic_rows, write_rows
 from leantune.cli import app
 from leantune.errors import LeantuneError
 from leantune.runfolder import MARKER, RunFolder
@@ -399,7 +399,7 @@ def test_item02_save_adapter_replaces_only_a_folder_of_adapter_files(tmp_path: P
     own files is not replaced whole."""
     import torch
 
-    from conftest import build
+    from helpers import build
     from leantune import LoraConfig, inject, save_adapter
 
     model = build("bert")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import leantune as lt
-from conftest import build, tiny_model_folder, topic_rows, write_rows
+from helpers import build, tiny_model_folder, topic_rows, write_rows
 from leantune.errors import LeantuneError
 from leantune.inject import layer_index
 from leantune.plan import Plan, PlanEntry, allocate, parse_budget

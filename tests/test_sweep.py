@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import tiny_model_folder, topic_rows, write_rows
+from helpers import tiny_model_folder, topic_rows, write_rows
 from leantune.cli import app
 from leantune.errors import LeantuneError
 from leantune.sweep import check_space, read_space, run_sweep

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_model_folder, topic_rows, write_rows
+from helpers import tiny_model_folder, topic_rows, write_rows
 from leantune.errors import LeantuneError
 from leantune.tune import TuneConfig, run_tune
 

@@ -16,7 +16,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from typer.testing import CliRunner
 
 import leantune as lt
-from conftest import tiny_model_folder, topic_rows, write_rows
+from helpers import tiny_model_folder, topic_rows, write_rows
 from leantune.cli import app
 from leantune.runfolder import RunFolder
 from leantune.train.loop import Progress

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import snapshot, tiny_model_folder, topic_rows, write_rows
+from helpers import snapshot, tiny_model_folder, topic_rows, write_rows
 from leantune.cli import app
 
 

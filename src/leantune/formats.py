@@ -8,16 +8,16 @@ LoRA adapters are written as peft's ``LORA`` type. Adapters peft has no type for
 LayerNorm tuning, sparse masks, and Plans mixing methods) are written in the same folder layout
 with ``"peft_type": "LEANTUNE"`` and a ``modules`` table giving each module's method and size;
 their tensors are ``<module>.leantune_<method>.<name>`` (docs/FORMAT.md).
-Only safetensors and JSON are ever read: nothing is unpickled.
+Each layer gives its own entries (``file_tensors`` / ``file_targets``); LoRA's peft config is
+written and read in ``methods/lora_peft.py``. Only safetensors and JSON are ever read: nothing
+is unpickled.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
-import re
 import shutil
 import tempfile
 from collections import Counter
@@ -29,6 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save, save_file
 from torch import nn
 
+from leantune import config_checks as checks
 from leantune.errors import AdapterFileError, LeantuneError
 from leantune.inject import (
     _all_parameters,
@@ -45,9 +46,17 @@ from leantune.inject import (
 from leantune.methods.bitfit import BitFitConfig
 from leantune.methods.delta import DeltaLayer
 from leantune.methods.layernorm import LayerNormConfig
-from leantune.methods.lora import DORA, LoraConfig, LoraLayer
+from leantune.methods.lora import LoraConfig, LoraLayer
+from leantune.methods.lora_peft import (
+    check_factors,
+    config_from_peft,
+    leantune_entry,
+    lora_from_leantune,
+    peft_config,
+    peft_rows,
+)
 from leantune.methods.mixed import MixedConfig
-from leantune.methods.sparse import SparseConfig
+from leantune.methods.sparse import SparseConfig, masks_from_file
 from leantune.targets import infer_task_type, match_targets, name_matches, resolve_modules_to_save
 
 CONFIG_NAME = "adapter_config.json"
@@ -66,14 +75,9 @@ def adapter_state_dict(model: nn.Module, name: str | None = None) -> dict[str, t
     name, rec = _record(model, name)
     out: dict[str, torch.Tensor] = {}
     for layer_name, layer in adapter_layers(model):
-        if name not in layer.adapter_names():
-            continue
-        if isinstance(layer, LoraLayer):
-            for key, t in layer.peft_tensors(name).items():
-                out[f"{PREFIX}{layer_name}.{key}"] = t
-        elif isinstance(layer, DeltaLayer):
+        if name in layer.adapter_names():
             for key, t in layer.file_tensors(name).items():
-                out[f"{PREFIX}{layer_name}.leantune_{layer.method}.{key}"] = t
+                out[f"{PREFIX}{layer_name}.{key}"] = t
     for mod_name in rec.modules_to_save:  # this adapter's own copy of the head
         for key, t in saved_module(model, mod_name, name).state_dict().items():
             out[f"{PREFIX}{mod_name}.{key}"] = t
@@ -81,46 +85,21 @@ def adapter_state_dict(model: nn.Module, name: str | None = None) -> dict[str, t
     return {k: v.detach().contiguous().clone() for k, v in out.items()}
 
 
+def _base_name(model: nn.Module) -> str | None:
+    return getattr(getattr(model, "config", None), "_name_or_path", None) or None
+
+
 def adapter_config(model: nn.Module, name: str | None = None) -> dict[str, Any]:
     """The adapter_config.json peft needs to rebuild adapter ``name`` on the same base model."""
     name, rec = _record(model, name)
-    cfg = rec.config
-    if not isinstance(cfg, LoraConfig):
+    if not isinstance(rec.config, LoraConfig):
         return leantune_config(model, name)
-    per_module: dict[str, tuple[int, float]] = {}
-    fan_in_fan_out = False
-    for layer_name, layer in adapter_layers(model):
-        if isinstance(layer, LoraLayer) and name in layer.adapter_names():
-            per_module[layer_name] = layer.saved_rank_alpha(name)
-            fan_in_fan_out |= layer._base_class.__name__ == "Conv1D"
-    r = Counter(ra[0] for ra in per_module.values()).most_common(1)[0][0]
-    alpha = Counter(ra[1] for ra in per_module.values()).most_common(1)[0][0]
-    # Keys are full module names: peft matches them against the same names (regex suffix rule).
-    rank_pattern = {m: ra[0] for m, ra in per_module.items() if ra[0] != r}
-    alpha_pattern = {m: _num(ra[1]) for m, ra in per_module.items() if ra[1] != alpha}
-    base = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-    return {
-        "peft_type": "LORA",
-        "task_type": rec.task_type,
-        "base_model_name_or_path": base,
-        "r": r,
-        "lora_alpha": _num(alpha),
-        "lora_dropout": cfg.dropout,
-        "use_rslora": cfg.rslora,
-        "use_dora": cfg.dora,
-        # PiSSA is written as the equivalent plain LoRA update of the original weights.
-        "init_lora_weights": "gaussian" if cfg.init == "gaussian" else True,
-        "target_modules": sorted(per_module),
-        "rank_pattern": rank_pattern,
-        "alpha_pattern": alpha_pattern,
-        "modules_to_save": rec.modules_to_save or None,
-        "fan_in_fan_out": fan_in_fan_out,
-        "bias": "none",
-        "inference_mode": True,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "exclude_modules": None,
-    }
+    layers = [
+        (layer_name, layer)
+        for layer_name, layer in adapter_layers(model)
+        if isinstance(layer, LoraLayer) and name in layer.adapter_names()
+    ]
+    return peft_config(rec, name, layers, _base_name(model))
 
 
 def leantune_config(model: nn.Module, name: str) -> dict[str, Any]:
@@ -131,35 +110,20 @@ def leantune_config(model: nn.Module, name: str) -> dict[str, Any]:
         if name not in layer.adapter_names():
             continue
         if isinstance(layer, LoraLayer):
-            r, alpha = layer.saved_rank_alpha(name)
-            adapter = layer.adapter(name)
-            dropout = adapter.dropout.p if isinstance(adapter.dropout, nn.Dropout) else 0.0
-            modules[layer_name] = {
-                "method": "lora",
-                "r": r,
-                "alpha": _num(alpha),
-                "dropout": dropout,
-                "rslora": adapter.rslora,
-                "dora": adapter.variant is DORA,
-            }
+            modules[layer_name] = leantune_entry(layer, name)
         elif isinstance(layer, DeltaLayer):
             size = layer.delta_size(layer.delta[name])
             modules[layer_name] = {"method": layer.method, "size": size}
         else:
             raise LeantuneError(f"{layer_name}: {type(layer).__name__} has no file format")
-    base = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     return {
         "peft_type": LEANTUNE_TYPE,
         "format_version": FORMAT_VERSION,
         "task_type": rec.task_type,
-        "base_model_name_or_path": base,
+        "base_model_name_or_path": _base_name(model),
         "modules_to_save": rec.modules_to_save or None,
         "modules": modules,
     }
-
-
-def _num(x: float) -> float | int:
-    return int(x) if float(x).is_integer() else float(x)
 
 
 def adapter_file_bytes(model: nn.Module, name: str | None = None) -> int:
@@ -298,14 +262,8 @@ def describe(directory: str | os.PathLike[str]) -> list[tuple[str, str]]:
             ("file bytes", size),
             ("config", str(path / CONFIG_NAME)),
         ]
-    targets = config.get("target_modules")
-    dora = " (DoRA)" if config.get("use_dora") else ""
     return [
-        ("method", f"{config.get('peft_type')}{dora}"),
-        ("rank / alpha", f"{config.get('r')} / {config.get('lora_alpha')}"),
-        ("rank_pattern", json.dumps(config.get("rank_pattern") or {})),
-        ("rsLoRA", str(bool(config.get("use_rslora")))),
-        ("targets", targets if isinstance(targets, str) else f"{len(targets or [])} modules"),
+        *peft_rows(config),
         ("modules_to_save", json.dumps(config.get("modules_to_save"))),
         ("task_type", str(config.get("task_type"))),
         ("base model", str(config.get("base_model_name_or_path"))),
@@ -315,122 +273,7 @@ def describe(directory: str | os.PathLike[str]) -> list[tuple[str, str]]:
     ]
 
 
-_UNSUPPORTED = {
-    "bias": ("none", "bias training is not supported; save the adapter with bias='none'"),
-    "lora_bias": (False, "lora_bias is not supported"),
-    "target_parameters": (None, "target_parameters is not supported"),
-    "trainable_token_indices": (None, "trainable_token_indices is not supported"),
-    "layer_replication": (None, "layer_replication is not supported"),
-}
-
-
 DELTA_METHODS = {"bitfit": BitFitConfig, "layernorm": LayerNormConfig, "sparse": SparseConfig}
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _bad(key: str, value: Any, want: str) -> AdapterFileError:
-    return AdapterFileError(
-        f"adapter config {key}={_short(value)} must be {want}; fix adapter_config.json or "
-        "re-save the adapter"
-    )
-
-
-def _rank(key: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise AdapterFileError(
-            f"adapter config {key}={_short(value)}: a LoRA rank r must be a positive integer; fix "
-            "adapter_config.json or re-save the adapter"
-        )
-    return value
-
-
-def _positive_number(key: str, value: Any) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise _bad(key, value, "a positive finite number")
-    return float(value)
-
-
-def _dropout(key: str, value: Any) -> float:
-    if value is None:
-        return 0.0
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
-        raise _bad(key, value, "a number in [0, 1)")
-    return float(value)
-
-
-def _flag(key: str, value: Any) -> bool:
-    if value is None:
-        return False
-    if not isinstance(value, bool):
-        raise _bad(key, value, "true or false")
-    return value
-
-
-def _names(key: str, value: Any) -> list[str]:
-    """A list of module names (one name alone is taken as a list of one)."""
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return list(value)
-    raise _bad(key, value, "a module name or a list of module names")
-
-
-def _optional_str(key: str, value: Any) -> str | None:
-    if value is not None and not isinstance(value, str):
-        raise _bad(key, value, "a string or null")
-    return value
-
-
-def _pattern(key: str, value: Any, convert: Any) -> dict[str, Any]:
-    """rank_pattern / alpha_pattern: regex keys (peft's rule), values checked by ``convert``."""
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise _bad(key, value, "an object mapping module names to values")
-    out = {}
-    for k, v in value.items():
-        try:
-            re.compile(rf"(.*\.)?({k})$")
-        except re.error as e:
-            raise AdapterFileError(
-                f"adapter config {key} key {k!r} is not a valid regex ({e}); fix "
-                "adapter_config.json or re-save the adapter"
-            ) from None
-        out[k] = convert(f"{key}[{k!r}]", v)
-    return out
-
-
-def _layers(value: Any) -> list[int] | None:
-    if value is None:
-        return None
-    items = [value] if isinstance(value, int) and not isinstance(value, bool) else value
-    if not isinstance(items, list) or not all(
-        isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in items
-    ):
-        raise _bad("layers_to_transform", value, "a layer index or a list of layer indices")
-    return list(items)
-
-
-def _layers_pattern(value: Any) -> str | None:
-    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
-        return str(value[0])
-    if value is None or (isinstance(value, str) and value):
-        return value
-    raise _bad("layers_pattern", value, "the name of the layer list, like 'layers'")
-
-
-_INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 def config_from_leantune(cfg: dict[str, Any], tensors: dict[str, torch.Tensor]) -> MixedConfig:
@@ -454,117 +297,25 @@ def config_from_leantune(cfg: dict[str, Any], tensors: dict[str, torch.Tensor]) 
                 f"lora, {', '.join(DELTA_METHODS)}"
             )
         by_method.setdefault(method, {})[module] = spec
-    to_save = _names("modules_to_save", cfg.get("modules_to_save"))
-    task_type = _optional_str("task_type", cfg.get("task_type"))
+    to_save = checks.names("modules_to_save", cfg.get("modules_to_save"))
+    task_type = checks.optional_str("task_type", cfg.get("task_type"))
     parts: list[Any] = []
     try:
         if "lora" in by_method:
-            specs = by_method["lora"]
-            settings: tuple[float, bool, bool] | None = None
-            for m, spec in specs.items():
-                if "r" not in spec or "alpha" not in spec:
-                    raise AdapterFileError(f"adapter config: LoRA module {m!r} lacks r or alpha")
-                _rank(f"modules[{m!r}].r", spec["r"])
-                _positive_number(f"modules[{m!r}].alpha", spec["alpha"])
-                these = (
-                    _dropout(f"modules[{m!r}].dropout", spec.get("dropout")),
-                    _flag(f"modules[{m!r}].rslora", spec.get("rslora")),
-                    _flag(f"modules[{m!r}].dora", spec.get("dora")),
-                )
-                if settings is not None and these != settings:
-                    raise AdapterFileError(
-                        f"adapter config: LoRA module {m!r} differs from the others in dropout, "
-                        "rslora or dora; leantune writes one setting for all its LoRA modules"
-                    )
-                settings = these
-            assert settings is not None
-            first = next(iter(specs.values()))
-            dropout, rslora, dora = settings
-            parts.append(
-                LoraConfig(
-                    targets=list(specs),
-                    r=int(first["r"]),
-                    alpha=float(first["alpha"]),
-                    dropout=dropout,
-                    rslora=rslora,
-                    dora=dora,
-                    rank_pattern={re.escape(m): int(s["r"]) for m, s in specs.items()},
-                    alpha_pattern={re.escape(m): float(s["alpha"]) for m, s in specs.items()},
-                    modules_to_save=[],
-                )
-            )
+            parts.append(lora_from_leantune(by_method["lora"]))
         for method, config_cls in DELTA_METHODS.items():
             if method not in by_method:
                 continue
             names = list(by_method[method])
             extra: dict[str, Any] = {}
             if method == "sparse":
-                masks = {}
-                for m in names:
-                    mask = tensors.get(f"{m}.leantune_sparse.indices")
-                    if mask is None:
-                        raise AdapterFileError(f"adapter file lacks the sparse mask of {m}")
-                    if mask.dtype not in _INTEGER_DTYPES or mask.ndim != 1:
-                        raise AdapterFileError(
-                            f"adapter tensor {m}.leantune_sparse.indices must be a 1-D integer "
-                            f"tensor, not {mask.dtype} of shape {tuple(mask.shape)}"
-                        )
-                    masks[m] = mask
-                extra["masks"] = masks
+                extra["masks"] = masks_from_file(names, tensors)
             parts.append(config_cls(targets=names, modules_to_save=[], **extra))
         return MixedConfig(parts=parts, modules_to_save=to_save, task_type=task_type)
     except (TypeError, ValueError, KeyError, LeantuneError) as e:
         if isinstance(e, AdapterFileError):
             raise
         raise AdapterFileError(f"adapter config does not describe a usable adapter: {e}") from None
-
-
-def config_from_peft(cfg: dict[str, Any]) -> LoraConfig:
-    """A LoraConfig from a peft (or leantune) adapter_config.json. Values of the wrong type are
-    refused rather than coerced (a string "false" is not False, 4.5 is not rank 4)."""
-    if cfg.get("peft_type") != "LORA":
-        raise AdapterFileError(
-            f"peft_type {cfg.get('peft_type')!r} is not supported; leantune loads LORA adapters "
-            f"and its own {LEANTUNE_TYPE!r} ones"
-        )
-    for key, (ok, why) in _UNSUPPORTED.items():
-        if cfg.get(key, ok) not in (ok, None, {}, []):
-            raise AdapterFileError(f"adapter config {key}={cfg[key]!r}: {why}")
-    init = cfg.get("init_lora_weights", True)
-    if not isinstance(init, bool | str):
-        raise _bad("init_lora_weights", init, "true, false or an init name")
-    if isinstance(init, str) and init.lower() not in ("gaussian",):
-        raise AdapterFileError(
-            f"init_lora_weights={init!r}: such adapters need a rewritten base model; convert it "
-            "to a plain LoRA with peft (path_initial_model_for_weight_conversion) first"
-        )
-    targets = cfg.get("target_modules")
-    if not targets:
-        raise AdapterFileError("adapter config has no target_modules")
-    if not isinstance(targets, str):
-        targets = _names("target_modules", targets)
-    try:
-        return LoraConfig(
-            targets=targets,
-            layers=_layers(cfg.get("layers_to_transform")),
-            layers_pattern=_layers_pattern(cfg.get("layers_pattern")),
-            exclude=_names("exclude_modules", cfg.get("exclude_modules")),
-            modules_to_save=_names("modules_to_save", cfg.get("modules_to_save")),
-            task_type=_optional_str("task_type", cfg.get("task_type")),
-            r=_rank("r", cfg.get("r", 8)),
-            alpha=_positive_number("lora_alpha", cfg.get("lora_alpha", 8)),
-            dropout=_dropout("lora_dropout", cfg.get("lora_dropout")),
-            rslora=_flag("use_rslora", cfg.get("use_rslora")),
-            dora=_flag("use_dora", cfg.get("use_dora")),
-            rank_pattern=_pattern("rank_pattern", cfg.get("rank_pattern"), _rank),
-            alpha_pattern=_pattern("alpha_pattern", cfg.get("alpha_pattern"), _positive_number),
-        )
-    except (TypeError, ValueError) as e:
-        if isinstance(e, AdapterFileError):
-            raise
-        raise AdapterFileError(
-            f"adapter config does not describe a usable LoRA adapter: {e}"
-        ) from None
 
 
 def load_adapter(
@@ -624,31 +375,8 @@ def _check_before_building(
     to_save = resolve_modules_to_save(model, config, task_type)
     for module_name in match_targets(model, config, skip=to_save):
         part = config.part_for(module_name) if isinstance(config, MixedConfig) else config
-        if not isinstance(part, LoraConfig):
-            continue
-        key = next(
-            (
-                k
-                for k in (
-                    f"{module_name}.{LoraLayer.peft_keys['A']}",
-                    f"{module_name}.lora_embedding_A",
-                )
-                if k in tensors
-            ),
-            None,
-        )
-        if key is None:
-            raise AdapterFileError(
-                f"adapter file lacks the LoRA factors of {module_name}, which its config "
-                "targets; the file and adapter_config.json do not belong together"
-            )
-        rank = part.rank_for(module_name)
-        if tensors[key].ndim != 2 or tensors[key].shape[0] != rank:
-            raise AdapterFileError(
-                f"adapter tensor {key!r} has shape {tuple(tensors[key].shape)} but "
-                f"adapter_config.json gives {module_name} rank {rank}; the file and the config "
-                "do not belong together"
-            )
+        if isinstance(part, LoraConfig):
+            check_factors(module_name, part, tensors)
     for module_name in to_save:
         for key in model.get_submodule(module_name).state_dict():
             if f"{module_name}.{key}" not in tensors:
@@ -662,18 +390,9 @@ def _check_before_building(
 def _fill(model: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> None:
     wanted: dict[str, torch.Tensor] = {}  # file key -> model tensor to copy into
     for layer_name, layer in adapter_layers(model):
-        if name not in layer.adapter_names():
-            continue
-        if isinstance(layer, DeltaLayer):
+        if name in layer.adapter_names():
             for key, t in layer.file_targets(name).items():
-                wanted[f"{layer_name}.leantune_{layer.method}.{key}"] = t
-            continue
-        if not isinstance(layer, LoraLayer):
-            continue
-        params = dict(layer.lora[name].named_parameters())
-        for short, key in layer.peft_keys.items():
-            if short in params:
-                wanted[f"{layer_name}.{key}"] = params[short]
+                wanted[f"{layer_name}.{key}"] = t
     rec = records(model)[name]
     heads: dict[str, torch.Tensor] = {}
     for layer_name, layer in adapter_layers(model):

@@ -308,26 +308,58 @@ def allocate(
             "raise it"
         )
     plan = Plan(budget, base_params, [PlanEntry(m, "head", n, n) for m, n in heads])
-    left = budget - head_cost
-    by_name = {m.name: m for m in scores.modules}
-    norms = {n.name: n for n in scores.norms}
-
-    # unit (gain, cost) of `method` number `i` on `name`, or None when there is no such unit.
-    def unit(method: str, name: str, i: int) -> tuple[float, int] | None:
+    units = _Units(scores, max_rank)
+    taken, count, gains = _buy_units(units, methods, budget - head_cost)
+    order = [m.name for m in scores.modules] + [n.name for n in scores.norms]
+    for name in order:  # model order, so the file reads top to bottom
+        if name not in taken:
+            continue
+        method, n = taken[name], count[name]
         if method == "lora":
-            m = by_name[name]
-            ok = i < min(max_rank, len(m.spectrum))
+            size, params = n, n * units.by_name[name].rank_cost
+        elif method == "sparse":
+            order_idx = units.by_name[name].sparse_order
+            assert order_idx is not None
+            plan.masks[name] = order_idx[: n * SPARSE_CHUNK].clone()
+            size = params = plan.masks[name].numel()
+        elif method == "bitfit":
+            size = params = units.by_name[name].bias_size
+        else:
+            size = params = units.norms[name].size
+        plan.entries.append(PlanEntry(name, method, size, params, gains[name]))
+    return plan
+
+
+class _Units:
+    """The units the planner can buy, read from the scores."""
+
+    def __init__(self, scores: Scores, max_rank: int) -> None:
+        self.by_name = {m.name: m for m in scores.modules}
+        self.norms = {n.name: n for n in scores.norms}
+        self.max_rank = max_rank
+
+    def __call__(self, method: str, name: str, i: int) -> tuple[float, int] | None:
+        """Unit (gain, cost) of ``method`` number ``i`` on ``name``, or None when there is none."""
+        if method == "lora":
+            m = self.by_name[name]
+            ok = i < min(self.max_rank, len(m.spectrum))
             return (m.spectrum[i], m.rank_cost) if ok else None
         if method == "sparse":
-            m = by_name[name]
+            m = self.by_name[name]
             return (m.sparse_gains[i], SPARSE_CHUNK) if i < len(m.sparse_gains) else None
         if i > 0:
             return None  # bitfit and layernorm are one unit each
         if method == "bitfit":
-            m = by_name[name]
+            m = self.by_name[name]
             return (m.bias_gain, m.bias_size) if m.bias_size else None
-        return norms[name].gain, norms[name].size
+        return self.norms[name].gain, self.norms[name].size
 
+
+def _buy_units(
+    unit: _Units, methods: Sequence[str], left: int
+) -> tuple[dict[str, str], dict[str, int], dict[str, float]]:
+    """Greedy by gain per parameter within ``left`` parameters, one method per module:
+    per module its method, how many units it took and their summed gain."""
     heap: list[tuple[float, str, str]] = []  # (−gain per parameter, module, method)
 
     def push(method: str, name: str, i: int) -> None:
@@ -336,7 +368,7 @@ def allocate(
             heapq.heappush(heap, (-u[0] / u[1], name, method))
 
     for method in methods:
-        for name in norms if method == "layernorm" else by_name:
+        for name in unit.norms if method == "layernorm" else unit.by_name:
             push(method, name, 0)
     taken: dict[str, str] = {}
     count: dict[str, int] = {}
@@ -355,21 +387,4 @@ def allocate(
         gains[name] = gains.get(name, 0.0) + u[0]
         left -= u[1]
         push(method, name, i + 1)
-    order = [m.name for m in scores.modules] + [n.name for n in scores.norms]
-    for name in order:  # model order, so the file reads top to bottom
-        if name not in taken:
-            continue
-        method, n = taken[name], count[name]
-        if method == "lora":
-            size, params = n, n * by_name[name].rank_cost
-        elif method == "sparse":
-            order_idx = by_name[name].sparse_order
-            assert order_idx is not None
-            plan.masks[name] = order_idx[: n * SPARSE_CHUNK].clone()
-            size = params = plan.masks[name].numel()
-        elif method == "bitfit":
-            size = params = by_name[name].bias_size
-        else:
-            size = params = norms[name].size
-        plan.entries.append(PlanEntry(name, method, size, params, gains[name]))
-    return plan
+    return taken, count, gains

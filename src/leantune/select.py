@@ -128,22 +128,57 @@ def score(
     if not modules:
         raise LeantuneError("the model has no linear layers to score")
     start = time.perf_counter()
-    flags = {p: p.requires_grad for p in model.parameters()}
-    was_training = model.training
-    device = next(model.parameters()).device
-    inside = tuple(s + "." for s in skip)
-    norms = {
-        n: m
-        for n, m in model.named_modules()
-        if n not in skip and not n.startswith(inside) and norm_form(m) is not None
-    }
+    norms = _norm_modules(model, skip)
     weights = {n: _weight(m) for n, m in modules.items()}
     # Every tensor whose gradient is read: layer weights, their biases, norm scales and shifts.
     tracked: dict[str, nn.Parameter] = {f"{n}.weight": w for n, w in weights.items()}
     for n, m in [*modules.items(), *norms.items()]:
         for key, p in m.named_parameters(recurse=False):
             tracked[f"{n}.{key}"] = p
-    fisher = {n: 0.0 for n in modules}
+    grads = _gradients(model, batches, weights, tracked, max_entries)
+    nb = len(batches)
+    with torch.no_grad():
+        results = [
+            _module_score(n, module, weights[n], grads, nb, max_rank, max_entries)
+            for n, module in modules.items()
+        ]
+        norm_scores = [_norm_score(n, module, grads.grad_sum, nb) for n, module in norms.items()]
+    return Scores(results, grads.examples, time.perf_counter() - start, norm_scores)
+
+
+def _norm_modules(model: nn.Module, skip: Sequence[str]) -> dict[str, nn.Module]:
+    """Norm layers (LayerNorm, RMSNorm forms) outside ``skip``."""
+    inside = tuple(s + "." for s in skip)
+    return {
+        n: m
+        for n, m in model.named_modules()
+        if n not in skip and not n.startswith(inside) and norm_form(m) is not None
+    }
+
+
+@dataclass
+class _Gradients:
+    """What one pass over the scoring batches gathers."""
+
+    fisher: dict[str, float]  # per layer: Σ over batches of Σ g² of its weight
+    entry_fisher: dict[str, torch.Tensor]  # per layer: Σ over batches of g², entry by entry
+    grad_sum: dict[str, torch.Tensor]  # per tracked tensor: Σ over batches of g
+    examples: int
+
+
+def _gradients(
+    model: nn.Module,
+    batches: Sequence[Batch],
+    weights: Mapping[str, nn.Parameter],
+    tracked: Mapping[str, nn.Parameter],
+    max_entries: int,
+) -> _Gradients:
+    """Backward over every batch with only ``tracked`` requiring gradients; the model's
+    gradient flags and training mode are restored after."""
+    flags = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    device = next(model.parameters()).device
+    fisher = {n: 0.0 for n in weights}
     entry_fisher = (
         {n: torch.zeros_like(w, dtype=torch.float32) for n, w in weights.items()}
         if max_entries
@@ -178,59 +213,76 @@ def score(
         for p, flag in flags.items():
             p.requires_grad_(flag)
         model.train(was_training)
-    results = []
-    nb = len(batches)
-    with torch.no_grad():
-        for n, module in modules.items():
-            mean = grad_sum[f"{n}.weight"] / nb
-            wf = weights[n].detach().float()
-            as_linear = mean if isinstance(module, nn.Linear) else mean.t()
-            sv = torch.linalg.svdvals(as_linear.cpu())[:max_rank] if mean.any() else torch.zeros(0)
-            out_f, in_f = as_linear.shape
-            bias = grad_sum.get(f"{n}.bias")
-            m = ModuleScore(
-                name=n,
-                kind=_kind(n),
-                layer=layer_index(n),
-                shape=(out_f, in_f),
-                fisher=fisher[n] / nb,
-                taylor=float((wf * mean).abs().sum()),
-                grad_norm=float(mean.norm()),
-                spectrum=[float(s) ** 2 for s in sv if s > 0],
-                bias_size=0 if bias is None else bias.numel(),
-                bias_gain=0.0 if bias is None else float((bias / nb).pow(2).sum()),
-            )
-            if max_entries and mean.any():
-                ef = entry_fisher[n] if isinstance(module, nn.Linear) else entry_fisher[n].t()
-                k = min(max_entries, ef.numel())
-                order = ef.flatten().topk(k).indices
-                g2 = as_linear.flatten()[order].pow(2)
-                # Chunks of the Fisher ranking, bought best gain (Σ ḡ²) first so the marginal
-                # gains fall as the greedy allocation assumes; empty chunks are dropped.
-                pieces = [
-                    (float(g.sum()), idx)
-                    for g, idx in zip(
-                        g2.split(SPARSE_CHUNK), order.split(SPARSE_CHUNK), strict=True
-                    )
-                ]
-                full = [p for p in pieces if p[0] > 0 and len(p[1]) == SPARSE_CHUNK]
-                pieces = sorted(full, key=lambda p: -p[0])
-                m.sparse_gains = [gain for gain, _ in pieces]
-                m.sparse_order = torch.cat([idx for _, idx in pieces]).cpu() if pieces else None
-            results.append(m)
-        norm_scores = []
-        for n, module in norms.items():
-            grads = [grad_sum[f"{n}.{k}"] for k, _ in module.named_parameters(recurse=False)]
-            norm_scores.append(
-                NormScore(
-                    name=n,
-                    kind=_kind(n),
-                    layer=layer_index(n),
-                    size=sum(g.numel() for g in grads),
-                    gain=sum(float((g / nb).pow(2).sum()) for g in grads),
-                )
-            )
-    return Scores(results, examples, time.perf_counter() - start, norm_scores)
+    return _Gradients(fisher, entry_fisher, grad_sum, examples)
+
+
+def _module_score(
+    n: str,
+    module: nn.Module,
+    weight: nn.Parameter,
+    grads: _Gradients,
+    nb: int,
+    max_rank: int,
+    max_entries: int,
+) -> ModuleScore:
+    """The scores of one linear layer from the gradients summed over ``nb`` batches."""
+    mean = grads.grad_sum[f"{n}.weight"] / nb
+    wf = weight.detach().float()
+    as_linear = mean if isinstance(module, nn.Linear) else mean.t()
+    sv = torch.linalg.svdvals(as_linear.cpu())[:max_rank] if mean.any() else torch.zeros(0)
+    out_f, in_f = as_linear.shape
+    bias = grads.grad_sum.get(f"{n}.bias")
+    m = ModuleScore(
+        name=n,
+        kind=_kind(n),
+        layer=layer_index(n),
+        shape=(out_f, in_f),
+        fisher=grads.fisher[n] / nb,
+        taylor=float((wf * mean).abs().sum()),
+        grad_norm=float(mean.norm()),
+        spectrum=[float(s) ** 2 for s in sv if s > 0],
+        bias_size=0 if bias is None else bias.numel(),
+        bias_gain=0.0 if bias is None else float((bias / nb).pow(2).sum()),
+    )
+    if max_entries and mean.any():
+        ef = grads.entry_fisher[n]
+        _rank_sparse_units(
+            m, as_linear, ef if isinstance(module, nn.Linear) else ef.t(), max_entries
+        )
+    return m
+
+
+def _rank_sparse_units(
+    m: ModuleScore, as_linear: torch.Tensor, ef: torch.Tensor, max_entries: int
+) -> None:
+    """Set ``m``'s sparse units: chunks of the ``max_entries`` entries of highest Fisher."""
+    k = min(max_entries, ef.numel())
+    order = ef.flatten().topk(k).indices
+    g2 = as_linear.flatten()[order].pow(2)
+    # Chunks of the Fisher ranking, bought best gain (Σ ḡ²) first so the marginal
+    # gains fall as the greedy allocation assumes; empty chunks are dropped.
+    pieces = [
+        (float(g.sum()), idx)
+        for g, idx in zip(g2.split(SPARSE_CHUNK), order.split(SPARSE_CHUNK), strict=True)
+    ]
+    full = [p for p in pieces if p[0] > 0 and len(p[1]) == SPARSE_CHUNK]
+    pieces = sorted(full, key=lambda p: -p[0])
+    m.sparse_gains = [gain for gain, _ in pieces]
+    m.sparse_order = torch.cat([idx for _, idx in pieces]).cpu() if pieces else None
+
+
+def _norm_score(
+    n: str, module: nn.Module, grad_sum: Mapping[str, torch.Tensor], nb: int
+) -> NormScore:
+    """The score of one norm layer: Σ ḡ² over its scale (and shift)."""
+    grads = [grad_sum[f"{n}.{k}"] for k, _ in module.named_parameters(recurse=False)]
+    return NormScore(
+        name=n,
+        kind=_kind(n),
+        layer=layer_index(n),
+        size=sum(g.numel() for g in grads),
+        gain=sum(float((g / nb).pow(2).sum()) for g in grads),
+    )
 
 
 def _kind(name: str) -> str:

@@ -160,9 +160,8 @@ def run_sweep(
 ) -> dict[str, Any]:
     """Run trials into ``out`` until ``n_trials`` have finished; returns the trials and the best."""
     import optuna
-    from optuna.trial import TrialState
 
-    from leantune.tune import make_config, run_tune, write_config
+    from leantune.tune import make_config, run_tune
 
     if n_trials <= 0:
         raise LeantuneError("--trials must be positive")
@@ -182,90 +181,22 @@ def run_sweep(
     check_setup(out, setup, "sweep (data, options or search space)")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with pid_lock(out / LOCK, f"sweep {out}"):
-        storage = f"sqlite:///{(out / STUDY_DB).resolve()}"
-        study = optuna.create_study(
-            study_name="leantune",
-            storage=storage,
-            direction="maximize" if higher else "minimize",
-            load_if_exists=True,
-        )
-        # Trials left running by a killed process: failed, their parameters tried again.
-        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            study.tell(t.number, state=TrialState.FAIL)
-            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
-            RunFolder(out, f"trial-{t.number:03d}").discard()  # its unfinished run
-            say(f"trial {t.number} was interrupted; its parameters will run again")
-        done = sum(_finished(t) for t in study.get_trials(deepcopy=False))
-        study.sampler = optuna.samplers.TPESampler(
-            seed=seed + len(study.trials), n_startup_trials=max(3, n_trials // 3)
-        )
-        study.pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)
-
-        def refuse(trial: Any, name: str, e: LeantuneError) -> None:
-            trial.set_user_attr("error", str(e))
-            study.tell(trial, state=TrialState.FAIL)
-            say(f"{name}: refused ({e})")
-
+        study, done = _open_study(out, higher, seed, n_trials, say)
         while done < n_trials:
             trial = study.ask()
             params = suggest(trial, space)
-            name = f"trial-{trial.number:03d}"
-            try:
-                cfg = make_config(
-                    dict(common) | params | {"name": name, "runs_dir": str(out)}
-                ).resolved()
-            except LeantuneError as e:
-                refuse(trial, name, e)
-                done += 1
-                continue
-            shown = ", ".join(
-                f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()
-            )
-            say(f"[{done + 1}/{n_trials}] {name}: {shown}")
-
-            def report(row: dict[str, float], trial: Any = trial) -> None:
-                trial.report(row[f"val_{metric}"], step=round(row["epoch"] * 100))
-                if trial.should_prune():
-                    raise optuna.TrialPruned()
-
-            try:
-                summary = run(cfg, resume=False, overwrite=False, on_validation=report)
-            except optuna.TrialPruned:
-                study.tell(trial, state=TrialState.PRUNED)
-                RunFolder(out, name).discard()  # a pruned trial keeps no partial run
-                say(f"{name}: pruned")
-                done += 1
-                continue
-            except LeantuneError as e:
-                # Refused by tune (values the config accepts but the model or data do not,
-                # or a run that diverged): recorded, not left RUNNING to be retried for ever.
-                refuse(trial, name, e)
-                RunFolder(out, name).discard()
-                done += 1
-                continue
-            if summary.get("interrupted"):
-                return {"interrupted": True, "out": str(out)}
-            value = summary.get(f"best_val_{metric}")
-            if value is None or not math.isfinite(value):
-                trial.set_user_attr("error", f"no finite validation {metric}")
-                study.tell(trial, state=TrialState.FAIL)
-            else:
-                trial.set_user_attr(f"test_{metric}", summary.get(f"test_{metric}"))
-                study.tell(trial, value)
-                say(f"{name}: validation {metric} {value:.4f}")
+            cfg_or_none = _trial_config(study, trial, common, params, out, say)
+            if cfg_or_none is not None:
+                shown = ", ".join(
+                    f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                    for k, v in params.items()
+                )
+                say(f"[{done + 1}/{n_trials}] {trial_name(trial.number)}: {shown}")
+                if _run_trial(study, trial, cfg_or_none, run, out, metric, say):
+                    return {"interrupted": True, "out": str(out)}
             done += 1
-        result = _result(study, metric, higher)
-        best = result["best"]
-        if best is not None:
-            cfg = make_config(
-                dict(common) | best["params"] | {"name": f"{out.name}-best", "runs_dir": "runs"}
-            )
-            write_config(cfg, out / BEST_YAML)
-            best["config"] = asdict(cfg)
-        atomic_write(out / TRIALS_JSON, json.dumps(result, indent=1, default=str) + "\n")
-        from leantune.report import write_sweep_report
-
-        write_sweep_report(out, result)
+        result = _write_result(study, common, out, metric, higher)
+    best = result["best"]
     if best is None:
         errors = [t["error"] for t in result["trials"] if "error" in t]
         if errors:
@@ -274,6 +205,134 @@ def run_sweep(
                 f"(all in {out / TRIALS_JSON}); fix it and sweep into a new --out"
             )
     result["out"] = str(out)
+    return result
+
+
+def trial_name(number: int) -> str:
+    """The run folder name of trial ``number`` inside the sweep folder."""
+    return f"trial-{number:03d}"
+
+
+def _open_study(
+    out: Path, higher: bool, seed: int, n_trials: int, say: Callable[[str], None]
+) -> tuple[Any, int]:
+    """The study in ``out`` (new or resumed) and how many of its trials have finished.
+
+    Trials left running by a killed process are failed and their parameters queued again."""
+    import optuna
+    from optuna.trial import TrialState
+
+    storage = f"sqlite:///{(out / STUDY_DB).resolve()}"
+    study = optuna.create_study(
+        study_name="leantune",
+        storage=storage,
+        direction="maximize" if higher else "minimize",
+        load_if_exists=True,
+    )
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study.tell(t.number, state=TrialState.FAIL)
+        study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+        RunFolder(out, trial_name(t.number)).discard()  # its unfinished run
+        say(f"trial {t.number} was interrupted; its parameters will run again")
+    done = sum(_finished(t) for t in study.get_trials(deepcopy=False))
+    study.sampler = optuna.samplers.TPESampler(
+        seed=seed + len(study.trials), n_startup_trials=max(3, n_trials // 3)
+    )
+    study.pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)
+    return study, done
+
+
+def _refuse(study: Any, trial: Any, e: LeantuneError, say: Callable[[str], None]) -> None:
+    """Record a trial the config or tune refused: failed with its error, never retried."""
+    from optuna.trial import TrialState
+
+    trial.set_user_attr("error", str(e))
+    study.tell(trial, state=TrialState.FAIL)
+    say(f"{trial_name(trial.number)}: refused ({e})")
+
+
+def _trial_config(
+    study: Any,
+    trial: Any,
+    common: Mapping[str, Any],
+    params: dict[str, Any],
+    out: Path,
+    say: Callable[[str], None],
+) -> Any:
+    """The resolved config of a trial, or None when the config refuses its values."""
+    from leantune.tune import make_config
+
+    name = trial_name(trial.number)
+    try:
+        return make_config(dict(common) | params | {"name": name, "runs_dir": str(out)}).resolved()
+    except LeantuneError as e:
+        _refuse(study, trial, e, say)
+        return None
+
+
+def _run_trial(
+    study: Any,
+    trial: Any,
+    cfg: Any,
+    run: Callable[..., dict[str, Any]],
+    out: Path,
+    metric: str,
+    say: Callable[[str], None],
+) -> bool:
+    """Run one trial and tell the study how it ended; True when the run was interrupted."""
+    import optuna
+    from optuna.trial import TrialState
+
+    name = trial_name(trial.number)
+
+    def report(row: dict[str, float]) -> None:
+        trial.report(row[f"val_{metric}"], step=round(row["epoch"] * 100))
+        if trial.should_prune():
+            raise optuna.TrialPruned()
+
+    try:
+        summary = run(cfg, resume=False, overwrite=False, on_validation=report)
+    except optuna.TrialPruned:
+        study.tell(trial, state=TrialState.PRUNED)
+        RunFolder(out, name).discard()  # a pruned trial keeps no partial run
+        say(f"{name}: pruned")
+        return False
+    except LeantuneError as e:
+        # Refused by tune (values the config accepts but the model or data do not,
+        # or a run that diverged): recorded, not left RUNNING to be retried for ever.
+        _refuse(study, trial, e, say)
+        RunFolder(out, name).discard()
+        return False
+    if summary.get("interrupted"):
+        return True
+    value = summary.get(f"best_val_{metric}")
+    if value is None or not math.isfinite(value):
+        trial.set_user_attr("error", f"no finite validation {metric}")
+        study.tell(trial, state=TrialState.FAIL)
+    else:
+        trial.set_user_attr(f"test_{metric}", summary.get(f"test_{metric}"))
+        study.tell(trial, value)
+        say(f"{name}: validation {metric} {value:.4f}")
+    return False
+
+
+def _write_result(
+    study: Any, common: Mapping[str, Any], out: Path, metric: str, higher: bool
+) -> dict[str, Any]:
+    """The sweep's result, written: the best config as YAML, every trial as JSON, the report."""
+    from leantune.report import write_sweep_report
+    from leantune.tune import make_config, write_config
+
+    result = _result(study, metric, higher)
+    best = result["best"]
+    if best is not None:
+        cfg = make_config(
+            dict(common) | best["params"] | {"name": f"{out.name}-best", "runs_dir": "runs"}
+        )
+        write_config(cfg, out / BEST_YAML)
+        best["config"] = asdict(cfg)
+    atomic_write(out / TRIALS_JSON, json.dumps(result, indent=1, default=str) + "\n")
+    write_sweep_report(out, result)
     return result
 
 
@@ -291,7 +350,7 @@ def _result(study: Any, metric: str, higher: bool) -> dict[str, Any]:
                 "state": t.state.name,
                 "value": value,
                 "params": dict(t.params),
-                "run": f"trial-{t.number:03d}",
+                "run": trial_name(t.number),
                 **t.user_attrs,
             }
         )

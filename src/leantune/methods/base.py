@@ -62,6 +62,15 @@ class AdapterModule(Protocol):
         self, active: str | None, disabled: bool, batch_names: Sequence[str] | None
     ) -> None: ...
 
+    def file_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """Adapter ``name``'s tensors as its adapter file stores them, keyed relative to this
+        layer (``lora_A.weight``, ``leantune_bitfit.bias`` ...)."""
+        ...
+
+    def file_targets(self, name: str) -> dict[str, torch.Tensor]:
+        """The tensors a file's values are copied into on load, by the keys of file_tensors."""
+        ...
+
 
 @dataclass
 class AdapterConfig:
@@ -210,8 +219,8 @@ class AdapterLayer(nn.Module):
     child named ``store`` (``<layer>.lora.<adapter name>``). The forward is the base forward,
     then ``apply_adapter`` for the active adapter (or row by row in a mixed batch).
 
-    A method subclass defines ``apply_adapter``, ``merge_adapter`` and ``unmerge_adapter``;
-    it may override ``base_forward``, ``drop_adapter`` and ``init_state``.
+    A method subclass defines ``apply_adapter``, ``merge_adapter``, ``unmerge_adapter`` and
+    its file entries (``file_tensors``, ``file_targets``); it may override ``base_forward``, ``drop_adapter`` and ``init_state``.
     """
 
     method: ClassVar[str] = ""
@@ -250,6 +259,14 @@ class AdapterLayer(nn.Module):
     def drop_adapter(self, name: str) -> None:
         """Delete unmerged adapter ``name`` from this layer."""
         del self.adapter_store()[name]
+
+    def file_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """Adapter ``name``'s tensors as files store them (``AdapterModule.file_tensors``)."""
+        raise NotImplementedError
+
+    def file_targets(self, name: str) -> dict[str, torch.Tensor]:
+        """Where loaded values go, by the keys of file_tensors."""
+        raise NotImplementedError
 
     def init_state(self) -> None:
         """Set the ``layer_state`` attributes of a newly adopted layer."""

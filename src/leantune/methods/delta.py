@@ -61,11 +61,12 @@ class DeltaLayer(AdapterLayer):
         self.delta[name] = delta
 
     def file_tensors(self, name: str) -> dict[str, torch.Tensor]:
-        """Adapter ``name``'s tensors (parameters and index buffers) as files store them."""
-        d = self.delta[name]
-        return {k: t.detach() for k, t in [*d.named_parameters(), *d.named_buffers()]}
+        """Adapter ``name``'s tensors (parameters and index buffers) as files store them:
+        ``leantune_<method>.<name>`` (docs/FORMAT.md)."""
+        return {k: t.detach() for k, t in self.file_targets(name).items()}
 
     def file_targets(self, name: str) -> dict[str, torch.Tensor]:
         """The tensors a file's values are copied into, by the same keys as file_tensors."""
         d = self.delta[name]
-        return dict([*d.named_parameters(), *d.named_buffers()])
+        prefix = f"leantune_{self.method}."
+        return {prefix + k: t for k, t in [*d.named_parameters(), *d.named_buffers()]}

@@ -8,7 +8,6 @@ unmerged forward adds ``scaling * B(A(dropout(x)))`` and never builds the (out, 
 
 from __future__ import annotations
 
-import contextlib
 import math
 import re
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from torch import nn
 
 from leantune.errors import LeantuneError
 from leantune.methods.base import LINEAR_TYPES, AdapterConfig, AdapterLayer, Conv1D, register
+from leantune.methods.lora_math import DropoutDown, full_precision, row_norm
 
 INITS = ("standard", "gaussian", "pissa")
 
@@ -192,25 +192,6 @@ class PlainLora:
         layer.weight_oi().sub_(adapter.delta_weight().to(layer.weight.dtype))
 
 
-def _row_norm(weight: torch.Tensor, adapter: LoraAdapter) -> torch.Tensor:
-    """Row norms of W + s·B·A without building B·A: |W|² + 2s·B⊙(W·Aᵀ) + s²·B⊙(B·A·Aᵀ)."""
-    s, A, B = adapter.scaling, adapter.A, adapter.B
-    sq = (
-        weight.pow(2).sum(1)
-        + 2 * s * (B * (weight @ A.T)).sum(1)
-        + s * s * (B * (B @ (A @ A.T))).sum(1)
-    )
-    return sq.clamp_min(0).sqrt()
-
-
-def _full_precision(t: torch.Tensor) -> contextlib.AbstractContextManager[Any]:
-    """Autocast switched off for ``t``'s device when it is on (DoRA's norms stay exact)."""
-    kind = t.device.type
-    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
-        return torch.autocast(kind, enabled=False)
-    return contextlib.nullcontext()
-
-
 class Dora:
     """DoRA (Liu et al., 2024): W' = m ⊙ (W + ΔW) / ‖W + ΔW‖, the norm taken per output row and
     held constant in backward, as in the paper and peft."""
@@ -224,7 +205,7 @@ class Dora:
                 "leave embeddings out of the targets or turn dora off"
             )
         with torch.no_grad():
-            norm = _row_norm(layer.weight_oi().float(), adapter)
+            norm = row_norm(layer.weight_oi().float(), adapter.A, adapter.B, adapter.scaling)
         adapter.magnitude = nn.Parameter(norm.to(layer.weight.dtype))
 
     def forward(
@@ -232,8 +213,8 @@ class Dora:
     ) -> torch.Tensor:
         assert adapter.magnitude is not None
         weight = layer.weight_oi()
-        with torch.no_grad(), _full_precision(weight):
-            norm = _row_norm(weight, adapter)
+        with torch.no_grad(), full_precision(weight):
+            norm = row_norm(weight, adapter.A, adapter.B, adapter.scaling)
         scale = adapter.magnitude / norm
         if isinstance(adapter.dropout, nn.Identity) or not layer.training:
             base = out if layer.bias is None else out - layer.bias
@@ -246,7 +227,7 @@ class Dora:
     def merge(self, layer: LoraLayer, adapter: LoraAdapter, name: str) -> None:
         assert adapter.magnitude is not None
         weight = layer.weight_oi()
-        norm = _row_norm(weight, adapter)
+        norm = row_norm(weight, adapter.A, adapter.B, adapter.scaling)
         layer._dora_norms[name] = norm
         merged = (weight + adapter.delta_weight()) * (adapter.magnitude / norm)[:, None]
         weight.copy_(merged)
@@ -260,38 +241,6 @@ class Dora:
 
 PLAIN: LoraVariant = PlainLora()
 DORA: LoraVariant = Dora()
-
-
-class DropoutDown(torch.autograd.Function):
-    """A(dropout(x)) that keeps x and a 1-byte mask for backward instead of the dropped copy.
-
-    x is usually kept anyway (query, key and value share it), so each LoRA layer with dropout
-    costs a byte per input element instead of the four of a separate dropped tensor.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, A: torch.Tensor, p: float) -> torch.Tensor:
-        dropped, keep = torch.native_dropout(x, p, True)
-        ctx.save_for_backward(x, keep, A)
-        ctx.p = p
-        return F.linear(dropped, A)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, keep, A = ctx.saved_tensors
-        # The dropout scale rides on the small (tokens, r) gradient, not on the wide tensors.
-        # Under autocast the forward ran in bf16/fp16 while x and A may not: compute in the
-        # wider of their dtypes and hand each gradient back in its input's dtype.
-        dtype = torch.promote_types(x.dtype, A.dtype)
-        grad_h = grad.reshape(-1, grad.shape[-1]).to(dtype) * (1.0 / (1.0 - ctx.p))
-        grad_A = None
-        if ctx.needs_input_grad[1]:
-            grad_A = (grad_h.T @ (x * keep).reshape(-1, x.shape[-1]).to(dtype)).to(A.dtype)
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (grad_h @ A.to(dtype)).mul_(keep.reshape(-1, x.shape[-1])).reshape(x.shape)
-            grad_x = grad_x.to(x.dtype)
-        return grad_x, grad_A, None
 
 
 # ---------------------------------------------------------------------------- layers
@@ -395,7 +344,7 @@ class LoraLayer(AdapterLayer):
                 self.weight_oi().add_(adapter.scaling * adapter.initial_delta())
         super().drop_adapter(name)
 
-    def peft_tensors(self, name: str) -> dict[str, torch.Tensor]:
+    def file_tensors(self, name: str) -> dict[str, torch.Tensor]:
         """Adapter ``name`` as peft stores it, keyed relative to this layer."""
         adapter = self.adapter(name)
         tensors = {k: p.detach() for k, p in adapter.named_parameters()}
@@ -406,6 +355,11 @@ class LoraLayer(AdapterLayer):
             tensors["A"] = torch.cat([tensors["A"], A0])
             tensors["B"] = torch.cat([tensors["B"], -B0], dim=1)
         return {self.peft_keys[k]: t for k, t in tensors.items()}
+
+    def file_targets(self, name: str) -> dict[str, torch.Tensor]:
+        """Adapter ``name``'s parameters by their peft keys (a loaded file is plain LoRA)."""
+        params = dict(self.adapter(name).named_parameters())
+        return {key: params[short] for short, key in self.peft_keys.items() if short in params}
 
     def saved_rank_alpha(self, name: str) -> tuple[int, float]:
         """Rank and alpha of the adapter as written to a file (PiSSA is saved at rank 2r)."""

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from leantune.errors import LeantuneError, TargetError
+from leantune.errors import AdapterFileError, LeantuneError, TargetError
 from leantune.methods.base import LINEAR_TYPES, AdapterConfig, Conv1D, register
 from leantune.methods.delta import DeltaLayer
 
@@ -111,3 +111,23 @@ class SparseLayer(DeltaLayer):
         rows, cols = d.indices // inp, d.indices % inp
         values = d.values.to(self.weight.dtype) * sign
         self.weight_oi().index_put_((rows, cols), values, accumulate=True)
+
+
+INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def masks_from_file(names: list[str], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The index masks of the sparse modules ``names`` from an adapter file's tensors (keys
+    without the ``base_model.model.`` prefix), each checked to be a 1-D integer tensor."""
+    masks = {}
+    for m in names:
+        mask = tensors.get(f"{m}.leantune_sparse.indices")
+        if mask is None:
+            raise AdapterFileError(f"adapter file lacks the sparse mask of {m}")
+        if mask.dtype not in INTEGER_DTYPES or mask.ndim != 1:
+            raise AdapterFileError(
+                f"adapter tensor {m}.leantune_sparse.indices must be a 1-D integer "
+                f"tensor, not {mask.dtype} of shape {tuple(mask.shape)}"
+            )
+        masks[m] = mask
+    return masks

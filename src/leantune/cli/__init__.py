@@ -1,0 +1,25 @@
+"""The ``leantune`` command. Bad input prints one line to stderr and exits 2, no traceback.
+
+``tune``'s options are generated from :class:`leantune.tune.TuneConfig`: each field's docstring
+is its help text, so the config file, the CLI and the docs cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import sys
+
+# Importing them adds their commands, in this order: tune, select (runs imports tune first),
+# compare, sweep, then the saved-run commands.
+from leantune.cli import runs, saved, tune  # noqa: F401
+from leantune.cli.common import app, fail
+from leantune.errors import LeantuneError
+
+__all__ = ["app", "fail", "main"]
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    try:
+        app()
+    except LeantuneError as e:
+        print(f"leantune: {e}", file=sys.stderr)
+        sys.exit(2)

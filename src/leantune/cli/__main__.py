@@ -1,0 +1,5 @@
+"""``python -m leantune.cli``."""
+
+from leantune.cli import main
+
+main()
