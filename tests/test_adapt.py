@@ -63,8 +63,9 @@ def test_lowest_importance_components_are_pruned_and_stay_zero() -> None:
     pruner = RankPruner(model, 2.0, 100, start=0, end=1)
     # Importance by hand: component j of unit i scores i * 10 + j, so unit 0's are the lowest.
     for i, u in enumerate(pruner.units):
-        width = u.adapter.A.shape[1] + u.adapter.B.shape[0]
-        u.ipt = (i * 10 + torch.arange(u.adapter.r, dtype=torch.float))[:, None].expand(-1, width)
+        A, B = u.factors()
+        width = A.shape[1] + B.shape[0]
+        u.ipt = (i * 10 + torch.arange(u.rank, dtype=torch.float))[:, None].expand(-1, width)
         u.unc = torch.ones_like(u.ipt)
     cost = pruner.units[0].cost
     pruner.prune_to(pruner.initial - 3 * cost)
@@ -78,8 +79,8 @@ def test_lowest_importance_components_are_pruned_and_stay_zero() -> None:
         opt.step()
         opt.zero_grad()
         pruner.after_step(step)  # beyond end: prunes to the target
-        a = pruner.units[0].adapter
-        assert a.A[:3].abs().sum() == 0 and a.B[:, :3].abs().sum() == 0
+        A, B = pruner.units[0].factors()
+        assert A[:3].abs().sum() == 0 and B[:, :3].abs().sum() == 0
     assert pruner.done
 
 
@@ -88,10 +89,10 @@ def test_finalize_slices_to_the_target_and_keeps_the_function(tmp_path: Path) ->
     model = lora_bert(r=2)
     pruner = RankPruner(model, 2.0, 100, start=0, end=1)
     for u in pruner.units:
-        u.ipt = torch.rand(u.adapter.r, u.cost)
-        u.unc = torch.rand(u.adapter.r, u.cost)
+        u.ipt = torch.rand(u.rank, u.cost)
+        u.unc = torch.rand(u.rank, u.cost)
         with torch.no_grad():
-            u.adapter.B.normal_()
+            u.factors()[1].normal_()
     pruner.after_step(1)  # at the target: masked components zeroed
     x = inputs("bert")
     before = logits(model, x)

@@ -14,7 +14,17 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 PACKAGE = SRC / "leantune"
-CONCRETE_METHODS = ("lora", "delta", "bitfit", "layernorm", "sparse", "mixed")
+CONCRETE_METHODS = (
+    "lora",
+    "lora_layers",
+    "lora_math",
+    "lora_peft",
+    "delta",
+    "bitfit",
+    "layernorm",
+    "sparse",
+    "mixed",
+)
 
 
 def _module_name(path: Path) -> str:
@@ -148,7 +158,21 @@ def test_no_import_cycle() -> None:
 def test_core_modules_import_no_concrete_method() -> None:
     concrete = {f"leantune.methods.{m}" for m in CONCRETE_METHODS}
     graph = import_graph()
-    for core in ("leantune.methods.base", "leantune.targets"):
+    core_modules = (
+        "leantune.methods.base",
+        "leantune.methods.config",
+        "leantune.targets",
+        "leantune.inject",
+        "leantune.formats",
+        "leantune.accounting",
+        "leantune.plan",
+        "leantune.select",
+        "leantune.train.regularize",
+        "leantune.train.schedule",
+        "leantune.train.adapt",
+        "leantune.train.loop",
+    )
+    for core in core_modules:
         # Everything the core pulls in at import time, not only its direct imports.
         seen: set[str] = set()
         todo = [core]
@@ -175,3 +199,80 @@ def test_no_file_over_450_lines_and_no_function_over_80() -> None:
                     long_functions.append(f"{path.relative_to(src)}:{node.name}: {length}")
     assert not long_files, long_files
     assert not long_functions, long_functions
+
+
+# ---------------------------------------------------------------------------- method switches
+
+CORE_ONLY = ("methods/base.py", "methods/config.py", "methods/__init__.py")
+"""Files of methods/ that are the core (protocol, config, registry), not a method."""
+
+
+def _method_names() -> set[str]:
+    import leantune.methods  # noqa: F401  (registers leantune's methods)
+    from leantune.methods.base import METHODS
+
+    return set(METHODS)
+
+
+def _method_classes() -> set[str]:
+    """Names of the classes the concrete method modules define."""
+    found: set[str] = set()
+    for path in sorted((PACKAGE / "methods").glob("*.py")):
+        if str(path.relative_to(PACKAGE)) in CORE_ONLY:
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        found |= {n.name for n in tree.body if isinstance(n, ast.ClassDef)}
+    return found
+
+
+def method_switches(source: str, methods: set[str], classes: set[str]) -> list[str]:
+    """``isinstance`` on a concrete method class and comparisons with a method's name
+    (``==``, ``!=``, ``in``/``not in`` a literal tuple, list or set), as ``line: code``."""
+    tree = ast.parse(source)
+    lines = source.splitlines()
+    found = []
+    for node in ast.walk(tree):
+        hit = False
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id in ("isinstance", "issubclass")
+            and len(node.args) == 2
+        ):
+            hit = any(
+                (isinstance(n, ast.Name) and n.id in classes)
+                or (isinstance(n, ast.Attribute) and n.attr in classes)
+                for n in ast.walk(node.args[1])
+            )
+        elif isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+            consts = [n for side in sides for n in ast.walk(side) if isinstance(n, ast.Constant)]
+            hit = any(isinstance(c.value, str) and c.value in methods for c in consts)
+        if hit:
+            found.append(f"{node.lineno}: {lines[node.lineno - 1].strip()}")
+    return found
+
+
+def test_the_switch_finder_finds_switches() -> None:
+    methods, classes = {"lora", "bitfit"}, {"LoraLayer"}
+    code = (
+        "if isinstance(layer, LoraLayer):\n    pass\n"
+        "if config.method == 'lora':\n    pass\n"
+        "ok = m in ('bitfit', 'head')\n"
+        "fine = plan.of('lora')\n"
+        "also_fine = isinstance(layer, AdapterLayer)\n"
+    )
+    assert [f.split(":")[0] for f in method_switches(code, methods, classes)] == ["1", "3", "5"]
+
+
+def test_no_method_switch_outside_the_methods() -> None:
+    """Issue 14: the core reaches a method through the registry and the layer hooks only."""
+    methods, classes = _method_names(), _method_classes()
+    assert {"lora", "sparse"} <= methods and {"LoraLayer", "SparseConfig"} <= classes
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = str(path.relative_to(PACKAGE))
+        if rel.startswith("methods/") and rel not in CORE_ONLY:
+            continue
+        found += [f"{rel}:{hit}" for hit in method_switches(path.read_text(), methods, classes)]
+    assert not found, "method switches outside methods/:\n" + "\n".join(found)

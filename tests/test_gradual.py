@@ -11,6 +11,7 @@ import torch
 import leantune as lt
 from helpers import build, tiny_model_folder, topic_rows, write_rows
 from leantune.methods.bitfit import BitFitConfig
+from leantune.methods.lora_math import lora_l2
 from leantune.methods.sparse import SparseConfig
 from leantune.train.loop import (
     TrainConfig,
@@ -19,8 +20,14 @@ from leantune.train.loop import (
     train,
     trainable_parameters,
 )
-from leantune.train.regularize import Penalty, fisher_diagonal, lora_l2
-from leantune.train.schedule import SLANTED_RATIO, Unfreezer, lr_lambda, lr_scales
+from leantune.train.regularize import Penalty, fisher_diagonal
+from leantune.train.schedule import (
+    SLANTED_RATIO,
+    Unfreezer,
+    adapter_lr_scales,
+    lr_lambda,
+    lr_scales,
+)
 from leantune.tune import DEFAULT_LORA_L2, TuneConfig, run_tune
 from test_loop import accuracy, toy_batches
 
@@ -46,7 +53,8 @@ def test_layer_decay_and_loraplus_scale_the_right_parameters() -> None:
     model = build("bert")
     lt.inject(model, lt.LoraConfig(r=2, targets=["query", "value"]))
     named = trainable_parameters(model)
-    scales = lr_scales(named, n_layers=3, layer_decay=0.5, loraplus_ratio=16)
+    plus = adapter_lr_scales(model, loraplus_ratio=16)
+    scales = lr_scales(named, n_layers=3, layer_decay=0.5, adapters=plus)
     q0 = "bert.encoder.layer.0.attention.self.query.lora.default"
     q2 = "bert.encoder.layer.2.attention.self.query.lora.default"
     assert scales[f"{q2}.A"] == 1.0 and scales[f"{q2}.B"] == 16.0

@@ -179,7 +179,7 @@ def test_unmerged_forward_never_builds_delta_weight(monkeypatch: pytest.MonkeyPa
 
 def test_dropout_path_matches_autograd_reference() -> None:
     """The memory-saving dropout path gives the same output and gradients as plain autograd."""
-    from leantune.methods.lora import DropoutDown
+    from leantune.methods.lora_math import DropoutDown
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 5, 8, generator=g, requires_grad=True)

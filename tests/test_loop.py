@@ -161,8 +161,7 @@ def test_parameters_with_an_lr_scale_get_their_own_rate() -> None:
     from leantune.train.loop import param_groups
 
     a, b, c = (torch.nn.Parameter(torch.zeros(2)) for _ in range(3))
-    b.lr_scale = 0.05  # type: ignore[attr-defined]
-    groups = param_groups([a, b, c], 2e-3)
+    groups = param_groups({"a": a, "b": b, "c": c}, 2e-3, {"b": 0.05})
     assert [len(g["params"]) for g in groups] == [2, 1]
     assert groups[0]["lr"] == 2e-3 and groups[1]["lr"] == pytest.approx(1e-4)
     assert groups[1]["params"][0] is b

@@ -14,7 +14,7 @@ import io
 import json
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,18 +51,7 @@ def load_table(
     Labels are stripped; a row without one (empty, null, NaN) is an error that says where.
     """
     path = Path(path)
-    if not path.exists():
-        raise LeantuneError(f"data file {path} does not exist")
-    if path.is_dir():
-        raw = _saved_rows(path, {text_column, label_column})
-    elif path.suffix.lower() == ".csv":
-        raw = _csv_rows(path)
-    elif path.suffix.lower() in (".jsonl", ".json"):
-        raw = _json_rows(path)
-    else:
-        raise LeantuneError(f"{path}: use a .csv, .jsonl file or a datasets save_to_disk folder")
-    if not raw.rows:
-        raise LeantuneError(f"{path} holds no rows")
+    raw = read_rows(path, {text_column, label_column})
     for column in (text_column, label_column):
         if column is not None and column not in raw.columns:
             raise LeantuneError(
@@ -92,6 +81,24 @@ def load_table(
             f"fill in {'its label or remove that row' if n == 1 else 'their labels or remove those rows'}"
         )
     return TextTable(texts, labels)
+
+
+def read_rows(path: Path, wanted: Collection[str | None]) -> _Rows:
+    """The rows of a .csv, .jsonl or save_to_disk folder (``wanted``: the columns a folder
+    needs), each with where it is in the file; a missing, unknown or empty file is refused."""
+    if not path.exists():
+        raise LeantuneError(f"data file {path} does not exist")
+    if path.is_dir():
+        raw = _saved_rows(path, set(wanted))
+    elif path.suffix.lower() == ".csv":
+        raw = _csv_rows(path)
+    elif path.suffix.lower() in (".jsonl", ".json"):
+        raw = _json_rows(path)
+    else:
+        raise LeantuneError(f"{path}: use a .csv, .jsonl file or a datasets save_to_disk folder")
+    if not raw.rows:
+        raise LeantuneError(f"{path} holds no rows")
+    return raw
 
 
 def _kind(value: Any) -> str:

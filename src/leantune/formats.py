@@ -4,13 +4,14 @@ Tensor keys are ``base_model.model.<module>.<peft name>`` (``lora_A.weight`` ...
 ``base_model.model.<head>.<param>``. leantune writes explicit module names in ``target_modules``
 and per-module ranks in ``rank_pattern``, so peft rebuilds exactly the layers leantune had.
 
-LoRA adapters are written as peft's ``LORA`` type. Adapters peft has no type for (BitFit,
-LayerNorm tuning, sparse masks, and Plans mixing methods) are written in the same folder layout
-with ``"peft_type": "LEANTUNE"`` and a ``modules`` table giving each module's method and size;
-their tensors are ``<module>.leantune_<method>.<name>`` (docs/FORMAT.md).
-Each layer gives its own entries (``file_tensors`` / ``file_targets``); LoRA's peft config is
-written and read in ``methods/lora_peft.py``. Only safetensors and JSON are ever read: nothing
-is unpickled.
+A method registered with a peft format (LoRA: ``LORA``, in ``methods/lora_peft.py``) is
+written in it. Adapters peft has no type for (BitFit, LayerNorm tuning, sparse masks, and Plans
+mixing methods) are written in the same folder layout with ``"peft_type": "LEANTUNE"`` and a
+``modules`` table giving each module's method and size (``file_entry``); their tensors are
+``<module>.leantune_<method>.<name>`` (docs/FORMAT.md). Each layer gives its own tensors
+(``file_tensors`` / ``file_targets``), and each method's config reads its rows back
+(``from_file_entries``): this module knows no method. Only safetensors and JSON are ever read:
+nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -43,20 +44,8 @@ from leantune.inject import (
     saved_module,
     set_active,
 )
-from leantune.methods.bitfit import BitFitConfig
-from leantune.methods.delta import DeltaLayer
-from leantune.methods.layernorm import LayerNormConfig
-from leantune.methods.lora import LoraConfig, LoraLayer
-from leantune.methods.lora_peft import (
-    check_factors,
-    config_from_peft,
-    leantune_entry,
-    lora_from_leantune,
-    peft_config,
-    peft_rows,
-)
-from leantune.methods.mixed import MixedConfig
-from leantune.methods.sparse import SparseConfig, masks_from_file
+from leantune.methods.base import METHODS, PEFT_FORMATS, AdapterConfig, peft_format
+from leantune.methods.config import MixedConfig
 from leantune.targets import infer_task_type, match_targets, name_matches, resolve_modules_to_save
 
 CONFIG_NAME = "adapter_config.json"
@@ -92,14 +81,11 @@ def _base_name(model: nn.Module) -> str | None:
 def adapter_config(model: nn.Module, name: str | None = None) -> dict[str, Any]:
     """The adapter_config.json peft needs to rebuild adapter ``name`` on the same base model."""
     name, rec = _record(model, name)
-    if not isinstance(rec.config, LoraConfig):
+    fmt = peft_format(rec.config)
+    if fmt is None:
         return leantune_config(model, name)
-    layers = [
-        (layer_name, layer)
-        for layer_name, layer in adapter_layers(model)
-        if isinstance(layer, LoraLayer) and name in layer.adapter_names()
-    ]
-    return peft_config(rec, name, layers, _base_name(model))
+    layers = [(n, layer) for n, layer in adapter_layers(model) if name in layer.adapter_names()]
+    return fmt.write(rec, name, layers, _base_name(model))
 
 
 def leantune_config(model: nn.Module, name: str) -> dict[str, Any]:
@@ -107,15 +93,8 @@ def leantune_config(model: nn.Module, name: str) -> dict[str, Any]:
     _, rec = _record(model, name)
     modules: dict[str, dict[str, Any]] = {}
     for layer_name, layer in adapter_layers(model):
-        if name not in layer.adapter_names():
-            continue
-        if isinstance(layer, LoraLayer):
-            modules[layer_name] = leantune_entry(layer, name)
-        elif isinstance(layer, DeltaLayer):
-            size = layer.delta_size(layer.delta[name])
-            modules[layer_name] = {"method": layer.method, "size": size}
-        else:
-            raise LeantuneError(f"{layer_name}: {type(layer).__name__} has no file format")
+        if name in layer.adapter_names():
+            modules[layer_name] = layer.file_entry(name)
     return {
         "peft_type": LEANTUNE_TYPE,
         "format_version": FORMAT_VERSION,
@@ -262,8 +241,12 @@ def describe(directory: str | os.PathLike[str]) -> list[tuple[str, str]]:
             ("file bytes", size),
             ("config", str(path / CONFIG_NAME)),
         ]
+    fmt = PEFT_FORMATS.get(str(config.get("peft_type")))
+    rows = (
+        fmt.describe(config) if fmt else [("method", f"{config.get('peft_type')} (not loadable)")]
+    )
     return [
-        *peft_rows(config),
+        *rows,
         ("modules_to_save", json.dumps(config.get("modules_to_save"))),
         ("task_type", str(config.get("task_type"))),
         ("base model", str(config.get("base_model_name_or_path"))),
@@ -273,12 +256,9 @@ def describe(directory: str | os.PathLike[str]) -> list[tuple[str, str]]:
     ]
 
 
-DELTA_METHODS = {"bitfit": BitFitConfig, "layernorm": LayerNormConfig, "sparse": SparseConfig}
-
-
 def config_from_leantune(cfg: dict[str, Any], tensors: dict[str, torch.Tensor]) -> MixedConfig:
-    """The adapter config of a ``LEANTUNE`` folder; ``tensors`` are its tensors, prefix removed
-    (sparse masks come from them)."""
+    """The adapter config of a ``LEANTUNE`` folder: one part per method, each read by the
+    method's ``from_file_entries``; ``tensors`` are the folder's tensors, prefix removed."""
     version = cfg.get("format_version")
     if version != FORMAT_VERSION or isinstance(version, bool):
         raise AdapterFileError(
@@ -291,26 +271,18 @@ def config_from_leantune(cfg: dict[str, Any], tensors: dict[str, torch.Tensor]) 
     by_method: dict[str, dict[str, dict[str, Any]]] = {}
     for module, spec in modules.items():
         method = spec.get("method") if isinstance(spec, dict) else None
-        if not isinstance(method, str) or (method != "lora" and method not in DELTA_METHODS):
+        if not isinstance(method, str) or method not in METHODS:
             raise AdapterFileError(
                 f"adapter config: module {module!r} has method {method!r}; leantune knows "
-                f"lora, {', '.join(DELTA_METHODS)}"
+                f"{', '.join(METHODS)}"
             )
         by_method.setdefault(method, {})[module] = spec
     to_save = checks.names("modules_to_save", cfg.get("modules_to_save"))
     task_type = checks.optional_str("task_type", cfg.get("task_type"))
-    parts: list[Any] = []
     try:
-        if "lora" in by_method:
-            parts.append(lora_from_leantune(by_method["lora"]))
-        for method, config_cls in DELTA_METHODS.items():
-            if method not in by_method:
-                continue
-            names = list(by_method[method])
-            extra: dict[str, Any] = {}
-            if method == "sparse":
-                extra["masks"] = masks_from_file(names, tensors)
-            parts.append(config_cls(targets=names, modules_to_save=[], **extra))
+        parts = [
+            METHODS[m].from_file_entries(by_method[m], tensors) for m in METHODS if m in by_method
+        ]
         return MixedConfig(parts=parts, modules_to_save=to_save, task_type=task_type)
     except (TypeError, ValueError, KeyError, LeantuneError) as e:
         if isinstance(e, AdapterFileError):
@@ -338,11 +310,17 @@ def load_adapter(
     if bad:
         raise AdapterFileError(f"tensor {bad[0]!r} lacks the {PREFIX!r} prefix peft files have")
     tensors = {k.removeprefix(PREFIX): v for k, v in tensors.items()}
-    config: LoraConfig | MixedConfig
+    config: AdapterConfig
+    fmt = PEFT_FORMATS.get(str(raw.get("peft_type")))
     if raw.get("peft_type") == LEANTUNE_TYPE:
         config = config_from_leantune(raw, tensors)
+    elif fmt is not None:
+        config = fmt.read(raw)
     else:
-        config = config_from_peft(raw)
+        raise AdapterFileError(
+            f"peft_type {raw.get('peft_type')!r} is not supported; leantune loads "
+            f"{', '.join(PEFT_FORMATS)} adapters and its own {LEANTUNE_TYPE!r} ones"
+        )
     # peft lists both usual head names ("classifier", "score"); keep those this model has.
     names = [n for n, _ in model.named_modules() if n]
     present = [m for m in config.modules_to_save or [] if any(name_matches(n, [m]) for n in names)]
@@ -366,17 +344,15 @@ def load_adapter(
 
 
 def _check_before_building(
-    model: nn.Module, config: LoraConfig | MixedConfig, tensors: dict[str, torch.Tensor]
+    model: nn.Module, config: AdapterConfig, tensors: dict[str, torch.Tensor]
 ) -> None:
-    """The file holds each target's LoRA factors at the rank the config gives, and the weights
-    of each saved module; checked before any layer is built (a config saying r=10**12 must not
-    allocate it)."""
+    """The file's tensors fit each target as its method says (``check_file``: LoRA's factors
+    at the config's rank), and it holds the weights of each saved module; checked before any
+    layer is built (a config saying r=10**12 must not allocate it)."""
     task_type = config.task_type or infer_task_type(model)
     to_save = resolve_modules_to_save(model, config, task_type)
     for module_name in match_targets(model, config, skip=to_save):
-        part = config.part_for(module_name) if isinstance(config, MixedConfig) else config
-        if isinstance(part, LoraConfig):
-            check_factors(module_name, part, tensors)
+        config.part_for(module_name).check_file(module_name, tensors)
     for module_name in to_save:
         for key in model.get_submodule(module_name).state_dict():
             if f"{module_name}.{key}" not in tensors:
@@ -397,7 +373,8 @@ def _fill(model: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> None
     heads: dict[str, torch.Tensor] = {}
     for layer_name, layer in adapter_layers(model):
         # peft saves whole embedding layers (save_embedding_layers) as "<layer>.base_layer.*".
-        if isinstance(layer, LoraLayer) and name in layer.adapter_names():
+        if getattr(layer, "loads_base_weights", False) and name in layer.adapter_names():
+            assert isinstance(layer, nn.Module)
             for pname, p in layer.named_parameters(recurse=False):
                 heads[f"{layer_name}.base_layer.{pname}"] = p
     for mod_name in rec.modules_to_save:  # this adapter's own copy of the head

@@ -16,7 +16,9 @@ paid for first.
 
 With more methods allowed (``methods``), their units join the same heap: a layer's bias
 (BitFit, ‖ḡ_b‖² for ``out`` parameters), a norm's scale and shift (LayerNorm tuning), and chunks
-of the top-Fisher entries of a weight (sparse, Σ ḡ² per chunk). A module takes one method: the
+of the top-Fisher entries of a weight (sparse, Σ ḡ² per chunk). Each method prices its own units
+(``plan_modules``, ``plan_unit``, ``plan_size``) and builds its config from its entries
+(``from_plan``); any registered method that does is plannable. A module takes one method: the
 first unit bought on it decides. Sparse masks are kept beside plan.json in
 ``<plan>.masks.safetensors`` (flat (out, in) indices per module).
 """
@@ -26,7 +28,6 @@ from __future__ import annotations
 import heapq
 import json
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -38,19 +39,30 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from leantune.errors import LeantuneError
-from leantune.select import SPARSE_CHUNK, Scores
+from leantune.methods.base import METHODS, AdapterConfig, method_config
+from leantune.methods.config import MixedConfig
+from leantune.select import Scores
 
-PLAN_METHODS = ("lora", "bitfit", "layernorm", "sparse", "head")
-ALLOCATED = ("lora", "bitfit", "layernorm", "sparse")
-"""Methods a Plan can spend its budget on (the head is always paid first)."""
+HEAD = "head"
+"""The method of a plan entry trained in full with the adapter (a task head)."""
+
+
+def allocated() -> tuple[str, ...]:
+    """Methods a Plan can spend its budget on: the registered ones with planner units (the
+    head is always paid first)."""
+    return tuple(n for n, c in METHODS.items() if c.plannable())
+
+
+def plan_methods() -> tuple[str, ...]:
+    return (*allocated(), HEAD)
 
 
 @dataclass
 class PlanEntry:
     module: str
     method: str
-    """lora (size = rank), bitfit or layernorm (size = parameters), sparse (size = entries, mask
-    in the masks file) or head (trained in full; size = parameters)."""
+    """A registered method (lora: size = rank; bitfit, layernorm: size = parameters; sparse:
+    size = entries, mask in the masks file) or head (trained in full; size = parameters)."""
     size: int
     params: int
     """Trainable parameters this entry costs."""
@@ -58,7 +70,7 @@ class PlanEntry:
     """Gradient energy the entry captures (lora: Σ σ² of its ranks)."""
     options: dict[str, Any] = field(default_factory=dict)
     """The method's options for this module (lora: alpha_ratio = alpha / r, dropout, dora,
-    rslora, init); empty means the method's defaults."""
+    rslora, init); empty means the method's defaults. Checked by ``plan_option_error``."""
 
 
 @dataclass
@@ -68,20 +80,29 @@ class Plan:
     entries: list[PlanEntry] = field(default_factory=list)
     score: str = "spectrum"
     masks: dict[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
-    """Sparse entries' masks (not in the JSON: in the masks file beside it)."""
+    """Tensors entries keep by module (sparse masks; ``plan_keeps_tensor``): not in the JSON
+    but in the masks file beside it."""
 
     @property
     def params(self) -> int:
         return sum(e.params for e in self.entries)
 
     def lora(self) -> list[PlanEntry]:
-        return [e for e in self.entries if e.method == "lora"]
+        return self.of("lora")
 
     def of(self, method: str) -> list[PlanEntry]:
         return [e for e in self.entries if e.method == method]
 
+    def methods(self) -> list[str]:
+        """The adapter methods the plan uses, in registry order (the head aside)."""
+        return [m for m in METHODS if self.of(m)]
+
     def heads(self) -> list[str]:
-        return [e.module for e in self.entries if e.method == "head"]
+        return [e.module for e in self.entries if e.method == HEAD]
+
+    def kept(self) -> list[PlanEntry]:
+        """Entries that keep a tensor in the masks file."""
+        return [e for m in self.methods() if METHODS[m].plan_keeps_tensor for e in self.of(m)]
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -91,10 +112,10 @@ class Plan:
     def save(self, path: str | os.PathLike[str]) -> Path:
         """plan.json, and its masks file when the plan has sparse entries (each atomically)."""
         path = Path(path)
-        if self.of("sparse"):
+        if self.kept():
             masks = masks_path(path)
             tmp_masks = masks.with_name(f".{masks.name}.tmp")
-            tensors = {e.module: self.masks[e.module].contiguous() for e in self.of("sparse")}
+            tensors = {e.module: self.masks[e.module].contiguous() for e in self.kept()}
             save_file(tensors, str(tmp_masks))
             os.replace(tmp_masks, masks)
         tmp = path.with_name(f".{path.name}.tmp")
@@ -116,34 +137,34 @@ class Plan:
         except (TypeError, KeyError, AttributeError) as e:
             raise LeantuneError(f"plan {path} does not have the plan layout: {e}") from None
         for entry in plan.entries:
-            if entry.method not in PLAN_METHODS:
+            if entry.method not in plan_methods():
                 raise LeantuneError(
-                    f"plan {path}: method {entry.method!r} is not one of {PLAN_METHODS}"
+                    f"plan {path}: method {entry.method!r} is not one of {plan_methods()}"
                 )
             if not isinstance(entry.size, int) or entry.size <= 0:
                 raise LeantuneError(
                     f"plan {path}: {entry.module} has size {entry.size!r}; use a positive int"
                 )
-            bad = _bad_option(entry.options)
+            bad = _bad_option(entry)
             if bad:
                 raise LeantuneError(f"plan {path}: {entry.module} options: {bad}")
-        sparse = plan.of("sparse")
+        sparse = plan.kept()
         if sparse:
             masks = masks_path(Path(path))
             try:
                 plan.masks = load_file(str(masks))
             except (OSError, SafetensorError) as e:
                 raise LeantuneError(
-                    f"plan {path} has sparse entries but its masks file {masks} cannot be read "
-                    f"({e}); rerun leantune select"
+                    f"plan {path} has {sparse[0].method} entries but its masks file {masks} "
+                    f"cannot be read ({e}); rerun leantune select"
                 ) from None
             for entry in sparse:
                 mask = plan.masks.get(entry.module)
                 if mask is None or mask.numel() != entry.size:
                     raise LeantuneError(
-                        f"plan {path}: the sparse mask of {entry.module} does not have "
-                        f"{entry.size} entries; a sparse size cannot be edited by hand, rerun "
-                        "leantune select"
+                        f"plan {path}: the {entry.method} mask of {entry.module} does not have "
+                        f"{entry.size} entries; a {entry.method} size cannot be edited by hand, "
+                        "rerun leantune select"
                     )
         return plan
 
@@ -157,106 +178,74 @@ class Plan:
                 "was it made for another model?"
             )
 
-    def lora_config(self, alpha_ratio: float = 2.0) -> Any:
-        """A LoraConfig adapting exactly the plan's modules at its ranks (alpha = ratio · r);
-        the entries' options (the same for every LoRA entry: one adapter) override the
-        defaults."""
-        from leantune.methods.lora import LoraConfig
+    def method_config(self, method: str) -> AdapterConfig | None:
+        """The config adapting exactly the plan's ``method`` entries (``from_plan``), None
+        when the plan has none."""
+        entries = self.of(method)
+        return method_config(method).from_plan(entries, self.masks) if entries else None
 
-        lora = self.lora()
-        if not lora:
+    def lora_config(self) -> AdapterConfig | None:
+        """The LoRA part alone, with the heads (a plan that is LoRA only)."""
+        config = self.method_config("lora")
+        return None if config is None else replace(config, modules_to_save=self.heads())
+
+    def adapter_config(self) -> AdapterConfig | None:
+        """The adapter config for this plan: the method's own config when the plan uses one
+        method (a LoRA-only plan gives a LoraConfig, which peft loads), else a MixedConfig of
+        one part per method; None when only heads train."""
+        parts = [self.method_config(m) for m in self.methods()]
+        if len(parts) == 1 and parts[0] is not None:
+            return replace(parts[0], modules_to_save=self.heads())
+        if not parts:
             return None
-        options = [dict(e.options) for e in lora]
-        if any(o != options[0] for o in options):
-            odd = next(e for e, o in zip(lora, options, strict=True) if o != options[0])
-            raise LeantuneError(
-                f"the plan's LoRA entries disagree on their options ({lora[0].module}: "
-                f"{options[0]}, {odd.module}: {odd.options}); one adapter takes one set. Make "
-                "them the same"
-            )
-        extra = options[0]
-        unknown = sorted(set(extra) - LORA_OPTIONS)
-        if unknown:
-            raise LeantuneError(
-                f"plan LoRA option {unknown[0]!r} is unknown; use {sorted(LORA_OPTIONS)}"
-            )
-        alpha_ratio = float(extra.pop("alpha_ratio", alpha_ratio))
-        base = max(e.size for e in lora)
-        return LoraConfig(
-            **extra,
-            r=base,
-            alpha=alpha_ratio * base,
-            targets="|".join(re.escape(e.module) for e in lora),
-            rank_pattern={re.escape(e.module): e.size for e in lora if e.size != base},
-            alpha_pattern={
-                re.escape(e.module): alpha_ratio * e.size for e in lora if e.size != base
-            },
-            modules_to_save=self.heads(),
-        )
-
-    def adapter_config(self, alpha_ratio: float = 2.0) -> Any:
-        """The adapter config for this plan: a plain LoraConfig (peft loads it) when the plan is
-        LoRA only, else a MixedConfig of one part per method; None when only heads train."""
-        from leantune.methods.bitfit import BitFitConfig
-        from leantune.methods.layernorm import LayerNormConfig
-        from leantune.methods.mixed import MixedConfig
-        from leantune.methods.sparse import SparseConfig
-
-        if not any(self.of(m) for m in ("bitfit", "layernorm", "sparse")):
-            return self.lora_config(alpha_ratio)
-        parts: list[Any] = []
-        lora = self.lora_config(alpha_ratio)
-        if lora is not None:
-            parts.append(replace(lora, targets=[e.module for e in self.lora()], modules_to_save=[]))
-        if self.of("bitfit"):
-            parts.append(BitFitConfig(targets=[e.module for e in self.of("bitfit")]))
-        if self.of("layernorm"):
-            parts.append(LayerNormConfig(targets=[e.module for e in self.of("layernorm")]))
-        if self.of("sparse"):
-            names = [e.module for e in self.of("sparse")]
-            parts.append(SparseConfig(targets=names, masks={n: self.masks[n] for n in names}))
-        return MixedConfig(parts=parts, modules_to_save=self.heads())
+        listed = [
+            replace(p, targets=[e.module for e in self.of(m)], modules_to_save=[])
+            for m, p in zip(self.methods(), parts, strict=True)
+            if p is not None
+        ]
+        return MixedConfig(parts=listed, modules_to_save=self.heads())
 
 
-LORA_OPTIONS = {"alpha_ratio", "dropout", "dora", "rslora", "init"}
-"""LoRA options a plan entry may carry (the rank is its size)."""
-
-
-def apply_lora_options(
-    plan: Plan, options: dict[str, Any], defaults: dict[str, Any], where: str = "the plan"
+def apply_options(
+    plan: Plan,
+    method: str,
+    options: dict[str, Any],
+    defaults: dict[str, Any],
+    where: str = "the plan",
 ) -> None:
-    """Give the plan's LoRA entries the run's LoRA ``options`` (keys of ``LORA_OPTIONS``).
+    """Give the plan's ``method`` entries the run's ``options`` for that method.
 
     Entries without options take them (a plan made by --select auto). Entries that carry
     options keep theirs; an option the run sets away from its default (``defaults``) to a value
     other than the plan's is refused: one of the two would be silently dropped."""
-    for entry in plan.lora():
+    for entry in plan.of(method):
         if not entry.options:
             entry.options = dict(options)
             continue
         for key, value in options.items():
             planned = entry.options.get(key, defaults.get(key))
             if value != defaults.get(key) and planned != value:
+                title = METHODS[method].title or method
                 raise LeantuneError(
-                    f"{where}: the plan's LoRA entries say {key} {planned}, the command line "
-                    f"{value}; edit the plan, or drop the option"
+                    f"{where}: the plan's {title} entries say {key} {planned}, the command "
+                    f"line {value}; edit the plan, or drop the option"
                 )
 
 
-def _bad_option(options: Any) -> str | None:
+def _bad_option(entry: PlanEntry) -> str | None:
     """What is wrong with a plan entry's options, or None."""
-    if not isinstance(options, dict):
-        return f"{options!r} is not a mapping of option: value"
-    for key, value in options.items():
-        if key in ("dora", "rslora") and not isinstance(value, bool):
-            return f"{key} {value!r} must be true or false"
-        if key == "init" and not isinstance(value, str):
-            return f"init {value!r} must be a name (standard, gaussian, pissa)"
-        if key in ("dropout", "alpha_ratio") and (
-            isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0
-        ):
-            return f"{key} {value!r} must be a number, 0 or more"
-    return None
+    if not isinstance(entry.options, dict):
+        return f"{entry.options!r} is not a mapping of option: value"
+    if entry.method == HEAD:
+        return f"a head takes no options, got {entry.options}" if entry.options else None
+    return method_config(entry.method).plan_option_error(entry.options)
+
+
+def entry_label(entry: PlanEntry) -> str:
+    """An entry's method and size as a person reads it (``r=4``, ``bitfit 768``, ``head 1,925``)."""
+    if entry.method == HEAD:
+        return f"{HEAD} {entry.size:,}"
+    return method_config(entry.method).size_label(entry.size)
 
 
 def masks_path(plan_path: Path) -> Path:
@@ -266,9 +255,9 @@ def masks_path(plan_path: Path) -> Path:
 def parse_methods(spec: str | Sequence[str]) -> tuple[str, ...]:
     """'lora,bitfit' → ('lora', 'bitfit'); unknown names refused."""
     names = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
-    bad = [n for n in names if n not in ALLOCATED]
+    bad = [n for n in names if n not in allocated()]
     if bad or not names:
-        raise LeantuneError(f"plan methods {spec!r}: use a comma list of {', '.join(ALLOCATED)}")
+        raise LeantuneError(f"plan methods {spec!r}: use a comma list of {', '.join(allocated())}")
     return tuple(dict.fromkeys(names))
 
 
@@ -307,60 +296,30 @@ def allocate(
             f"the budget ({budget:,}) is smaller than the task head ({head_cost:,} parameters); "
             "raise it"
         )
-    plan = Plan(budget, base_params, [PlanEntry(m, "head", n, n) for m, n in heads])
-    units = _Units(scores, max_rank)
-    taken, count, gains = _buy_units(units, methods, budget - head_cost)
+    plan = Plan(budget, base_params, [PlanEntry(m, HEAD, n, n) for m, n in heads])
+    taken, count, gains = _buy_units(scores, methods, budget - head_cost, max_rank)
     order = [m.name for m in scores.modules] + [n.name for n in scores.norms]
     for name in order:  # model order, so the file reads top to bottom
         if name not in taken:
             continue
-        method, n = taken[name], count[name]
-        if method == "lora":
-            size, params = n, n * units.by_name[name].rank_cost
-        elif method == "sparse":
-            order_idx = units.by_name[name].sparse_order
-            assert order_idx is not None
-            plan.masks[name] = order_idx[: n * SPARSE_CHUNK].clone()
-            size = params = plan.masks[name].numel()
-        elif method == "bitfit":
-            size = params = units.by_name[name].bias_size
-        else:
-            size = params = units.norms[name].size
-        plan.entries.append(PlanEntry(name, method, size, params, gains[name]))
+        method = taken[name]
+        size = method_config(method).plan_size(scores, name, count[name])
+        if size.tensor is not None:
+            plan.masks[name] = size.tensor
+        plan.entries.append(PlanEntry(name, method, size.size, size.params, gains[name]))
     return plan
 
 
-class _Units:
-    """The units the planner can buy, read from the scores."""
-
-    def __init__(self, scores: Scores, max_rank: int) -> None:
-        self.by_name = {m.name: m for m in scores.modules}
-        self.norms = {n.name: n for n in scores.norms}
-        self.max_rank = max_rank
-
-    def __call__(self, method: str, name: str, i: int) -> tuple[float, int] | None:
-        """Unit (gain, cost) of ``method`` number ``i`` on ``name``, or None when there is none."""
-        if method == "lora":
-            m = self.by_name[name]
-            ok = i < min(self.max_rank, len(m.spectrum))
-            return (m.spectrum[i], m.rank_cost) if ok else None
-        if method == "sparse":
-            m = self.by_name[name]
-            return (m.sparse_gains[i], SPARSE_CHUNK) if i < len(m.sparse_gains) else None
-        if i > 0:
-            return None  # bitfit and layernorm are one unit each
-        if method == "bitfit":
-            m = self.by_name[name]
-            return (m.bias_gain, m.bias_size) if m.bias_size else None
-        return self.norms[name].gain, self.norms[name].size
-
-
 def _buy_units(
-    unit: _Units, methods: Sequence[str], left: int
+    scores: Scores, methods: Sequence[str], left: int, max_rank: int
 ) -> tuple[dict[str, str], dict[str, int], dict[str, float]]:
     """Greedy by gain per parameter within ``left`` parameters, one method per module:
-    per module its method, how many units it took and their summed gain."""
+    per module its method, how many units it took and their summed gain. Units come from
+    each method's ``plan_unit``."""
     heap: list[tuple[float, str, str]] = []  # (−gain per parameter, module, method)
+
+    def unit(method: str, name: str, i: int) -> tuple[float, int] | None:
+        return METHODS[method].plan_unit(scores, name, i, max_rank)
 
     def push(method: str, name: str, i: int) -> None:
         u = unit(method, name, i)
@@ -368,7 +327,7 @@ def _buy_units(
             heapq.heappush(heap, (-u[0] / u[1], name, method))
 
     for method in methods:
-        for name in unit.norms if method == "layernorm" else unit.by_name:
+        for name in METHODS[method].plan_modules(scores):
             push(method, name, 0)
     taken: dict[str, str] = {}
     count: dict[str, int] = {}

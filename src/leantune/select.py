@@ -25,13 +25,14 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 from torch import nn
 
 from leantune.errors import LeantuneError
 from leantune.methods.base import LINEAR_TYPES
-from leantune.methods.layernorm import norm_form
+from leantune.norms import norm_form
 from leantune.targets import layer_index
 
 Batch = Mapping[str, torch.Tensor]
@@ -87,6 +88,24 @@ class Scores:
     examples: int
     seconds: float
     norms: list[NormScore] = field(default_factory=list)
+    chunk: int = SPARSE_CHUNK
+    """Entries per sparse unit (``ModuleScore.sparse_gains`` are per chunk of this many)."""
+
+    def module(self, name: str) -> ModuleScore:
+        """The score of linear layer ``name`` (looked up by the planner per unit)."""
+        return self._modules_by_name[name]
+
+    def norm(self, name: str) -> NormScore:
+        """The score of norm layer ``name``."""
+        return self._norms_by_name[name]
+
+    @cached_property
+    def _modules_by_name(self) -> dict[str, ModuleScore]:
+        return {m.name: m for m in self.modules}
+
+    @cached_property
+    def _norms_by_name(self) -> dict[str, NormScore]:
+        return {n.name: n for n in self.norms}
 
     def by_layer_and_kind(self, metric: str = "fisher") -> dict[tuple[int | None, str], float]:
         out: dict[tuple[int | None, str], float] = {}

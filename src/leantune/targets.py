@@ -18,6 +18,7 @@ from torch import nn
 
 from leantune.errors import TargetError
 from leantune.methods.base import LINEAR_TYPES, AdapterConfig, saved_store
+from leantune.methods.base import name_matches as name_matches
 
 _DEFAULT_LAYER_LISTS = ("layers", "layer", "h", "blocks", "block")
 
@@ -28,13 +29,6 @@ def layer_index(module_name: str, layers_pattern: str | None = None) -> int | No
     pattern = r"(?:^|\.)(?:" + "|".join(names) + r")\.(\d+)(?:\.|$)"
     m = re.search(pattern, module_name)
     return int(m.group(1)) if m else None
-
-
-def name_matches(name: str, targets: str | Sequence[str]) -> bool:
-    """peft's rule: a string is a regex full-match; a list matches exact names or dotted suffixes."""
-    if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
-    return any(name == t or name.endswith("." + t) for t in targets)
 
 
 def output_head_names(model: nn.Module) -> set[str]:

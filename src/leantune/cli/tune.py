@@ -11,6 +11,7 @@ import typer
 
 from leantune.cli.common import app, config_options, fail, flag, with_signature
 from leantune.errors import LeantuneError
+from leantune.plan import entry_label
 
 
 def _tune(config: Path | None, resume: bool, overwrite: bool, quiet: bool, **options: Any) -> None:
@@ -170,10 +171,7 @@ def select(**kwargs: Any) -> None:
         plan, scores = run_select(cfg, out, overwrite=overwrite)
     except LeantuneError as e:
         fail(str(e))
-    planned = {
-        e.module: f"r={e.size}" if e.method == "lora" else f"{e.method} {e.size:,}"
-        for e in plan.entries
-    }
+    planned = {e.module: entry_label(e) for e in plan.entries}
     top = sorted(scores.modules, key=lambda m: -sum(m.spectrum[:8]))[:20]
     rows = [("module", "fisher", "taylor", "grad norm", "plan")] + [
         (

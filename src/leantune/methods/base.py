@@ -1,24 +1,41 @@
 """What every method shares, and nothing any one method owns.
 
-The adapter layer protocol (``AdapterModule``), the config every method's config extends
-(``AdapterConfig``), the registry of methods by name, what a model remembers of its adapters,
-the mixed-batch forward, and ``AdapterLayer``: the one base of the layers that hold named
+The adapter layer protocol (``AdapterModule``), what a model remembers of its adapters, the
+mixed-batch forward, and ``AdapterLayer``: the one base of the layers that hold named
 adapters beside a base layer's own parameters. This module imports no concrete method, so a
 method (or a test) can build on it without pulling in the others.
+
+The core (penalties, files, the planner, schedules, ``tune``) reaches a method only through the
+hooks defined here — a layer's change (``change_entries``, ``l2_change``), file entries
+(``file_tensors``, ``file_targets``, ``file_entry``), rate multipliers (``lr_multipliers``),
+ranks that grow and shrink (``RankAdaptable``) — and those of ``AdapterConfig`` in
+``methods/config.py`` (the config every method's config extends, and the registry), which this
+module re-exports.
 """
 
 from __future__ import annotations
 
 import copy
-import re
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol, Self, cast, runtime_checkable
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar, NamedTuple, Protocol, Self, cast, runtime_checkable
 
 import torch
 from torch import nn
 
 from leantune.errors import LeantuneError, TargetError
+
+# ``X as X``: defined in methods/config.py, re-exported so ``methods.base`` holds the whole core.
+from leantune.methods.config import METHODS as METHODS
+from leantune.methods.config import PEFT_FORMATS as PEFT_FORMATS
+from leantune.methods.config import AdapterConfig as AdapterConfig
+from leantune.methods.config import AdapterRecord as AdapterRecord
+from leantune.methods.config import PeftFormat as PeftFormat
+from leantune.methods.config import PlanSize as PlanSize
+from leantune.methods.config import method_config as method_config
+from leantune.methods.config import name_matches as name_matches
+from leantune.methods.config import peft_format as peft_format
+from leantune.methods.config import register as register
+from leantune.methods.config import unregister as unregister
 
 BASE = "__base__"
 """Adapter name meaning "no adapter" in a mixed batch."""
@@ -71,96 +88,64 @@ class AdapterModule(Protocol):
         """The tensors a file's values are copied into on load, by the keys of file_tensors."""
         ...
 
+    def file_entry(self, name: str) -> dict[str, Any]:
+        """This module's row in a ``LEANTUNE`` folder's ``modules`` table (method, size ...)."""
+        ...
 
-@dataclass
-class AdapterConfig:
-    """Where an adapter goes. Each method's config extends this with its own fields."""
+    def active_name(self) -> str | None:
+        """The adapter this layer applies now, unmerged; None when there is none."""
+        ...
 
-    method: ClassVar[str] = ""
+    def merged_names(self) -> list[str]:
+        """Adapters folded into the base weight, in the order they were merged."""
+        ...
 
-    targets: str | list[str] = "all-linear"
-    """Modules to adapt: a list of exact names or dotted suffixes ("query", "attn.c_attn"), one
-    string taken as a regex that must match a whole module name, "all-linear" (every
-    nn.Linear and Conv1D except the output head and the modules in ``modules_to_save``), or
-    "all" (every layer the method can adapt, except those)."""
-    layers: list[int] | None = None
-    """Only modules inside these layer indices (the number after "layer.", "layers.", "h." ...)."""
-    layers_pattern: str | None = None
-    """Name of the layer list when it is not one of layer/layers/h/block/blocks."""
-    exclude: list[str] = field(default_factory=list)
-    """Modules never adapted, matched like ``targets``."""
-    modules_to_save: list[str] | None = None
-    """Modules trained in full and saved with the adapter (a task head). None picks the
-    classification head ("classifier" or "score") for sequence-classification models."""
-    task_type: str | None = None
-    """peft's task type (SEQ_CLS, CAUSAL_LM, ...); None infers it from the model class."""
+    def change_entries(self, name: str) -> list[Change]:
+        """Adapter ``name``'s learned change of each base parameter (what penalties see)."""
+        ...
 
-    def __post_init__(self) -> None:
-        if isinstance(self.targets, str):
-            if self.targets not in ("all-linear", "all"):
-                try:
-                    re.compile(self.targets)
-                except re.error as e:
-                    raise TargetError(f"targets {self.targets!r} is not a valid regex: {e}") from e
-        elif not self.targets:
-            raise TargetError("targets is empty: name at least one module, or use 'all-linear'")
-        for key in ("targets", "exclude", "modules_to_save"):
-            value = getattr(self, key)
-            if isinstance(value, list | tuple) and not all(isinstance(v, str) for v in value):
-                raise TargetError(f"{key} must list module names (strings), got {value!r}")
-        if self.layers is not None and not all(
-            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers
-        ):
-            raise TargetError(f"layers must be non-negative indices, got {self.layers}")
-        if self.layers_pattern is not None:
-            try:
-                re.compile(self.layers_pattern)
-            except (re.error, TypeError) as e:
-                raise TargetError(
-                    f"layers_pattern {self.layers_pattern!r} is not a valid regex: {e}"
-                ) from None
+    def l2_change(self, name: str) -> torch.Tensor:
+        """Σ ‖change‖² of adapter ``name`` (a method may compute it without the dense change)."""
+        ...
 
-    def rewrites_base_weight(self) -> bool:
-        """True when injection changes the base weight itself (PiSSA's residual)."""
-        return False
-
-    def supported_types(self) -> tuple[type[nn.Module], ...]:
-        """Layer types this method can adapt."""
-        raise NotImplementedError
-
-    def includes(self, module: nn.Module) -> bool:
-        """Whether targets="all" takes ``module``."""
-        return isinstance(module, self.supported_types())
-
-    def adapt(self, module: nn.Module, adapter_name: str, module_name: str) -> nn.Module:
-        """Add adapter ``adapter_name`` to ``module``; return the layer to put in its place."""
-        raise NotImplementedError
+    def lr_multipliers(self, name: str, options: Mapping[str, Any]) -> dict[str, float]:
+        """Rate multipliers of adapter ``name``'s parameters that are not 1, keyed like
+        ``adapter_params``; ``options`` are the run's (``loraplus_ratio`` ...)."""
+        ...
 
 
-# ---------------------------------------------------------------------------- registry
+class Change(NamedTuple):
+    """The learned change of one base parameter: ``base`` names it on the layer (``weight``),
+    ``values`` is the change shaped like it, or flat at ``indices`` of the flattened parameter."""
 
-METHODS: dict[str, type[AdapterConfig]] = {}
+    base: str
+    values: torch.Tensor
+    indices: torch.Tensor | None = None
 
 
-def register(name: str, config_cls: type[AdapterConfig]) -> type[AdapterConfig]:
-    """Make a method known by name (for files and the CLI). Refuses a name already taken."""
-    if name in METHODS:
-        raise LeantuneError(f"method {name!r} is already registered by {METHODS[name].__name__}")
-    METHODS[name] = config_cls
-    return config_cls
+@runtime_checkable
+class RankAdaptable(Protocol):
+    """A layer whose adapters are sums of rank-one components that may grow and be pruned
+    (``train/adapt.py``): the factors hold one component per row of A and column of B."""
+
+    def rank_factors(self, name: str) -> tuple[nn.Parameter, nn.Parameter]:
+        """(A (r, in), B (out, r)) of adapter ``name``."""
+        ...
+
+    def rank_refusal(self, name: str) -> str | None:
+        """Why adapter ``name``'s rank cannot adapt, or None."""
+        ...
+
+    def grow_rank(self, name: str, r: int) -> None:
+        """New components, initialized so the layer's function is unchanged."""
+        ...
+
+    def keep_ranks(self, name: str, keep: torch.Tensor) -> None:
+        """Keep only the components ``keep`` (bool, (r,)) marks, same scaling."""
+        ...
 
 
 # ---------------------------------------------------------------------------- model state
-
-
-@dataclass
-class AdapterRecord:
-    """What the model remembers of one injected adapter (kept off the user's config)."""
-
-    config: AdapterConfig
-    modules: list[str]
-    modules_to_save: list[str]
-    task_type: str | None
 
 
 def records(model: nn.Module) -> dict[str, AdapterRecord]:
@@ -219,8 +204,10 @@ class AdapterLayer(nn.Module):
     child named ``store`` (``<layer>.lora.<adapter name>``). The forward is the base forward,
     then ``apply_adapter`` for the active adapter (or row by row in a mixed batch).
 
-    A method subclass defines ``apply_adapter``, ``merge_adapter``, ``unmerge_adapter`` and
-    its file entries (``file_tensors``, ``file_targets``); it may override ``base_forward``, ``drop_adapter`` and ``init_state``.
+    A method subclass defines ``apply_adapter``, ``merge_adapter``, ``unmerge_adapter``, its
+    file entries (``file_tensors``, ``file_targets``) and its change (``change_entries``); it
+    may override ``base_forward``, ``drop_adapter``, ``init_state``, ``l2_change``,
+    ``lr_multipliers`` and ``file_entry``.
     """
 
     method: ClassVar[str] = ""
@@ -267,6 +254,24 @@ class AdapterLayer(nn.Module):
     def file_targets(self, name: str) -> dict[str, torch.Tensor]:
         """Where loaded values go, by the keys of file_tensors."""
         raise NotImplementedError
+
+    def change_entries(self, name: str) -> list[Change]:
+        """Adapter ``name``'s change of each base parameter (``AdapterModule.change_entries``)."""
+        raise NotImplementedError
+
+    def l2_change(self, name: str) -> torch.Tensor:
+        return torch.stack([c.values.pow(2).sum() for c in self.change_entries(name)]).sum()
+
+    def lr_multipliers(self, name: str, options: Mapping[str, Any]) -> dict[str, float]:
+        return {}
+
+    def file_entry(self, name: str) -> dict[str, Any]:
+        size = sum(p.numel() for p in self.adapter_params(name).values())
+        return {"method": self.method, "size": size}
+
+    loads_base_weights: ClassVar[bool] = False
+    """Whether a file may carry this layer's own base weights (peft saves a resized embedding
+    table as ``<layer>.base_layer.weight``)."""
 
     def init_state(self) -> None:
         """Set the ``layer_state`` attributes of a newly adopted layer."""
@@ -365,6 +370,15 @@ class AdapterLayer(nn.Module):
     ) -> None:
         self._active, self._disabled = active, disabled
         self._batch_names = None if batch_names is None else list(batch_names)
+
+    def active_name(self) -> str | None:
+        name = self._active
+        if name is None or name in self.merged or name not in self.adapter_store():
+            return None
+        return name
+
+    def merged_names(self) -> list[str]:
+        return list(self.merged)
 
     # --- forward
 

@@ -6,15 +6,19 @@ into the bias. Adapts linear layers (nn.Linear, GPT-2 Conv1D) and LayerNorms tha
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import ClassVar, cast
+from typing import TYPE_CHECKING, ClassVar, cast
 
 import torch
 from torch import nn
 
 from leantune.errors import TargetError
-from leantune.methods.base import LINEAR_TYPES, AdapterConfig, register
+from leantune.methods.base import LINEAR_TYPES, AdapterConfig, Change, PlanSize
 from leantune.methods.delta import DeltaLayer
+
+if TYPE_CHECKING:
+    from leantune.select import Scores
 
 
 @dataclass
@@ -22,6 +26,7 @@ class BitFitConfig(AdapterConfig):
     """BitFit: a trainable change to the bias of each targeted layer."""
 
     method: ClassVar[str] = "bitfit"
+    title: ClassVar[str] = "BitFit"
 
     targets: str | list[str] = "all"
     """Modules whose bias is trained; "all" is every linear layer and LayerNorm with a bias."""
@@ -41,8 +46,23 @@ class BitFitConfig(AdapterConfig):
         layer.add_adapter(adapter_name, bias.numel(), module_name)
         return layer
 
+    # --- the planner: a linear layer's bias is one unit, gain ‖ḡ_b‖²
 
-register("bitfit", BitFitConfig)
+    @classmethod
+    def plan_modules(cls, scores: Scores) -> Iterable[str]:
+        return [m.name for m in scores.modules]
+
+    @classmethod
+    def plan_unit(
+        cls, scores: Scores, module: str, i: int, max_rank: int
+    ) -> tuple[float, int] | None:
+        m = scores.module(module)
+        return (m.bias_gain, m.bias_size) if i == 0 and m.bias_size else None
+
+    @classmethod
+    def plan_size(cls, scores: Scores, module: str, n: int) -> PlanSize:
+        size = scores.module(module).bias_size
+        return PlanSize(size, size)
 
 
 class BiasDelta(nn.Module):
@@ -60,6 +80,9 @@ class BitFitLayer(DeltaLayer):
 
     def contribution(self, delta: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         return out + cast(BiasDelta, delta).bias.to(out.dtype)  # autocast: keep out's dtype
+
+    def change_entries(self, name: str) -> list[Change]:
+        return [Change("bias", cast(BiasDelta, self.delta[name]).bias)]
 
     def fold(self, delta: nn.Module, sign: float) -> None:
         self.bias.add_(cast(BiasDelta, delta).bias.to(self.bias.dtype), alpha=sign)

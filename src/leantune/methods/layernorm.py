@@ -3,70 +3,26 @@
 A LayerNorm computes γ ⊙ n(x) + β with n(x) the normalized input; an RMSNorm γ ⊙ x / rms(x).
 Each adapted norm gets learned changes Δγ (and Δβ when it has a bias); the unmerged forward adds
 Δγ ⊙ n(x) + Δβ to the base output, merging adds them into γ and β. Which form a norm has is
-measured on a random input, not guessed from its class name (T5's "LayerNorm" is an RMSNorm);
-other forms (Gemma's 1 + γ, for one) are refused rather than tuned wrongly.
+measured (``leantune.norms``); other forms (Gemma's 1 + γ, for one) are refused rather than
+tuned wrongly.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import ClassVar, cast
+from typing import TYPE_CHECKING, ClassVar, cast
 
 import torch
 from torch import nn
 
 from leantune.errors import TargetError
-from leantune.methods.base import AdapterConfig, register
+from leantune.methods.base import AdapterConfig, Change, PlanSize
 from leantune.methods.delta import DeltaLayer
+from leantune.norms import is_norm, norm_eps, norm_form, normalize
 
-
-def is_norm(module: nn.Module) -> bool:
-    """A LayerNorm or an RMSNorm (torch's, or a model's own class of that name) with a weight."""
-    name = type(module).__name__
-    weight = getattr(module, "weight", None)
-    return (
-        isinstance(module, nn.LayerNorm | nn.RMSNorm)
-        or name.endswith(("LayerNorm", "RMSNorm", "LayerNormalization"))
-    ) and isinstance(weight, nn.Parameter)
-
-
-def _eps(module: nn.Module, dtype: torch.dtype) -> float:
-    for attr in ("eps", "variance_epsilon", "epsilon"):
-        value = getattr(module, attr, None)
-        if isinstance(value, float | int):
-            return float(value)
-    return float(torch.finfo(dtype).eps)
-
-
-def normalize(x: torch.Tensor, rms: bool, eps: float) -> torch.Tensor:
-    """n(x): x / rms(x) (RMSNorm) or (x - mean) / std (LayerNorm), over the last dimension,
-    computed in float32 and returned in x's dtype."""
-    x32 = x.float()
-    if not rms:
-        x32 = x32 - x32.mean(-1, keepdim=True)
-    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-
-
-@torch.no_grad()
-def norm_form(module: nn.Module) -> str | None:
-    """ "layernorm" or "rms" when ``module`` computes weight · n(x) (+ bias) in that form (tried
-    on a random input, whatever its class is called), else None (Gemma's (1 + weight), ...)."""
-    if not is_norm(module):
-        return None
-    weight = module.weight
-    assert isinstance(weight, torch.Tensor)
-    x = torch.randn(2, 3, weight.numel(), device=weight.device).to(weight.dtype)
-    forward = getattr(module, "_base_class", type(module)).forward
-    got = forward(module, x).float()
-    bias = getattr(module, "bias", None)
-    tol = max(1e-3, 4 * float(torch.finfo(weight.dtype).eps))
-    for form in ("layernorm", "rms"):
-        want = weight.float() * normalize(x, form == "rms", _eps(module, weight.dtype)).float()
-        if isinstance(bias, torch.Tensor):
-            want = want + bias.float()
-        if torch.allclose(got, want, atol=tol, rtol=tol):
-            return form
-    return None
+if TYPE_CHECKING:
+    from leantune.select import Scores
 
 
 @dataclass
@@ -74,6 +30,7 @@ class LayerNormConfig(AdapterConfig):
     """LayerNorm tuning: a trainable change to each targeted norm's scale and shift."""
 
     method: ClassVar[str] = "layernorm"
+    title: ClassVar[str] = "LayerNorm tuning"
 
     targets: str | list[str] = "all"
     """Norm layers to tune; "all" is every LayerNorm and RMSNorm."""
@@ -101,8 +58,23 @@ class LayerNormConfig(AdapterConfig):
         layer.add_adapter(adapter_name, layer.weight.numel(), module_name)
         return layer
 
+    # --- the planner: a norm's scale and shift are one unit, gain ‖ḡ_γ‖² + ‖ḡ_β‖²
 
-register("layernorm", LayerNormConfig)
+    @classmethod
+    def plan_modules(cls, scores: Scores) -> Iterable[str]:
+        return [n.name for n in scores.norms]
+
+    @classmethod
+    def plan_unit(
+        cls, scores: Scores, module: str, i: int, max_rank: int
+    ) -> tuple[float, int] | None:
+        norm = scores.norm(module)
+        return (norm.gain, norm.size) if i == 0 else None
+
+    @classmethod
+    def plan_size(cls, scores: Scores, module: str, n: int) -> PlanSize:
+        size = scores.norm(module).size
+        return PlanSize(size, size)
 
 
 class NormDelta(nn.Module):
@@ -126,7 +98,7 @@ class LayerNormLayer(DeltaLayer):
 
     def normalized(self, x: torch.Tensor) -> torch.Tensor:
         """n(x): the base layer's output before its scale and shift."""
-        return normalize(x, self.rms, _eps(self, self.weight.dtype))
+        return normalize(x, self.rms, norm_eps(self, self.weight.dtype))
 
     def new_delta(self, size: int, module_name: str) -> nn.Module:
         return NormDelta(size, self.weight.dtype, self.shift() is not None)
@@ -137,6 +109,12 @@ class LayerNormLayer(DeltaLayer):
         if d.bias is not None:
             change = change + d.bias
         return out + change.to(out.dtype)  # autocast may run the norm in another dtype
+
+    def change_entries(self, name: str) -> list[Change]:
+        d = cast(NormDelta, self.delta[name])
+        return [Change("weight", d.weight)] + (
+            [Change("bias", d.bias)] if d.bias is not None else []
+        )
 
     def fold(self, delta: nn.Module, sign: float) -> None:
         d = cast(NormDelta, delta)

@@ -1,27 +1,44 @@
 """LoRA and its family: rsLoRA scaling, DoRA (a variant hook), gaussian and PiSSA inits.
 
-A LoRA layer *is* the layer it adapts (``LoraLinear`` subclasses ``nn.Linear``) and keeps the
-same ``weight``/``bias`` parameters, so base names and checkpoints are untouched. Adapters live
-in ``<layer>.lora.<adapter name>`` with parameters ``A`` (r, in) and ``B`` (out, r); the
-unmerged forward adds ``scaling * B(A(dropout(x)))`` and never builds the (out, in) matrix.
+``LoraConfig`` says where LoRA goes and at what rank, and holds LoRA's hooks for the core: its
+options in a run, its entries in files and plans, its planner units (a unit is one rank of one
+module, priced by the squared singular values of the module's mean gradient). The adapters and
+layers are in ``lora_layers.py``, peft's file format in ``lora_peft.py``.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol, cast
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from leantune.errors import LeantuneError
-from leantune.methods.base import LINEAR_TYPES, AdapterConfig, AdapterLayer, Conv1D, register
-from leantune.methods.lora_math import DropoutDown, full_precision, row_norm
+from leantune.methods.base import LINEAR_TYPES, AdapterConfig, PlanSize
+
+# ``X as X``: the adapters and layers live in lora_layers.py; re-exported here.
+from leantune.methods.lora_layers import DORA as DORA
+from leantune.methods.lora_layers import PLAIN as PLAIN
+from leantune.methods.lora_layers import LoraAdapter as LoraAdapter
+from leantune.methods.lora_layers import LoraConv1D as LoraConv1D
+from leantune.methods.lora_layers import LoraEmbedding as LoraEmbedding
+from leantune.methods.lora_layers import LoraLayer as LoraLayer
+from leantune.methods.lora_layers import LoraLinear as LoraLinear
+from leantune.methods.lora_layers import LoraVariant as LoraVariant
+from leantune.methods.lora_layers import layer_class_for
+from leantune.methods.lora_layers import lora_scaling as lora_scaling
+
+if TYPE_CHECKING:
+    from leantune.plan import PlanEntry
+    from leantune.select import Scores
 
 INITS = ("standard", "gaussian", "pissa")
+PLAN_OPTIONS = ("alpha_ratio", "dropout", "dora", "rslora", "init")
+"""Options a plan's LoRA entry may carry (the rank is its size; alpha = alpha_ratio · r)."""
 
 
 def _positive_number(x: object) -> bool:
@@ -38,6 +55,7 @@ class LoraConfig(AdapterConfig):
     """LoRA: a trainable low-rank update ``scaling * B @ A`` beside each frozen weight."""
 
     method: ClassVar[str] = "lora"
+    title: ClassVar[str] = "LoRA"
 
     r: int = 8
     """Rank of the update."""
@@ -102,337 +120,129 @@ class LoraConfig(AdapterConfig):
         return (*LINEAR_TYPES, nn.Embedding)
 
     def adapt(self, module: nn.Module, adapter_name: str, module_name: str) -> nn.Module:
-        layer = _layer_class_for(module).wrap(module, module_name)
+        layer = layer_class_for(module).wrap(module, module_name)
         layer.add_adapter(
             adapter_name, self.rank_for(module_name), self.alpha_for(module_name), self
         )
         return layer
 
+    # --- runs
 
-register("lora", LoraConfig)
+    adapts_rank: ClassVar[bool] = True
+    default_l2_weight: ClassVar[float] = 1e-3
+    """Measured (docs/BENCHMARKS.md, gradual tuning): on a full pass over the data L2 1e-3 on
+    the update keeps more of the original model at no cost in accuracy."""
 
+    def default_l2(self) -> float:
+        return 0.0 if self.penalty_refusal() else self.default_l2_weight
 
-def lora_scaling(r: int, alpha: float, rslora: bool) -> float:
-    return alpha / math.sqrt(r) if rslora else alpha / r
-
-
-# ---------------------------------------------------------------------------- adapter + variants
-
-
-class LoraAdapter(nn.Module):
-    """One named LoRA adapter of one layer: A (r, in), B (out, r) and, for DoRA, a magnitude."""
-
-    def __init__(
-        self, in_features: int, out_features: int, r: int, alpha: float, config: LoraConfig
-    ):
-        super().__init__()
-        self.r, self.alpha, self.init = r, float(alpha), config.init
-        self.rslora = config.rslora
-        self.scaling = lora_scaling(r, alpha, config.rslora)
-        self.A = nn.Parameter(torch.empty(r, in_features))
-        self.B = nn.Parameter(torch.empty(out_features, r))
-        self.dropout: nn.Module = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
-        self.variant: LoraVariant = DORA if config.dora else PLAIN
-        self.magnitude: nn.Parameter | None = None
-
-    def delta_weight(self) -> torch.Tensor:
-        """scaling * B @ A, shape (out, in). Only merging and saving build it."""
-        return (self.B @ self.A) * self.scaling
-
-    def initial_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """PiSSA's A0, B0 (kept as buffers)."""
-        return cast(torch.Tensor, self.A0), cast(torch.Tensor, self.B0)
-
-    def initial_delta(self) -> torch.Tensor:
-        A0, B0 = self.initial_factors()
-        return B0 @ A0
-
-    def extra_repr(self) -> str:
-        return f"r={self.r}, alpha={self.alpha:g}, init={self.init}, variant={self.variant.name}"
-
-
-class LoraVariant(Protocol):
-    """Hooks a LoRA variant attaches to init, forward and merge; plain LoRA is one of them."""
-
-    name: str
-
-    def init(self, layer: LoraLayer, adapter: LoraAdapter) -> None: ...
-
-    def forward(
-        self, layer: LoraLayer, adapter: LoraAdapter, x: torch.Tensor, out: torch.Tensor
-    ) -> torch.Tensor: ...
-
-    def merge(self, layer: LoraLayer, adapter: LoraAdapter, name: str) -> None: ...
-
-    def unmerge(self, layer: LoraLayer, adapter: LoraAdapter, name: str) -> None: ...
-
-
-class PlainLora:
-    name = "lora"
-
-    def init(self, layer: LoraLayer, adapter: LoraAdapter) -> None:
-        pass
-
-    def forward(
-        self, layer: LoraLayer, adapter: LoraAdapter, x: torch.Tensor, out: torch.Tensor
-    ) -> torch.Tensor:
-        h = layer.lora_down(adapter, x)
-        # out += s·h·Bᵀ in one in-place addmm: the base op does not keep its output for
-        # backward, so no (tokens, out) temporary is made for the update. In-place ops are not
-        # autocast, so h and B follow out's dtype (bf16 under autocast; a no-op otherwise).
-        flat = out.view(-1, out.shape[-1])
-        B = adapter.B.T.to(out.dtype)
-        flat.addmm_(h.reshape(-1, h.shape[-1]).to(out.dtype), B, alpha=adapter.scaling)
-        return out
-
-    def merge(self, layer: LoraLayer, adapter: LoraAdapter, name: str) -> None:
-        layer.weight_oi().add_(adapter.delta_weight().to(layer.weight.dtype))
-
-    def unmerge(self, layer: LoraLayer, adapter: LoraAdapter, name: str) -> None:
-        layer.weight_oi().sub_(adapter.delta_weight().to(layer.weight.dtype))
-
-
-class Dora:
-    """DoRA (Liu et al., 2024): W' = m ⊙ (W + ΔW) / ‖W + ΔW‖, the norm taken per output row and
-    held constant in backward, as in the paper and peft."""
-
-    name = "dora"
-
-    def init(self, layer: LoraLayer, adapter: LoraAdapter) -> None:
-        if not isinstance(layer, LoraLinear | LoraConv1D):
-            raise LeantuneError(
-                f"DoRA adapts Linear and Conv1D layers, not {layer._base_class.__name__}; "
-                "leave embeddings out of the targets or turn dora off"
+    def penalty_refusal(self) -> str | None:
+        if self.dora or self.init == "pissa":
+            return (
+                "--l2/--l1/--ewc penalize the LoRA update s·B·A, which is not the change from "
+                "the pretrained weights under PiSSA or DoRA; drop one of the two"
             )
-        with torch.no_grad():
-            norm = row_norm(layer.weight_oi().float(), adapter.A, adapter.B, adapter.scaling)
-        adapter.magnitude = nn.Parameter(norm.to(layer.weight.dtype))
+        return None
 
-    def forward(
-        self, layer: LoraLayer, adapter: LoraAdapter, x: torch.Tensor, out: torch.Tensor
-    ) -> torch.Tensor:
-        assert adapter.magnitude is not None
-        weight = layer.weight_oi()
-        with torch.no_grad(), full_precision(weight):
-            norm = row_norm(weight, adapter.A, adapter.B, adapter.scaling)
-        scale = adapter.magnitude / norm
-        if isinstance(adapter.dropout, nn.Identity) or not layer.training:
-            base = out if layer.bias is None else out - layer.bias
-        else:  # peft's choice: the magnitude rescales the dropped-out input's base path
-            x = adapter.dropout(x)
-            base = F.linear(x, weight)
-        lora = layer.lora_path(adapter, x) * adapter.scaling
-        return out + (scale - 1) * base + scale * lora
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> LoraConfig:
+        keys = ("r", "alpha", "dropout", "rslora", "dora", "init", "targets", "layers")
+        return cls(**{k: options[k] for k in keys if options.get(k) is not None})
 
-    def merge(self, layer: LoraLayer, adapter: LoraAdapter, name: str) -> None:
-        assert adapter.magnitude is not None
-        weight = layer.weight_oi()
-        norm = row_norm(weight, adapter.A, adapter.B, adapter.scaling)
-        layer._dora_norms[name] = norm
-        merged = (weight + adapter.delta_weight()) * (adapter.magnitude / norm)[:, None]
-        weight.copy_(merged)
+    @classmethod
+    def run_refusal(cls, options: Mapping[str, Any]) -> str | None:
+        plain = not options.get("dora") and options.get("init") != "pissa"
+        if not plain and any(options.get(k) for k in ("l2", "l1", "ewc")):
+            return (
+                "--l2/--l1/--ewc penalize the LoRA update s·B·A, which is not the change from the "
+                "pretrained weights under PiSSA or DoRA; drop one of the two"
+            )
+        if not plain and (options.get("adapt") or 1) > 1:
+            return "--adapt prunes plain LoRA ranks, not PiSSA or DoRA ones"
+        return None
 
-    def unmerge(self, layer: LoraLayer, adapter: LoraAdapter, name: str) -> None:
-        assert adapter.magnitude is not None
-        norm = layer._dora_norms.pop(name)
-        weight = layer.weight_oi()
-        weight.copy_(weight * (norm / adapter.magnitude)[:, None] - adapter.delta_weight())
+    # --- files (LoRA's peft format is methods/lora_peft.py, imported when used: it imports this)
 
+    def check_file(self, module_name: str, tensors: Mapping[str, torch.Tensor]) -> None:
+        from leantune.methods.lora_peft import check_factors
 
-PLAIN: LoraVariant = PlainLora()
-DORA: LoraVariant = Dora()
+        check_factors(module_name, self, tensors)
 
+    @classmethod
+    def from_file_entries(
+        cls, entries: Mapping[str, Mapping[str, Any]], tensors: Mapping[str, torch.Tensor]
+    ) -> AdapterConfig:
+        from leantune.methods.lora_peft import lora_from_leantune
 
-# ---------------------------------------------------------------------------- layers
+        return lora_from_leantune(entries)
 
+    # --- the planner: one unit is one rank, gain σ²ᵢ of the module's mean gradient
 
-class LoraLayer(AdapterLayer):
-    """Base of a layer type adapted with LoRA. Subclasses also inherit the base layer type."""
+    @classmethod
+    def plan_modules(cls, scores: Scores) -> Iterable[str]:
+        return [m.name for m in scores.modules]
 
-    method: ClassVar[str] = "lora"
-    store: ClassVar[str] = "lora"
-    layer_state: ClassVar[tuple[str, ...]] = ("_dora_norms",)
-    lora: nn.ModuleDict
-    bias: nn.Parameter | None
-    _dora_norms: dict[str, torch.Tensor]
-    # Names of the tensors in peft's files, per adapter parameter.
-    peft_keys: ClassVar[dict[str, str]] = {
-        "A": "lora_A.weight",
-        "B": "lora_B.weight",
-        "magnitude": "lora_magnitude_vector",
-    }
+    @classmethod
+    def plan_unit(
+        cls, scores: Scores, module: str, i: int, max_rank: int
+    ) -> tuple[float, int] | None:
+        m = scores.module(module)
+        return (m.spectrum[i], m.rank_cost) if i < min(max_rank, len(m.spectrum)) else None
 
-    def init_state(self) -> None:
-        self._dora_norms = {}
+    @classmethod
+    def plan_size(cls, scores: Scores, module: str, n: int) -> PlanSize:
+        return PlanSize(n, n * scores.module(module).rank_cost)
 
-    # Subclasses say how their weight is oriented (and may say how the base layer computes).
-    def weight_oi(self) -> torch.Tensor:
-        """The base weight as an (out, in) view, so updates through it land in the parameter."""
-        return self.weight
+    @classmethod
+    def plan_options(cls, options: Mapping[str, Any]) -> dict[str, Any]:
+        """The rank is the entry's size; alpha travels as alpha / r."""
+        return {
+            "alpha_ratio": options["alpha"] / options["r"],
+            **{k: options[k] for k in ("dropout", "dora", "rslora", "init")},
+        }
 
-    def dims(self) -> tuple[int, int]:
-        out, inp = self.weight_oi().shape
-        return inp, out
+    @classmethod
+    def plan_option_error(cls, options: Mapping[str, Any]) -> str | None:
+        for key, value in options.items():
+            if key not in PLAN_OPTIONS:
+                return f"LoRA option {key!r} is unknown; use {sorted(PLAN_OPTIONS)}"
+            if key in ("dora", "rslora") and not isinstance(value, bool):
+                return f"{key} {value!r} must be true or false"
+            if key == "init" and not isinstance(value, str):
+                return f"init {value!r} must be a name (standard, gaussian, pissa)"
+            if key in ("dropout", "alpha_ratio") and (
+                isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0
+            ):
+                return f"{key} {value!r} must be a number, 0 or more"
+        return None
 
-    def lora_path(self, adapter: LoraAdapter, x: torch.Tensor) -> torch.Tensor:
-        """B(A(x)) without scaling."""
-        return F.linear(F.linear(x, adapter.A), adapter.B)
-
-    def lora_down(self, adapter: LoraAdapter, x: torch.Tensor) -> torch.Tensor:
-        """A(dropout(x)), shape (..., r)."""
-        if self.training and isinstance(adapter.dropout, nn.Dropout) and torch.is_grad_enabled():
-            return DropoutDown.apply(x, adapter.A, adapter.dropout.p)
-        return F.linear(adapter.dropout(x), adapter.A)
-
-    def init_adapter(self, adapter: LoraAdapter) -> None:
-        """Standard and gaussian inits; PiSSA is shared by all layer types."""
-        if adapter.init == "gaussian":
-            nn.init.normal_(adapter.A, std=1 / adapter.r)
-        else:
-            nn.init.kaiming_uniform_(adapter.A, a=math.sqrt(5))
-        nn.init.zeros_(adapter.B)
-
-    def adapter(self, name: str) -> LoraAdapter:
-        return cast(LoraAdapter, self.lora[name])
-
-    def add_adapter(self, name: str, r: int, alpha: float, config: LoraConfig) -> None:
-        if name in self.lora:
-            raise LeantuneError(f"adapter {name!r} is already on this layer")
-        inp, out = self.dims()
-        adapter = LoraAdapter(inp, out, r, alpha, config)
-        adapter.to(device=self.weight.device, dtype=self.weight.dtype)
-        with torch.no_grad():
-            if config.init == "pissa":
-                if self.lora:
-                    raise LeantuneError(
-                        "PiSSA rewrites the base weight; it cannot share a layer with another adapter"
-                    )
-                self._pissa_init(adapter)
-            else:
-                self.init_adapter(adapter)
-        adapter.variant.init(self, adapter)
-        self.lora[name] = adapter
-
-    def _pissa_init(self, adapter: LoraAdapter) -> None:
-        weight = self.weight_oi()
-        U, S, Vh = torch.linalg.svd(weight.float(), full_matrices=False)
-        r, s = adapter.r, adapter.scaling
-        root = (S[:r] / s).sqrt()
-        adapter.A.copy_(root[:, None] * Vh[:r])
-        adapter.B.copy_(U[:, :r] * root[None, :])
-        # The initial factors are kept to save the adapter as a plain LoRA update of W.
-        adapter.register_buffer("A0", adapter.A.detach().clone(), persistent=False)
-        adapter.register_buffer("B0", adapter.B.detach().clone(), persistent=False)
-        weight.sub_(adapter.delta_weight().to(weight.dtype))
-
-    # --- AdapterLayer hooks
-
-    def apply_adapter(self, name: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        adapter = self.adapter(name)
-        return adapter.variant.forward(self, adapter, x, out)
-
-    def merge_adapter(self, name: str) -> None:
-        self.adapter(name).variant.merge(self, self.adapter(name), name)
-
-    def unmerge_adapter(self, name: str) -> None:
-        self.adapter(name).variant.unmerge(self, self.adapter(name), name)
-
-    def drop_adapter(self, name: str) -> None:
-        adapter = self.adapter(name)
-        if adapter.init == "pissa":  # give the base layer its original weight back
-            with torch.no_grad():
-                self.weight_oi().add_(adapter.scaling * adapter.initial_delta())
-        super().drop_adapter(name)
-
-    def file_tensors(self, name: str) -> dict[str, torch.Tensor]:
-        """Adapter ``name`` as peft stores it, keyed relative to this layer."""
-        adapter = self.adapter(name)
-        tensors = {k: p.detach() for k, p in adapter.named_parameters()}
-        if adapter.init == "pissa":
-            # PiSSA trained W_res + s·B·A where W_res = W - s·B0·A0: the same as plain LoRA on W
-            # with A' = [A; A0], B' = [B, -B0], so the file loads onto the original base model.
-            A0, B0 = adapter.initial_factors()
-            tensors["A"] = torch.cat([tensors["A"], A0])
-            tensors["B"] = torch.cat([tensors["B"], -B0], dim=1)
-        return {self.peft_keys[k]: t for k, t in tensors.items()}
-
-    def file_targets(self, name: str) -> dict[str, torch.Tensor]:
-        """Adapter ``name``'s parameters by their peft keys (a loaded file is plain LoRA)."""
-        params = dict(self.adapter(name).named_parameters())
-        return {key: params[short] for short, key in self.peft_keys.items() if short in params}
-
-    def saved_rank_alpha(self, name: str) -> tuple[int, float]:
-        """Rank and alpha of the adapter as written to a file (PiSSA is saved at rank 2r)."""
-        adapter = self.adapter(name)
-        if adapter.init != "pissa":
-            return adapter.r, adapter.alpha
-        r = 2 * adapter.r
-        return r, adapter.scaling * (math.sqrt(r) if adapter.rslora else r)
-
-
-class LoraLinear(LoraLayer, nn.Linear):  # type: ignore[misc]
-    """LoRA on nn.Linear; the base forward is nn.Linear's own."""
-
-
-class LoraConv1D(LoraLayer, Conv1D if Conv1D is not None else nn.Module):  # type: ignore[misc]
-    """GPT-2's Conv1D: a linear layer whose weight is stored (in, out)."""
-
-    def base_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        size_out = (*x.shape[:-1], self.weight.shape[1])
-        flat = x.reshape(-1, x.shape[-1])
-        out = (
-            torch.addmm(self.bias, flat, self.weight)
-            if self.bias is not None
-            else flat @ self.weight
-        )
-        return out.view(size_out)
-
-    def weight_oi(self) -> torch.Tensor:
-        return self.weight.T
-
-
-class LoraEmbedding(LoraLayer, nn.Embedding):  # type: ignore[misc]
-    """LoRA on an embedding table (num, dim): A is (r, num), B is (dim, r)."""
-
-    peft_keys: ClassVar[dict[str, str]] = {"A": "lora_embedding_A", "B": "lora_embedding_B"}
-
-    def weight_oi(self) -> torch.Tensor:
-        return self.weight.T
-
-    def init_adapter(self, adapter: LoraAdapter) -> None:
-        # peft's embedding init: A zero, B normal (the product is still zero).
-        nn.init.zeros_(adapter.A)
-        nn.init.normal_(adapter.B)
-
-    def lora_down(self, adapter: LoraAdapter, x: torch.Tensor) -> torch.Tensor:
-        # Rows of Aᵀ for each id; ids take no dropout (as in peft).
-        return F.embedding(
-            x,
-            adapter.A.T,
-            self.padding_idx,
-            self.max_norm,
-            self.norm_type,
-            self.scale_grad_by_freq,
-            self.sparse,
+    @classmethod
+    def from_plan(
+        cls, entries: Sequence[PlanEntry], tensors: Mapping[str, torch.Tensor]
+    ) -> LoraConfig:
+        """Exactly the entries' modules at their ranks (alpha = alpha_ratio · r, default 2);
+        the entries' options, the same for all (one adapter), override the defaults."""
+        options = [dict(e.options) for e in entries]
+        if any(o != options[0] for o in options):
+            odd = next(e for e, o in zip(entries, options, strict=True) if o != options[0])
+            raise LeantuneError(
+                f"the plan's LoRA entries disagree on their options ({entries[0].module}: "
+                f"{options[0]}, {odd.module}: {odd.options}); one adapter takes one set. Make "
+                "them the same"
+            )
+        extra = options[0]
+        ratio = float(extra.pop("alpha_ratio", 2.0))
+        base = max(e.size for e in entries)
+        return cls(
+            **extra,
+            r=base,
+            alpha=ratio * base,
+            targets="|".join(re.escape(e.module) for e in entries),
+            rank_pattern={re.escape(e.module): e.size for e in entries if e.size != base},
+            alpha_pattern={re.escape(e.module): ratio * e.size for e in entries if e.size != base},
+            modules_to_save=[],
         )
 
-    def lora_path(self, adapter: LoraAdapter, x: torch.Tensor) -> torch.Tensor:
-        return self.lora_down(adapter, x) @ adapter.B.T
-
-
-_LAYERS: dict[type[nn.Module], type[LoraLayer]] = {
-    nn.Linear: LoraLinear,
-    nn.Embedding: LoraEmbedding,
-}
-if Conv1D is not None:
-    _LAYERS[Conv1D] = LoraConv1D
-
-
-def _layer_class_for(module: nn.Module) -> type[LoraLayer]:
-    """The LoRA layer class for ``module``'s kind of layer (a subclass of nn.Linear is linear)."""
-    cls = _LAYERS.get(type(module)) or next(
-        (lay for base, lay in _LAYERS.items() if isinstance(module, base)), None
-    )
-    if cls is None:
-        raise LeantuneError(f"LoRA cannot adapt {type(module).__name__}")
-    return cls
+    @classmethod
+    def size_label(cls, size: int) -> str:
+        return f"r={size}"

@@ -1,4 +1,4 @@
-"""LoRA's helper math: DoRA's row norms of W + s·B·A without building B·A, autocast switched
+"""LoRA's helper math: the L2 of s·B·A and DoRA's row norms of W + s·B·A without building B·A, autocast switched
 off for them, and A(dropout(x)) that keeps a 1-byte mask for backward instead of a dropped copy."""
 
 from __future__ import annotations
@@ -8,6 +8,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+
+def lora_l2(A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """‖s·B·A‖_F² without building B·A: s²·Σ (BᵀB) ⊙ (AAᵀ)."""
+    return scaling**2 * ((B.T @ B) * (A @ A.T)).sum()
 
 
 def row_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -19,7 +19,8 @@ from torch import nn
 from leantune import config_checks as checks
 from leantune.errors import AdapterFileError
 from leantune.methods.base import AdapterRecord
-from leantune.methods.lora import DORA, LoraConfig, LoraLayer
+from leantune.methods.lora import LoraConfig
+from leantune.methods.lora_layers import DORA, LoraLayer
 
 PEFT_TYPE = "LORA"
 
@@ -101,7 +102,7 @@ def leantune_entry(layer: LoraLayer, name: str) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- reading
 
 
-def peft_rows(config: dict[str, Any]) -> list[tuple[str, str]]:
+def peft_rows(config: Mapping[str, Any]) -> list[tuple[str, str]]:
     """What ``leantune info`` shows of a peft ``LORA`` adapter_config.json: method, sizes,
     targets."""
     targets = config.get("target_modules")
@@ -115,7 +116,7 @@ def peft_rows(config: dict[str, Any]) -> list[tuple[str, str]]:
     ]
 
 
-def lora_from_leantune(specs: dict[str, dict[str, Any]]) -> LoraConfig:
+def lora_from_leantune(specs: Mapping[str, Mapping[str, Any]]) -> LoraConfig:
     """The LoraConfig of the LoRA rows (module -> row) of a ``LEANTUNE`` modules table."""
     settings: tuple[float, bool, bool] | None = None
     for m, spec in specs.items():
@@ -150,7 +151,7 @@ def lora_from_leantune(specs: dict[str, dict[str, Any]]) -> LoraConfig:
     )
 
 
-def config_from_peft(cfg: dict[str, Any]) -> LoraConfig:
+def config_from_peft(cfg: Mapping[str, Any]) -> LoraConfig:
     """A LoraConfig from a peft (or leantune) adapter_config.json. Values of the wrong type are
     refused rather than coerced (a string "false" is not False, 4.5 is not rank 4)."""
     if cfg.get("peft_type") != PEFT_TYPE:
@@ -200,7 +201,9 @@ def config_from_peft(cfg: dict[str, Any]) -> LoraConfig:
         ) from None
 
 
-def check_factors(module_name: str, config: LoraConfig, tensors: dict[str, torch.Tensor]) -> None:
+def check_factors(
+    module_name: str, config: LoraConfig, tensors: Mapping[str, torch.Tensor]
+) -> None:
     """The file holds ``module_name``'s LoRA factors at the rank ``config`` gives it; checked
     before any layer is built (a config saying r=10**12 must not allocate it)."""
     key = next(
@@ -226,3 +229,23 @@ def check_factors(module_name: str, config: LoraConfig, tensors: dict[str, torch
             f"adapter_config.json gives {module_name} rank {rank}; the file and the config "
             "do not belong together"
         )
+
+
+class LoraFormat:
+    """peft's ``LORA`` format, as ``register`` takes it (``PeftFormat``)."""
+
+    peft_type = PEFT_TYPE
+
+    def write(
+        self, rec: AdapterRecord, name: str, layers: list[tuple[str, Any]], base: str | None
+    ) -> dict[str, Any]:
+        return peft_config(rec, name, layers, base)
+
+    def read(self, raw: Mapping[str, Any]) -> LoraConfig:
+        return config_from_peft(raw)
+
+    def describe(self, raw: Mapping[str, Any]) -> list[tuple[str, str]]:
+        return peft_rows(raw)
+
+
+LORA_FORMAT = LoraFormat()

@@ -2,7 +2,8 @@
 
 Only k chosen entries of a weight train. The mask is chosen before training, by the empirical
 Fisher score of each entry (``leantune select --plan-methods sparse``, ``tune --method
-sparse``, or ``plan.allocate(..., methods=["sparse"]).masks`` in Python), and
+sparse``, or ``plan.allocate(..., methods=["sparse"]).masks`` in Python), in chunks of
+``Scores.chunk`` entries (the planner's unit), and
 stored as flat indices into the weight seen as an (out, in) matrix. The unmerged forward adds
 x · scatter(Δ)ᵀ to the base output; merging adds the k values into W, so merged equals
 unmerged up to float rounding. Files hold the indices (int64) and the values.
@@ -10,16 +11,21 @@ unmerged up to float rounding. Files hold the indices (int64) and the values.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, cast
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from leantune.errors import AdapterFileError, LeantuneError, TargetError
-from leantune.methods.base import LINEAR_TYPES, AdapterConfig, Conv1D, register
+from leantune.methods.base import LINEAR_TYPES, AdapterConfig, Change, Conv1D, PlanSize
 from leantune.methods.delta import DeltaLayer
+
+if TYPE_CHECKING:
+    from leantune.plan import PlanEntry
+    from leantune.select import Scores
 
 
 @dataclass
@@ -27,6 +33,7 @@ class SparseConfig(AdapterConfig):
     """Sparse fine-tuning of the masked entries of each targeted linear weight."""
 
     method: ClassVar[str] = "sparse"
+    title: ClassVar[str] = "sparse fine-tuning"
 
     masks: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     """Per module name, the flat (out, in) indices of the entries that train."""
@@ -53,12 +60,51 @@ class SparseConfig(AdapterConfig):
         assert isinstance(layer, SparseLayer)
         layer.pending_mask = mask
         layer.add_adapter(adapter_name, mask.numel(), module_name)
-        for p in layer.delta[adapter_name].parameters():
-            p.lr_scale = self.lr_scale  # type: ignore[attr-defined]
+        layer.lr_scales[adapter_name] = self.lr_scale
         return layer
 
+    # --- runs: a mask comes from a plan, so --method sparse is a plan of sparse units
 
-register("sparse", SparseConfig)
+    placed_by_plan: ClassVar[bool] = True
+    ranks_entries: ClassVar[bool] = True
+
+    # --- files: the masks are the index tensors
+
+    @classmethod
+    def from_file_entries(
+        cls, entries: Mapping[str, Mapping[str, Any]], tensors: Mapping[str, torch.Tensor]
+    ) -> AdapterConfig:
+        names = list(entries)
+        return cls(targets=names, modules_to_save=[], masks=masks_from_file(names, tensors))
+
+    # --- the planner: a unit is a chunk of the top-Fisher entries, gain Σ ḡ² over it
+
+    plan_keeps_tensor: ClassVar[bool] = True
+
+    @classmethod
+    def plan_modules(cls, scores: Scores) -> Iterable[str]:
+        return [m.name for m in scores.modules]
+
+    @classmethod
+    def plan_unit(
+        cls, scores: Scores, module: str, i: int, max_rank: int
+    ) -> tuple[float, int] | None:
+        gains = scores.module(module).sparse_gains
+        return (gains[i], scores.chunk) if i < len(gains) else None
+
+    @classmethod
+    def plan_size(cls, scores: Scores, module: str, n: int) -> PlanSize:
+        order = scores.module(module).sparse_order
+        assert order is not None
+        mask = order[: n * scores.chunk].clone()
+        return PlanSize(mask.numel(), mask.numel(), mask)
+
+    @classmethod
+    def from_plan(
+        cls, entries: Sequence[PlanEntry], tensors: Mapping[str, torch.Tensor]
+    ) -> AdapterConfig:
+        names = [e.module for e in entries]
+        return cls(targets=names, modules_to_save=[], masks={n: tensors[n] for n in names})
 
 
 class MaskDelta(nn.Module):
@@ -72,8 +118,29 @@ class MaskDelta(nn.Module):
 
 class SparseLayer(DeltaLayer):
     method: ClassVar[str] = "sparse"
-    layer_state: ClassVar[tuple[str, ...]] = ("pending_mask",)
+    layer_state: ClassVar[tuple[str, ...]] = ("pending_mask", "lr_scales")
     pending_mask: torch.Tensor | None = None
+    lr_scales: dict[str, float]
+    """Each adapter's rate multiplier (SparseConfig.lr_scale)."""
+
+    def init_state(self) -> None:
+        self.lr_scales = {}
+
+    def lr_multipliers(self, name: str, options: Mapping[str, Any]) -> dict[str, float]:
+        return {f"{self.store}.{name}.values": self.lr_scales.get(name, 1.0)}
+
+    def change_entries(self, name: str) -> list[Change]:
+        """The values, at their flat indices into ``weight`` as stored (Conv1D's is (in, out))."""
+        d = cast(MaskDelta, self.delta[name])
+        out, inp = self.shape_oi()
+        at = d.indices
+        if self.weight_oi() is not self.weight:
+            at = (at % inp) * out + at // inp
+        return [Change("weight", d.values, at)]
+
+    def drop_adapter(self, name: str) -> None:
+        self.lr_scales.pop(name, None)
+        super().drop_adapter(name)
 
     def shape_oi(self) -> tuple[int, int]:
         out, inp = self.weight.shape
@@ -116,7 +183,9 @@ class SparseLayer(DeltaLayer):
 INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
-def masks_from_file(names: list[str], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def masks_from_file(
+    names: list[str], tensors: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """The index masks of the sparse modules ``names`` from an adapter file's tensors (keys
     without the ``base_model.model.`` prefix), each checked to be a 1-D integer tensor."""
     masks = {}

@@ -1,6 +1,7 @@
 """Adaptive budget during training, as AdaLoRA does it, on ordinary LoRA factors.
 
-Every LoRA adapter is grown to ``factor`` × its rank (new rows of A drawn like LoRA's, new
+It works on any layer with rank components (``methods.base.RankAdaptable``: LoRA's). Every
+adapter is grown to ``factor`` × its rank (new rows of A drawn like LoRA's, new
 columns of B zero, the scaling unchanged, so the model's function is unchanged). While training,
 each entry's sensitivity |w·∂L/∂w| is smoothed (EMA β₁) with its uncertainty |s − s̄| (EMA β₂), as
 in AdaLoRA (Zhang et al., 2023); a rank component's score is the sum of s̄·ū over its row of A
@@ -22,35 +23,27 @@ from torch import nn
 
 from leantune.errors import LeantuneError
 from leantune.inject import adapter_layers
-from leantune.methods.lora import LoraAdapter, LoraLayer
+from leantune.methods.base import RankAdaptable
 
 
 @dataclass
 class _Unit:
-    """One LoRA adapter under the pruner."""
+    """One adapter of one layer under the pruner."""
 
     name: str
-    adapter: LoraAdapter
+    layer: RankAdaptable
+    adapter: str
     cost: int  # parameters per rank component: in + out
     mask: torch.Tensor  # (r,) bool, True = kept
     ipt: torch.Tensor | None = None  # smoothed sensitivity of A and B entries
     unc: torch.Tensor | None = None
 
+    def factors(self) -> tuple[nn.Parameter, nn.Parameter]:
+        return self.layer.rank_factors(self.adapter)
 
-def _grow(adapter: LoraAdapter, r_new: int) -> None:
-    r = adapter.r
-    A, B = adapter.A.detach(), adapter.B.detach()
-    extra = torch.empty(r_new - r, A.shape[1], dtype=A.dtype, device=A.device)
-    nn.init.kaiming_uniform_(extra, a=math.sqrt(5))
-    adapter.A = nn.Parameter(torch.cat([A, extra]))
-    adapter.B = nn.Parameter(torch.cat([B, B.new_zeros(B.shape[0], r_new - r)], dim=1))
-    _set_rank(adapter, r_new)
-
-
-def _set_rank(adapter: LoraAdapter, r: int) -> None:
-    """Rank r with the same scaling (alpha follows, as saved files give alpha / r)."""
-    adapter.r = r
-    adapter.alpha = adapter.scaling * (math.sqrt(r) if adapter.rslora else r)
+    @property
+    def rank(self) -> int:
+        return self.factors()[0].shape[0]
 
 
 class RankPruner:
@@ -70,21 +63,25 @@ class RankPruner:
             raise LeantuneError("the adaptive budget's start factor must be above 1")
         units = []
         for layer_name, layer in adapter_layers(model):
-            if not isinstance(layer, LoraLayer):
-                raise LeantuneError("--adapt prunes LoRA ranks; the model has non-LoRA adapters")
+            if not isinstance(layer, RankAdaptable):
+                raise LeantuneError(
+                    f"--adapt prunes rank components; {layer_name} holds "
+                    f"{type(layer).__name__}, which has none"
+                )
             for name in layer.adapter_names():
-                adapter = layer.adapter(name)
-                if adapter.init == "pissa" or adapter.magnitude is not None:
-                    raise LeantuneError("--adapt works on plain LoRA, not PiSSA or DoRA")
-                inp, out = adapter.A.shape[1], adapter.B.shape[0]
-                units.append(_Unit(layer_name, adapter, inp + out, torch.ones(0, dtype=torch.bool)))
+                refusal = layer.rank_refusal(name)
+                if refusal:
+                    raise LeantuneError(refusal)
+                A, B = layer.rank_factors(name)
+                cost = A.shape[1] + B.shape[0]
+                units.append(_Unit(layer_name, layer, name, cost, torch.ones(0, dtype=torch.bool)))
         if not units:
             raise LeantuneError("--adapt needs LoRA adapters (--method lora or a LoRA plan)")
         self.units = units
-        self.target = sum(u.adapter.r * u.cost for u in units)
+        self.target = sum(u.rank * u.cost for u in units)
         for u in units:
-            _grow(u.adapter, max(u.adapter.r + 1, math.ceil(u.adapter.r * factor)))
-            u.mask = torch.ones(u.adapter.r, dtype=torch.bool, device=u.adapter.A.device)
+            u.layer.grow_rank(u.adapter, max(u.rank + 1, math.ceil(u.rank * factor)))
+            u.mask = torch.ones(u.rank, dtype=torch.bool, device=u.factors()[0].device)
         self.initial = self.params()
         self.total_steps, self.start, self.end = total_steps, start, max(end, start + 1)
         self.every, self.beta1, self.beta2 = every, beta1, beta2
@@ -109,7 +106,7 @@ class RankPruner:
     def _sync(self) -> None:
         """Masks from the factors (a resumed run's pruned components are zero)."""
         for u in self.units:
-            A, B = u.adapter.A.detach(), u.adapter.B.detach()
+            A, B = (f.detach() for f in u.factors())
             u.mask &= (A != 0).any(1) | (B != 0).any(0)
         self.synced = True
 
@@ -119,7 +116,7 @@ class RankPruner:
         if not self.synced:
             self._sync()
         for u in self.units:
-            A, B = u.adapter.A, u.adapter.B
+            A, B = u.factors()
             if A.grad is None or B.grad is None:
                 continue
             s = torch.cat([(A * A.grad).abs(), (B * B.grad).abs().T], dim=1)
@@ -131,7 +128,7 @@ class RankPruner:
 
     def scores(self, u: _Unit) -> torch.Tensor:
         if u.ipt is None or u.unc is None:
-            return torch.zeros(u.adapter.r, device=u.mask.device)
+            return torch.zeros(u.rank, device=u.mask.device)
         return (u.ipt * u.unc).sum(1)
 
     @torch.no_grad()
@@ -162,8 +159,9 @@ class RankPruner:
         if step % self.every == 0 or step >= self.end:
             self.prune_to(self.budget(step))
         for u in self.units:
-            u.adapter.A[~u.mask] = 0
-            u.adapter.B[:, ~u.mask] = 0
+            A, B = u.factors()
+            A[~u.mask] = 0
+            B[:, ~u.mask] = 0
 
     @torch.no_grad()
     def finalize(self) -> dict[str, int]:
@@ -173,11 +171,8 @@ class RankPruner:
         ranks = {}
         for u in self.units:
             keep = u.mask
-            a = u.adapter
-            a.A = nn.Parameter(a.A.detach()[keep].clone(), requires_grad=a.A.requires_grad)
-            a.B = nn.Parameter(a.B.detach()[:, keep].clone(), requires_grad=a.B.requires_grad)
-            _set_rank(a, int(keep.sum()))
-            u.mask = torch.ones(a.r, dtype=torch.bool, device=keep.device)
+            u.layer.keep_ranks(u.adapter, keep)
+            u.mask = torch.ones(u.rank, dtype=torch.bool, device=keep.device)
             u.ipt = u.unc = None
-            ranks[u.name] = a.r
+            ranks[u.name] = u.rank
         return ranks

@@ -36,6 +36,7 @@ from leantune.train.interface import (
     TrainHooks,
     TrainResult,
 )
+from leantune.train.schedule import adapter_lr_scales, lr_lambda
 
 STATE_TENSORS = "state.safetensors"
 STATE_JSON = "state.json"
@@ -50,12 +51,11 @@ def param_groups(
     lr: float,
     scales: Mapping[str, float] | None = None,
 ) -> list[dict[str, Any]]:
-    """Optimizer groups by rate multiplier: ``scales[name]``, else the parameter's ``lr_scale``
-    attribute (a method sets it, e.g. sparse entries), else 1."""
+    """Optimizer groups by rate multiplier: ``scales[name]``, else 1."""
     named = params if isinstance(params, Mapping) else {str(i): p for i, p in enumerate(params)}
     groups: dict[float, list[nn.Parameter]] = {}
     for name, p in named.items():
-        scale = (scales or {}).get(name, float(getattr(p, "lr_scale", 1.0)))
+        scale = (scales or {}).get(name, 1.0)
         groups.setdefault(scale, []).append(p)
     return [{"params": ps, "lr": lr * s, "lr_scale": s} for s, ps in groups.items()]
 
@@ -236,14 +236,15 @@ def train(
     metrics; ``hooks`` (:class:`TrainHooks`) plug in logging, the best weights, the
     regularizers and the schedules. With ``checkpoint`` a folder, a checkpoint is written after
     every evaluation and on Ctrl-C; ``resume=True`` continues from it. ``lr_scales`` multiplies
-    the rate per parameter name; ``checkpoint_meta`` is stored beside each checkpoint's
-    progress.
+    the rate per parameter name (default: what the adapter layers ask for, ``lr_multipliers``);
+    ``checkpoint_meta`` is stored beside each checkpoint's progress.
 
     A non-finite training loss, penalty or validation loss stops training with
     :class:`Diverged`; the last checkpoint (before the divergence) stays as it was.
     """
     loop = _Loop(model, batches, evaluate, config, hooks or TrainHooks(), checkpoint)
-    loop.start(resume, lr_scales, checkpoint_meta)
+    scales = adapter_lr_scales(model) if lr_scales is None else lr_scales
+    loop.start(resume, scales, checkpoint_meta)
     return loop.run()
 
 
@@ -266,8 +267,6 @@ class _Loop:
         self, resume: bool, lr_scales: Mapping[str, float] | None, meta: Mapping[str, Any] | None
     ) -> None:
         """The optimizer and schedule, fresh or as the checkpoint left them."""
-        from leantune.train.schedule import lr_lambda
-
         config, model = self.config, self.model
         torch.manual_seed(config.seed)
         self.meta = meta

@@ -6,9 +6,9 @@
   over the warmup share, a long linear fall to 1/32 of the peak).
 - ``lr_scales``: a rate multiplier per trainable parameter: layer-wise decay (layer l of L gets
   decay^(L-1-l); parameters before the first layer, the embeddings, decay^L; those after the
-  layers, the head, 1) times
-  LoRA+ (LoRA's B matrices get ``loraplus_ratio`` times the rate of A) times a method's own
-  ``lr_scale`` attribute (sparse entries).
+  layers, the head, 1) times what the adapter layers ask for (``adapter_lr_scales``:
+  LoRA+ gives LoRA's B matrices ``loraplus_ratio`` times the rate of A; sparse entries train at
+  their config's ``lr_scale``).
 - ``Unfreezer``: trainable parameters in groups from the top down (the head and the top layer
   first, the embeddings with the lowest layer last); one more group trains every N steps. Frozen
   groups keep ``requires_grad=False`` and get no gradient, so AdamW skips them until they join.
@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from torch import nn
 
 from leantune.errors import LeantuneError
+from leantune.inject import adapter_layers
 from leantune.targets import layer_index
 
 SCHEDULES = ("linear", "cosine", "constant", "slanted")
@@ -68,29 +70,37 @@ def _layers(names: Sequence[str], n_layers: int) -> dict[str, int | None]:
     return out
 
 
+def adapter_lr_scales(model: nn.Module, **options: Any) -> dict[str, float]:
+    """Rate multipliers the adapter layers ask for (``lr_multipliers``: LoRA+'s B with
+    ``loraplus_ratio``, sparse entries), by parameter name; 1 is left out."""
+    out: dict[str, float] = {}
+    for layer_name, layer in adapter_layers(model):
+        for name in layer.adapter_names():
+            for key, scale in layer.lr_multipliers(name, options).items():
+                out[f"{layer_name}.{key}"] = scale
+    return out
+
+
 def lr_scales(
     params: Mapping[str, nn.Parameter],
     *,
     n_layers: int | None,
     layer_decay: float = 1.0,
-    loraplus_ratio: float = 1.0,
+    adapters: Mapping[str, float] | None = None,
 ) -> dict[str, float]:
-    """Rate multiplier per parameter name (see the module doc)."""
+    """Rate multiplier per parameter name (see the module doc); ``adapters`` are the adapter
+    layers' own multipliers by parameter name (``adapter_lr_scales``)."""
     if not 0 < layer_decay <= 1:
         raise LeantuneError(f"--layer-decay must be in (0, 1], got {layer_decay}")
-    if not loraplus_ratio >= 1:
-        raise LeantuneError(f"--loraplus-ratio must be 1 (off) or more, got {loraplus_ratio}")
     if layer_decay != 1 and not n_layers:
         raise LeantuneError("--layer-decay: the model's layer stack was not found")
     layers = _layers(list(params), n_layers or 0)
     out = {}
-    for name, p in params.items():
-        scale = float(getattr(p, "lr_scale", 1.0))
+    for name in params:
+        scale = (adapters or {}).get(name, 1.0)
         layer = layers[name]
         if layer_decay != 1 and n_layers and layer is not None:
             scale *= layer_decay ** (n_layers - 1 - layer)
-        if loraplus_ratio != 1 and ".lora." in name and name.endswith(".B"):
-            scale *= loraplus_ratio
         out[name] = scale
     return out
 

@@ -16,16 +16,15 @@ plan), :mod:`~leantune.tune.run` (the run in named phases) and :mod:`~leantune.t
 """
 
 from leantune.tune.config import (
-    ADAPTER_METHODS,
     DEFAULT_LORA_L2,
-    DEFAULT_LR,
-    METHODS,
     TuneConfig,
     check_option_types,
+    default_lr,
     field_docs,
     make_config,
     option_docs,
     read_config,
+    run_methods,
     write_config,
 )
 from leantune.tune.method import (
@@ -53,10 +52,7 @@ from leantune.tune.saved import (
 )
 
 __all__ = [
-    "ADAPTER_METHODS",
     "DEFAULT_LORA_L2",
-    "DEFAULT_LR",
-    "METHODS",
     "Prepared",
     "SavedRun",
     "Splits",
@@ -66,6 +62,7 @@ __all__ = [
     "apply_plan",
     "check_option_types",
     "check_run_folder",
+    "default_lr",
     "encode",
     "evaluate_run",
     "field_docs",
@@ -83,6 +80,7 @@ __all__ = [
     "predict_run",
     "prepare",
     "read_config",
+    "run_methods",
     "run_select",
     "run_tune",
     "save_trained",

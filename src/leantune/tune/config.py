@@ -18,25 +18,30 @@ import yaml
 
 from leantune.errors import LeantuneError
 from leantune.files import atomic_write, read_yaml
-from leantune.methods.lora import LoraConfig
+from leantune.methods.base import METHODS
+from leantune.methods.lora import INITS, LoraConfig
 from leantune.models import TASKS
 from leantune.plan import parse_methods
 from leantune.track import parse_track
 from leantune.train.interface import TrainConfig
 from leantune.train.schedule import SCHEDULES
 
-METHODS = ("lora", "bitfit", "layernorm", "sparse", "full", "head")
-ADAPTER_METHODS = ("lora", "bitfit", "layernorm", "sparse")
-"""Methods whose run saves an adapter/ folder (the others save trained/)."""
-DEFAULT_LR = {
-    "lora": 2e-3,
-    "bitfit": 2e-3,
-    "layernorm": 2e-3,
-    "sparse": 2e-3,  # its values train at SparseConfig.lr_scale (0.05) of it
-    "full": 5e-5,
-    "head": 5e-3,
-}
-DEFAULT_LORA_L2 = 1e-3
+OWN_PARAMETER_LR = {"full": 5e-5, "head": 5e-3}
+"""The methods that train the model's own parameters (all, or the task heads) and their peak
+rates; every other method is a registered adapter method with its own ``default_lr``."""
+DEFAULT_LORA_L2 = LoraConfig.default_l2_weight
+
+
+def run_methods() -> tuple[str, ...]:
+    """What --method takes: every registered adapter method, then full and head."""
+    return (*METHODS, *OWN_PARAMETER_LR)
+
+
+def default_lr(method: str) -> float:
+    cls = METHODS.get(method)
+    return cls.default_lr if cls is not None else OWN_PARAMETER_LR[method]
+
+
 CLASSIFY_METRICS = ("accuracy", "macro_f1", "loss")
 
 
@@ -163,7 +168,7 @@ class TuneConfig:
     SQLite store <runs_dir>/mlflow.db) or tensorboard,mlflow; each an optional extra of leantune."""
 
     def __post_init__(self) -> None:
-        choices = {"task": TASKS, "method": METHODS, "init": ("standard", "gaussian", "pissa")}
+        choices = {"task": TASKS, "method": run_methods(), "init": INITS}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise LeantuneError(
@@ -205,9 +210,7 @@ class TuneConfig:
             raise LeantuneError(f"--select {self.select!r}: the one selector is auto")
         if self.select and self.plan:
             raise LeantuneError("--select auto makes a plan and --plan gives one; pick one")
-        if (self.select or self.plan) and self.method not in ("lora", "sparse"):
-            raise LeantuneError("--select / --plan choose their own methods; drop --method")
-        parse_methods(self.plan_methods)
+        self._check_method()
         if self.score_examples <= 0:
             raise LeantuneError("--score-examples must be positive")
         if self.schedule not in SCHEDULES:
@@ -221,22 +224,35 @@ class TuneConfig:
             raise LeantuneError("--loraplus-ratio must be 1 (off) or more")
         if self.unfreeze_every is not None and self.unfreeze_every <= 0:
             raise LeantuneError("--unfreeze-every must be a positive number of steps")
-        if (self.l2 or self.l1 or self.ewc) and (self.init == "pissa" or self.dora):
-            raise LeantuneError(
-                "--l2/--l1/--ewc penalize the LoRA update s·B·A, which is not the change from the "
-                "pretrained weights under PiSSA or DoRA; drop one of the two"
-            )
         if self.train_examples is not None and self.train_examples <= 0:
             raise LeantuneError("--train-examples must be positive")
         if self.reference_examples < 0:
             raise LeantuneError("--reference-examples must be 0 (off) or more")
         parse_track(self.track)
+
+    def _check_method(self) -> None:
+        """The method's own refusals (``run_refusal``), and --select/--plan/--adapt against
+        the method: checked by what the registered methods say, not by their names."""
+        cls = METHODS.get(self.method)
+        placed = cls is not None and cls.placed_by_plan
+        if (self.select or self.plan) and self.method != TuneConfig.method and not placed:
+            raise LeantuneError("--select / --plan choose their own methods; drop --method")
+        planned = parse_methods(self.plan_methods)
+        refusal = cls.run_refusal(asdict(self)) if cls is not None else None
+        if refusal:
+            raise LeantuneError(refusal)
         if self.adapt < 1:
             raise LeantuneError(f"--adapt must be 1 (off) or more, got {self.adapt}")
-        if self.adapt > 1 and (self.method != "lora" or self.dora or self.init == "pissa"):
-            raise LeantuneError("--adapt prunes plain LoRA ranks; use it with --method lora")
-        if self.adapt > 1 and "lora" not in parse_methods(self.plan_methods) and self.select:
-            raise LeantuneError("--adapt prunes LoRA ranks; --plan-methods must include lora")
+        ranked = [m for m, c in METHODS.items() if c.adapts_rank]
+        if self.adapt > 1 and not (cls is not None and cls.adapts_rank):
+            raise LeantuneError(
+                f"--adapt prunes the ranks of plain LoRA-style adapters; use it with --method "
+                f"{' or '.join(ranked)}"
+            )
+        if self.adapt > 1 and self.select and not set(planned) & set(ranked):
+            raise LeantuneError(
+                f"--adapt prunes rank components; --plan-methods must include {' or '.join(ranked)}"
+            )
 
     def fractions(self) -> tuple[float, float, float]:
         try:
@@ -257,12 +273,13 @@ class TuneConfig:
         """Defaults that depend on other fields filled in, as saved in config.yaml."""
         values = asdict(self)
         if self.lr is None:
-            values["lr"] = DEFAULT_LR[self.method]
+            values["lr"] = default_lr(self.method)
         if self.l2 is None:
-            # Measured (docs/BENCHMARKS.md, gradual tuning): on a full pass over the data L2 1e-3
-            # on the LoRA update keeps more of the original model at no cost in accuracy.
-            plain_lora = self.method == "lora" and not self.dora and self.init != "pissa"
-            values["l2"] = DEFAULT_LORA_L2 if plain_lora else 0.0
+            # The method's own default (LoRA: 1e-3 on the update, not under DoRA or PiSSA); a
+            # run whose plan says otherwise re-resolves it from the adapter it builds.
+            cls = METHODS.get(self.method)
+            options = {**values, "targets": "all-linear", "layers": None}
+            values["l2"] = cls.from_options(options).default_l2() if cls is not None else 0.0
         if self.metric is None:
             values["metric"] = "perplexity" if self.causal else "accuracy"
         if self.name is None:

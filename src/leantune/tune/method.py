@@ -1,10 +1,14 @@
 """Which parameters a run trains: the method of --method (:func:`apply_method`) or a Plan
-scored and allocated by --select auto / read from --plan, and the run's penalties."""
+scored and allocated by --select auto / read from --plan, and the run's penalties.
+
+Adapter methods are found in the registry and built by their own ``from_options``; ``full``
+and ``head`` are not adapter methods (they train the model's own parameters)."""
 
 from __future__ import annotations
 
 import random
 import re
+from dataclasses import asdict, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -12,12 +16,10 @@ from torch import nn
 
 from leantune.errors import LeantuneError
 from leantune.evaluate import Encoded, make_batch
-from leantune.inject import adapter_layers, inject, name_matches, output_head_names
-from leantune.methods.bitfit import BitFitConfig
-from leantune.methods.layernorm import LayerNormConfig
-from leantune.methods.lora import LoraConfig
+from leantune.inject import adapter_layers, inject, name_matches, output_head_names, records
+from leantune.methods.base import METHODS, AdapterConfig
 from leantune.models import num_layers
-from leantune.plan import Plan, allocate, apply_lora_options, parse_budget, parse_methods
+from leantune.plan import Plan, allocate, apply_options, parse_budget, parse_methods
 from leantune.select import SPARSE_CHUNK, Scores, score
 from leantune.train.regularize import Penalty, find_changes, fisher_diagonal
 from leantune.tune.config import TuneConfig
@@ -67,26 +69,38 @@ def head_modules(model: nn.Module, causal: bool) -> list[str]:
     return [n for n in names if not any(n.startswith(o + ".") for o in names)]
 
 
+FULL, HEAD = "full", "head"
+"""The methods that train the model's own parameters: all of them, or the task heads."""
+
+
+def adapter_method(config: TuneConfig) -> type[AdapterConfig] | None:
+    """The registered config class of ``--method``; None for full and head."""
+    return METHODS.get(config.method)
+
+
+def uses_plan(config: TuneConfig) -> bool:
+    """Whether the run's adapter comes from a Plan: --select auto, --plan, or a method only a
+    plan can place (sparse, whose masks a plan chooses)."""
+    cls = adapter_method(config)
+    return bool(config.select or config.plan or (cls is not None and cls.placed_by_plan))
+
+
+def method_options(config: TuneConfig, model: nn.Module | None) -> dict[str, Any]:
+    """The run's options as ``AdapterConfig.from_options`` reads them: every option, with
+    --targets and --layers parsed (``layers`` needs the model; None without one)."""
+    options = asdict(config)
+    options["targets"] = parse_targets(config.targets)
+    options["layers"] = None if model is None else parse_layers(config.layers, num_layers(model))
+    return options
+
+
 def apply_method(model: nn.Module, config: TuneConfig) -> None:
-    """Make the parameters of ``config.method`` trainable (LoRA: inject adapters)."""
-    if config.method == "lora":
-        lora = LoraConfig(
-            r=config.r,
-            alpha=config.alpha,
-            dropout=config.dropout,
-            rslora=config.rslora,
-            dora=config.dora,
-            init=config.init,
-            targets=parse_targets(config.targets),
-            layers=parse_layers(config.layers, num_layers(model)),
-        )
-        inject(model, lora)
+    """Make the parameters of ``config.method`` trainable (an adapter method: inject it)."""
+    cls = adapter_method(config)
+    if cls is not None:
+        inject(model, cls.from_options(method_options(config, model)))
         return
-    if config.method in ("bitfit", "layernorm"):
-        cls = BitFitConfig if config.method == "bitfit" else LayerNormConfig
-        inject(model, cls(targets="all", layers=parse_layers(config.layers, num_layers(model))))
-        return
-    if config.method == "full":
+    if config.method == FULL:
         for p in model.parameters():
             p.requires_grad_(True)
         return
@@ -127,14 +141,17 @@ def make_plan(
     if config.plan:
         plan = Plan.load(config.plan)
         plan.check(model)
-        apply_lora_options(plan, lora_options(config), lora_options(TuneConfig()), config.plan)
+        apply_run_options(plan, config, config.plan)
         return plan, None
     base = sum(p.numel() for p in model.parameters())
     budget = parse_budget(config.budget, base)
     batches = scoring_batches(config, train, pad_id)
-    methods = ("sparse",) if config.method == "sparse" else parse_methods(config.plan_methods)
-    # Rank enough entries per module for sparse units to be able to take the whole budget.
-    entries = max(16 * SPARSE_CHUNK, budget) if "sparse" in methods else 0
+    cls = adapter_method(config)
+    placed = cls is not None and cls.placed_by_plan
+    methods = (config.method,) if placed else parse_methods(config.plan_methods)
+    # Rank enough single entries per module for such units to be able to take the whole budget.
+    ranks_entries = any(METHODS[m].ranks_entries for m in methods)
+    entries = max(16 * SPARSE_CHUNK, budget) if ranks_entries else 0
     scores = score(model, batches, skip=[h for h, _ in heads], max_entries=entries)
     # --layers bounds where the plan may go (default: the upper half, so backward stays short
     # and the frozen bottom can be cached); modules outside the layer stack stay candidates.
@@ -151,19 +168,19 @@ def make_plan(
         ],
     )
     plan = allocate(candidates, budget, base, heads, methods=methods)
-    apply_lora_options(plan, lora_options(config), lora_options(TuneConfig()))
+    apply_run_options(plan, config)
     return plan, scores
 
 
-def lora_options(config: TuneConfig) -> dict[str, Any]:
-    """The run's LoRA options as a plan entry carries them (the rank is the entry's size)."""
-    return {
-        "alpha_ratio": config.alpha / config.r,
-        "dropout": config.dropout,
-        "dora": config.dora,
-        "rslora": config.rslora,
-        "init": config.init,
-    }
+def apply_run_options(plan: Plan, config: TuneConfig, where: str = "the plan") -> None:
+    """Give the plan's entries the run's options for their methods (``plan_options``: LoRA's
+    --alpha, --dropout, --dora ...), refusing a contradiction with options the plan carries."""
+    defaults = TuneConfig()
+    for method in plan.methods():
+        cls = METHODS[method]
+        ours = cls.plan_options(asdict(config))
+        if ours:
+            apply_options(plan, method, ours, cls.plan_options(asdict(defaults)), where)
 
 
 def apply_plan(model: nn.Module, plan: Plan) -> None:
@@ -175,6 +192,21 @@ def apply_plan(model: nn.Module, plan: Plan) -> None:
             "buys nothing else. Raise --budget, or use --method head"
         )
     inject(model, adapter)
+
+
+def penalties_for_the_adapter(config: TuneConfig, model: nn.Module, l2_given: bool) -> TuneConfig:
+    """The adapter a plan built may differ from what the options said (a plan file with DoRA
+    entries): its own L2 default when the user gave none (``l2_given``), and a refusal of
+    penalties its change cannot take. Returns the config the run continues with."""
+    built = [r.config for r in records(model).values()]
+    if not built:
+        return config
+    refusal = built[0].penalty_refusal()
+    if refusal and (config.l1 or config.ewc or (config.l2 and l2_given)):
+        raise LeantuneError(refusal)
+    if not l2_given and config.l2 != built[0].default_l2():
+        return replace(config, l2=built[0].default_l2())
+    return config
 
 
 def make_penalty(model: nn.Module, config: TuneConfig, prep: Prepared) -> Penalty | None:

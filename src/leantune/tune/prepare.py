@@ -26,7 +26,7 @@ from leantune.models import load_model, load_tokenizer, max_positions, model_dir
 from leantune.plan import Plan
 from leantune.select import Scores
 from leantune.tune.config import TuneConfig
-from leantune.tune.method import apply_method, apply_plan, make_plan
+from leantune.tune.method import apply_method, apply_plan, make_plan, uses_plan
 
 
 @dataclass
@@ -190,7 +190,7 @@ def prepare(config: TuneConfig, with_method: bool = True) -> Prepared:
             raise LeantuneError("causal-lm needs texts of at least 2 tokens in every split")
     model.to(device)
     plan, scores = None, None
-    if with_method and (config.select or config.plan or config.method == "sparse"):
+    if with_method and uses_plan(config):
         plan, scores = make_plan(model, config, train_enc, tok.pad_token_id)
         apply_plan(model, plan)
     elif with_method:

@@ -47,9 +47,9 @@ from leantune.train.adapt import RankPruner
 from leantune.train.interface import Diverged, Progress, TrainHooks, TrainResult
 from leantune.train.loop import checkpoint_meta, latest_checkpoint, train, trainable_parameters
 from leantune.train.prefix import PrefixCache
-from leantune.train.schedule import Unfreezer, lr_scales
+from leantune.train.schedule import Unfreezer, adapter_lr_scales, lr_scales
 from leantune.tune.config import TuneConfig, started_with, train_config, write_config
-from leantune.tune.method import make_penalty
+from leantune.tune.method import make_penalty, penalties_for_the_adapter
 from leantune.tune.prepare import Prepared, pick_device, prepare
 from leantune.tune.saved import BEST, HISTORY, save_trained, side_by_side, write_run_report
 
@@ -76,6 +76,7 @@ def run_tune(
     and replaces ``runs/<name>`` only once finished (see :mod:`leantune.runfolder`).
     ``on_validation`` sees each validation row (step, epoch, val_<metric>...) once it is saved;
     an exception it raises (a sweep's pruning) ends the run there, checkpoint kept."""
+    l2_given = config.l2 is not None
     config = config.resolved()
     folder = RunFolder(config.runs_dir, str(config.name))
     if folder.root.is_dir():  # finish what a killed process left half-way
@@ -83,6 +84,7 @@ def run_tune(
             folder.recover()
     folder.check(resume, overwrite)  # fails fast; checked again under the lock
     recipe = TuneRecipe(config, folder, resume, overwrite, log, on_step, on_validation)
+    recipe.l2_given = l2_given  # the plan's adapter may have another L2 default
     with contextlib.ExitStack() as stack:
         recipe.setup_training()
         recipe.write_start(stack)
@@ -119,6 +121,7 @@ class TuneRecipe:
     """One tune run, built phase by phase (see the module docstring for the phases)."""
 
     prep: Prepared
+    l2_given: bool = True
     fingerprint: dict[str, Any]
     report: ParameterReport
     named: dict[str, nn.Parameter]
@@ -167,6 +170,8 @@ class TuneRecipe:
             self.prep.config = config
         else:
             self.prep = prepare(config)
+        config = penalties_for_the_adapter(config, self.prep.model, self.l2_given)
+        self.config = self.prep.config = config
         self.fingerprint = data_fingerprint(config)
         if self.resume:
             check_same_start(config, folder, self.fingerprint)
@@ -194,7 +199,7 @@ class TuneRecipe:
             named,
             n_layers=n_layers,
             layer_decay=config.layer_decay,
-            loraplus_ratio=config.loraplus_ratio,
+            adapters=adapter_lr_scales(model, loraplus_ratio=config.loraplus_ratio),
         )
         if config.unfreeze_every:
             self.unfreezer = Unfreezer(named, n_layers, config.unfreeze_every, total_steps)

@@ -21,12 +21,13 @@ from leantune.errors import LeantuneError
 from leantune.evaluate import Encoded, evaluate
 from leantune.files import load_into, unique_tensors
 from leantune.formats import save_adapter
+from leantune.methods.base import METHODS
 from leantune.models import load_model, load_tokenizer, max_positions, model_dir
 from leantune.plan import Plan
 from leantune.runfolder import RunFolder
 from leantune.select import Scores
 from leantune.train.loop import trainable_parameters
-from leantune.tune.config import ADAPTER_METHODS, TuneConfig, make_config, read_config
+from leantune.tune.config import TuneConfig, make_config, read_config
 from leantune.tune.method import make_plan
 from leantune.tune.prepare import encode, load_splits, pick_device, prepare
 
@@ -38,7 +39,7 @@ BEST = "best.safetensors"
 def save_trained(model: nn.Module, run: Path, config: TuneConfig) -> Path:
     """adapter/ for LoRA (peft format) and the other adapter methods (leantune format);
     trained/ (safetensors + JSON) for full and head."""
-    if config.method in ADAPTER_METHODS:
+    if config.method in METHODS:
         return save_adapter(model, run / "adapter")
     final = run / "trained"
     tmp = Path(tempfile.mkdtemp(prefix=".trained-", dir=run))
@@ -123,7 +124,7 @@ def load_run(run: Path) -> SavedRun:
     tok = load_tokenizer(folder)
     torch.manual_seed(config.seed)
     model = load_model(folder, config.task, names, tok.pad_token_id)
-    if config.method in ADAPTER_METHODS:
+    if config.method in METHODS:
         load_adapter(model, run / "adapter")
     else:
         weights = run / "trained" / "model.safetensors"
