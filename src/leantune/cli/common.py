@@ -34,9 +34,10 @@ def config_options(extra: list[inspect.Parameter]) -> list[inspect.Parameter]:
     """``--config`` and ``extra``, then one option per TuneConfig field, all "not given" by
     default so a YAML file's values survive unless the command line names them."""
     from leantune.tune import TuneConfig, option_docs
+    from leantune.tune.config import option_groups
 
     hints = typing.get_type_hints(TuneConfig)
-    docs = option_docs()
+    docs, groups = option_docs(), option_groups()
     params = [
         inspect.Parameter(
             "config",
@@ -56,7 +57,12 @@ def config_options(extra: list[inspect.Parameter]) -> list[inspect.Parameter]:
         flag = "--" + f.name.replace("_", "-")
         default = "" if f.default is MISSING or f.default is None else f" (default: {f.default})"
         decls = [f"{flag}/--no-{flag[2:]}"] if base is bool else [flag]
-        option = typer.Option(*decls, help=docs.get(f.name, "") + default, show_default=False)
+        option = typer.Option(
+            *decls,
+            help=docs.get(f.name, "") + default,
+            show_default=False,
+            rich_help_panel=groups.get(f.name),
+        )
         params.append(
             inspect.Parameter(
                 f.name,

@@ -30,10 +30,19 @@ SCHEDULES = ("linear", "cosine", "constant", "slanted")
 SLANTED_RATIO = 32
 
 
+def check_schedule(kind: str) -> None:
+    if kind not in SCHEDULES:
+        raise LeantuneError(f"--schedule {kind!r} is unknown; use one of {SCHEDULES}")
+
+
+def check_layer_decay(decay: float) -> None:
+    if not 0 < decay <= 1:
+        raise LeantuneError(f"--layer-decay must be in (0, 1], got {decay}")
+
+
 def lr_lambda(kind: str, total: int, warmup: int) -> Callable[[int], float]:
     """Factor on the peak rate at optimizer step ``step`` (0-based) of ``total``."""
-    if kind not in SCHEDULES:
-        raise LeantuneError(f"schedule {kind!r} is unknown; use one of {SCHEDULES}")
+    check_schedule(kind)
     total = max(1, total)
 
     def factor(step: int) -> float:
@@ -90,8 +99,7 @@ def lr_scales(
 ) -> dict[str, float]:
     """Rate multiplier per parameter name (see the module doc); ``adapters`` are the adapter
     layers' own multipliers by parameter name (``adapter_lr_scales``)."""
-    if not 0 < layer_decay <= 1:
-        raise LeantuneError(f"--layer-decay must be in (0, 1], got {layer_decay}")
+    check_layer_decay(layer_decay)
     if layer_decay != 1 and not n_layers:
         raise LeantuneError("--layer-decay: the model's layer stack was not found")
     layers = _layers(list(params), n_layers or 0)

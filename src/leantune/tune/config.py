@@ -8,9 +8,10 @@ import contextlib
 import inspect
 import itertools
 import math
+import re
 import typing
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,17 +20,34 @@ import yaml
 from leantune.errors import LeantuneError
 from leantune.files import atomic_write, read_yaml
 from leantune.methods.base import METHODS
-from leantune.methods.lora import INITS, LoraConfig
+from leantune.methods.lora import LoraConfig
 from leantune.models import TASKS
 from leantune.plan import parse_methods
 from leantune.track import parse_track
 from leantune.train.interface import TrainConfig
-from leantune.train.schedule import SCHEDULES
+from leantune.train.schedule import check_layer_decay, check_schedule
+from leantune.tune.options import (
+    DataOptions,
+    EvalOptions,
+    KnowledgeOptions,
+    MethodOptions,
+    OptimOptions,
+    RunOptions,
+)
 
 OWN_PARAMETER_LR = {"full": 5e-5, "head": 5e-3}
 """The methods that train the model's own parameters (all, or the task heads) and their peak
 rates; every other method is a registered adapter method with its own ``default_lr``."""
 DEFAULT_LORA_L2 = LoraConfig.default_l2_weight
+
+
+def parse_targets(spec: str) -> str | list[str]:
+    """--targets: all-linear, a comma list of module names (or one name), or a regex."""
+    if spec == "all-linear":
+        return spec
+    if "," in spec or re.fullmatch(r"[\w.]+", spec):
+        return [t.strip() for t in spec.split(",") if t.strip()]
+    return spec  # a regex
 
 
 def run_methods() -> tuple[str, ...]:
@@ -46,135 +64,20 @@ CLASSIFY_METRICS = ("accuracy", "macro_f1", "loss")
 
 
 @dataclass
-class TuneConfig:
-    """Everything a tune run needs; saved as config.yaml in the run folder."""
-
-    name: str | None = None
-    """Run folder name under runs_dir (default: <model>-<data>-<method>)."""
-    runs_dir: str = "runs"
-    """Folder that holds the run folders."""
-    model: str | None = None
-    """Local transformers model folder (default: the embedded MiniLM-L6)."""
-    task: str = "classify"
-    """classify (sequence classification) or causal-lm (language modelling; metric perplexity)."""
-    data: str | None = None
-    """Training data: .csv, .jsonl or a datasets save_to_disk folder (default: BBC News)."""
-    eval_data: str | None = None
-    """Validation data file; default: a split of --data."""
-    test_data: str | None = None
-    """Test data file; default: a split of --data."""
-    text_column: str = "text"
-    """Column holding the text."""
-    label_column: str = "label"
-    """Column holding the label (classification)."""
-    split: str = "0.7,0.1,0.2"
-    """Train,validation,test fractions of --data, stratified by label."""
-    train_examples: int | None = None
-    """Train on a stratified sample of this many training examples (the validation and test
-    splits stay the same): a small-data run."""
-    max_length: int = 128
-    """Truncate texts to this many tokens (capped at the model's positions)."""
-    batch_size: int = 16
-    """Training batch size; batches group texts of similar length."""
-    eval_batch_size: int = 64
-    """Batch size for validation, test and predict."""
-    method: str = "lora"
-    """lora; bitfit (biases) or layernorm (norm scales and shifts) within --layers; sparse (the
-    top-Fisher weight entries within --budget and --layers, a FISH mask); full (every
-    parameter) or head (the task head only)."""
-    # LoRA's own options: their help is LoraConfig's field docstrings (see option_docs).
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    rslora: bool = False
-    dora: bool = False
-    init: str = "standard"
-    targets: str = "all-linear"
-    """LoRA targets: all-linear, a comma list of module names, or a regex."""
-    layers: str = "upper-half"
-    """Layers adapted (and where --select auto may spend): upper-half, all, a range 3-5 or a
-    list 3,4,5."""
-    select: str | None = None
-    """auto: score the parameters on a few training batches and spend --budget on the ones that
-    matter (per module: a method from --plan-methods and its size, + the head) within --layers;
-    replaces --targets and --r."""
-    budget: str = "0.5%"
-    """Trainable parameters for --select auto and --method sparse: a count (68000) or a share of
-    the model (0.5%)."""
-    plan_methods: str = "lora"
-    """Methods --select auto may spend the budget on: a comma list of lora, bitfit, layernorm,
-    sparse (one method per module; the best gain per parameter wins)."""
-    plan: str | None = None
-    """A plan.json (from leantune select or --select auto, maybe edited) to tune by."""
-    score_examples: int = 64
-    """Training examples --select auto scores the parameters on."""
-    reference_text: str | None = None
-    """General (not task) text to measure knowledge kept on: entries separated by % lines,
-    blank lines or newlines (default: the fortunes of fortunes-min when installed, else skip)."""
-    reference_examples: int = 256
-    """Reference texts used to measure knowledge kept (0 turns the measurement off)."""
-    cache_prefix: bool = False
-    """Run the frozen bottom layers without dropout and reuse their outputs after the first
-    epoch: later epochs skip them (faster; holds their outputs in memory)."""
-    epochs: int = 2
-    """Passes over the training data."""
-    lr: float | None = None
-    """Peak learning rate (default per method: lora 2e-3, full 5e-5, head 5e-3)."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    warmup_ratio: float = 0.06
-    """Fraction of steps warming up before the decay (slanted: the rise)."""
-    schedule: str = "linear"
-    """Learning-rate shape after warmup: linear, cosine, constant or slanted (slanted
-    triangular: short rise, long fall to 1/32)."""
-    layer_decay: float = 1.0
-    """Layer-wise rate decay: layer l of L trains at decay^(L-1-l) of the rate (1: off)."""
-    unfreeze_every: int | None = None
-    """Gradual unfreezing: the head and top layer train first, one more layer every N
-    optimizer steps (default: everything from the start)."""
-    loraplus_ratio: float = 1.0
-    """LoRA+: the B matrices train at this multiple of A's rate (1: off; the paper uses 16)."""
-    l2: float | None = None
-    """Weight of the L2 penalty on the learned change (LoRA: |s·B·A|²; in-place tuning: L2-SP,
-    |θ - θ₀|²; task heads are not penalized). Default: 1e-3 for LoRA (not DoRA/PiSSA), else 0."""
-    l1: float = 0.0
-    """Weight of the L1 penalty on the learned change."""
-    ewc: float = 0.0
-    """Weight of EWC: Σ F·change², F the Fisher diagonal of the pretrained weights on
-    --score-examples training examples."""
-    grad_accum: int = 1
-    """Batches per optimizer step."""
-    max_grad_norm: float = 1.0
-    """Gradient clipping norm (0 turns clipping off)."""
-    eval_every: int | None = None
-    """Also validate every N optimizer steps (default: once per epoch)."""
-    patience: int | None = None
-    """Stop after N validations without improvement (default: never)."""
-    metric: str | None = None
-    """Validation metric for the best checkpoint (default: accuracy, or perplexity)."""
-    max_steps: int | None = None
-    """Stop after N optimizer steps (a quick look; the schedule still spans all epochs)."""
-    seed: int = 0
-    """Seed for the split, initialisation, batches and dropout."""
-    device: str = "auto"
-    """auto (CUDA when present), cpu, cuda or cuda:N."""
-    adapt: float = 1.0
-    """Adaptive budget (AdaLoRA-style): LoRA starts at this multiple of its ranks and prunes
-    rank components by smoothed |w·grad| importance, cubically from the end of warmup to 70%
-    of the steps, down to the parameter count it started from; the adapter is saved at that
-    size with uneven ranks (1: off)."""
-    track: str | None = None
-    """Experiment tracking, off by default: tensorboard (<run>/tensorboard), mlflow (local
-    SQLite store <runs_dir>/mlflow.db) or tensorboard,mlflow; each an optional extra of leantune."""
+class TuneConfig(
+    KnowledgeOptions, EvalOptions, OptimOptions, MethodOptions, DataOptions, RunOptions
+):
+    """Everything a tune run needs; saved as config.yaml in the run folder. The fields come in
+    groups (``tune/options.py``), run options first."""
 
     def __post_init__(self) -> None:
-        choices = {"task": TASKS, "method": run_methods(), "init": INITS}
+        choices = {"task": TASKS, "method": run_methods()}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise LeantuneError(
                     f"--{key} {getattr(self, key)!r} is unknown; use one of {allowed}"
                 )
-        for key in ("max_length", "batch_size", "eval_batch_size", "r", "epochs", "grad_accum"):
+        for key in ("max_length", "batch_size", "eval_batch_size", "epochs", "grad_accum"):
             if getattr(self, key) <= 0:
                 raise LeantuneError(f"--{key.replace('_', '-')} must be positive")
         if self.name is not None and (
@@ -213,13 +116,11 @@ class TuneConfig:
         self._check_method()
         if self.score_examples <= 0:
             raise LeantuneError("--score-examples must be positive")
-        if self.schedule not in SCHEDULES:
-            raise LeantuneError(f"--schedule {self.schedule!r} is unknown; use one of {SCHEDULES}")
+        check_schedule(self.schedule)
         for key in ("l2", "l1", "ewc"):
             if (getattr(self, key) or 0) < 0:
                 raise LeantuneError(f"--{key} must be 0 or more, got {getattr(self, key)}")
-        if not 0 < self.layer_decay <= 1:
-            raise LeantuneError(f"--layer-decay must be in (0, 1], got {self.layer_decay}")
+        check_layer_decay(self.layer_decay)
         if not self.loraplus_ratio >= 1:
             raise LeantuneError("--loraplus-ratio must be 1 (off) or more")
         if self.unfreeze_every is not None and self.unfreeze_every <= 0:
@@ -238,9 +139,14 @@ class TuneConfig:
         if (self.select or self.plan) and self.method != TuneConfig.method and not placed:
             raise LeantuneError("--select / --plan choose their own methods; drop --method")
         planned = parse_methods(self.plan_methods)
-        refusal = cls.run_refusal(asdict(self)) if cls is not None else None
-        if refusal:
-            raise LeantuneError(refusal)
+        if cls is not None:
+            # The method checks its own options (LoRA: r, alpha, dropout, init, --targets).
+            cls.from_options(
+                {**asdict(self), "targets": parse_targets(self.targets), "layers": None}
+            )
+            refusal = cls.run_refusal(asdict(self))
+            if refusal:
+                raise LeantuneError(refusal)
         if self.adapt < 1:
             raise LeantuneError(f"--adapt must be 1 (off) or more, got {self.adapt}")
         ranked = [m for m, c in METHODS.items() if c.adapts_rank]
@@ -290,19 +196,32 @@ class TuneConfig:
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """Field docstrings (the string right after each field): CLI help and YAML comments."""
-    tree = ast.parse(inspect.getsource(cls))
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    docs = {}
-    for node, nxt in itertools.pairwise(body):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(node.target, ast.Name)
-            and isinstance(nxt, ast.Expr)
-            and isinstance(nxt.value, ast.Constant)
-        ):
-            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    """Field docstrings (the string right after each field) of ``cls`` and the classes it
+    inherits fields from: CLI help and YAML comments."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not is_dataclass(klass):
+            continue
+        body = ast.parse(inspect.getsource(klass)).body[0].body  # type: ignore[attr-defined]
+        for node, nxt in itertools.pairwise(body):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+            ):
+                docs[node.target.id] = " ".join(str(nxt.value.value).split())
     return docs
+
+
+def option_groups() -> dict[str, str]:
+    """Each TuneConfig field's group: the first line of its group class's docstring."""
+    groups: dict[str, str] = {}
+    for klass in reversed(TuneConfig.__mro__[1:]):
+        if is_dataclass(klass):
+            title = (klass.__doc__ or klass.__name__).split(".")[0]
+            groups |= dict.fromkeys(klass.__annotations__, title)
+    return groups
 
 
 def option_docs() -> dict[str, str]:
@@ -326,9 +245,13 @@ def read_config(path: Path) -> dict[str, Any]:
 
 
 def write_config(config: TuneConfig, path: Path) -> None:
-    docs = option_docs()
+    docs, groups = option_docs(), option_groups()
     lines = ["# leantune tune --config this-file   (command-line options override it)"]
+    group = None
     for key, value in asdict(config).items():
+        if groups.get(key) != group:
+            group = groups.get(key)
+            lines.append(f"\n# ---- {group}")
         lines.append(f"# {docs.get(key, '')}")
         lines.append(yaml.safe_dump({key: value}, default_flow_style=False, width=1000).strip())
     atomic_write(path, "\n".join(lines) + "\n")

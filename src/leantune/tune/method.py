@@ -22,18 +22,10 @@ from leantune.models import num_layers
 from leantune.plan import Plan, allocate, apply_options, parse_budget, parse_methods
 from leantune.select import SPARSE_CHUNK, Scores, score
 from leantune.train.regularize import Penalty, find_changes, fisher_diagonal
-from leantune.tune.config import TuneConfig
+from leantune.tune.config import TuneConfig, parse_targets
 
 if TYPE_CHECKING:
     from leantune.tune.prepare import Prepared
-
-
-def parse_targets(spec: str) -> str | list[str]:
-    if spec == "all-linear":
-        return spec
-    if "," in spec or re.fullmatch(r"[\w.]+", spec):
-        return [t.strip() for t in spec.split(",") if t.strip()]
-    return spec  # a regex
 
 
 def parse_layers(spec: str, n: int | None) -> list[int] | None:

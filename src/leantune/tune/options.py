@@ -1,0 +1,164 @@
+"""The options of a tune run, in groups (as litgpt groups its arguments).
+
+``TuneConfig`` (``tune/config.py``) inherits every group, so each option is one flat field:
+the CLI flag ``--lr`` and the YAML key ``lr`` are as they always were, and ``config.lr`` reads
+it. The groups give the source, the ``--help`` panels and config.yaml their sections. Each
+field's docstring is its help text and its comment in config.yaml.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class RunOptions:
+    """Where the run goes and how it runs."""
+
+    name: str | None = None
+    """Run folder name under runs_dir (default: <model>-<data>-<method>)."""
+    runs_dir: str = "runs"
+    """Folder that holds the run folders."""
+    seed: int = 0
+    """Seed for the split, initialisation, batches and dropout."""
+    device: str = "auto"
+    """auto (CUDA when present), cpu, cuda or cuda:N."""
+    track: str | None = None
+    """Experiment tracking, off by default: tensorboard (<run>/tensorboard), mlflow (local
+    SQLite store <runs_dir>/mlflow.db) or tensorboard,mlflow; each an optional extra of leantune."""
+
+
+@dataclass
+class DataOptions:
+    """The model, the task and its data."""
+
+    model: str | None = None
+    """Local transformers model folder (default: the embedded MiniLM-L6)."""
+    task: str = "classify"
+    """classify (sequence classification) or causal-lm (language modelling; metric perplexity)."""
+    data: str | None = None
+    """Training data: .csv, .jsonl or a datasets save_to_disk folder (default: BBC News)."""
+    eval_data: str | None = None
+    """Validation data file; default: a split of --data."""
+    test_data: str | None = None
+    """Test data file; default: a split of --data."""
+    text_column: str = "text"
+    """Column holding the text."""
+    label_column: str = "label"
+    """Column holding the label (classification)."""
+    split: str = "0.7,0.1,0.2"
+    """Train,validation,test fractions of --data, stratified by label."""
+    train_examples: int | None = None
+    """Train on a stratified sample of this many training examples (the validation and test
+    splits stay the same): a small-data run."""
+    max_length: int = 128
+    """Truncate texts to this many tokens (capped at the model's positions)."""
+    batch_size: int = 16
+    """Training batch size; batches group texts of similar length."""
+    eval_batch_size: int = 64
+    """Batch size for validation, test and predict."""
+
+
+@dataclass
+class MethodOptions:
+    """What trains: a method and its options, or a plan of methods under a budget."""
+
+    method: str = "lora"
+    """lora; bitfit (biases) or layernorm (norm scales and shifts) within --layers; sparse (the
+    top-Fisher weight entries within --budget and --layers, a FISH mask); full (every
+    parameter) or head (the task head only)."""
+    # LoRA's own options: their help is LoraConfig's field docstrings (see option_docs).
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    rslora: bool = False
+    dora: bool = False
+    init: str = "standard"
+    targets: str = "all-linear"
+    """LoRA targets: all-linear, a comma list of module names, or a regex."""
+    layers: str = "upper-half"
+    """Layers adapted (and where --select auto may spend): upper-half, all, a range 3-5 or a
+    list 3,4,5."""
+    select: str | None = None
+    """auto: score the parameters on a few training batches and spend --budget on the ones that
+    matter (per module: a method from --plan-methods and its size, + the head) within --layers;
+    replaces --targets and --r."""
+    budget: str = "0.5%"
+    """Trainable parameters for --select auto and --method sparse: a count (68000) or a share of
+    the model (0.5%)."""
+    plan_methods: str = "lora"
+    """Methods --select auto may spend the budget on: a comma list of lora, bitfit, layernorm,
+    sparse (one method per module; the best gain per parameter wins)."""
+    plan: str | None = None
+    """A plan.json (from leantune select or --select auto, maybe edited) to tune by."""
+    score_examples: int = 64
+    """Training examples --select auto scores the parameters on."""
+    adapt: float = 1.0
+    """Adaptive budget (AdaLoRA-style): LoRA starts at this multiple of its ranks and prunes
+    rank components by smoothed |w·grad| importance, cubically from the end of warmup to 70%
+    of the steps, down to the parameter count it started from; the adapter is saved at that
+    size with uneven ranks (1: off)."""
+
+
+@dataclass
+class OptimOptions:
+    """How it trains: the optimizer, the schedule, gradual tuning and the penalties."""
+
+    epochs: int = 2
+    """Passes over the training data."""
+    lr: float | None = None
+    """Peak learning rate (default per method: lora 2e-3, full 5e-5, head 5e-3)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_ratio: float = 0.06
+    """Fraction of steps warming up before the decay (slanted: the rise)."""
+    schedule: str = "linear"
+    """Learning-rate shape after warmup: linear, cosine, constant or slanted (slanted
+    triangular: short rise, long fall to 1/32)."""
+    layer_decay: float = 1.0
+    """Layer-wise rate decay: layer l of L trains at decay^(L-1-l) of the rate (1: off)."""
+    unfreeze_every: int | None = None
+    """Gradual unfreezing: the head and top layer train first, one more layer every N
+    optimizer steps (default: everything from the start)."""
+    loraplus_ratio: float = 1.0
+    """LoRA+: the B matrices train at this multiple of A's rate (1: off; the paper uses 16)."""
+    l2: float | None = None
+    """Weight of the L2 penalty on the learned change (LoRA: |s·B·A|²; in-place tuning: L2-SP,
+    |θ - θ₀|²; task heads are not penalized). Default: 1e-3 for LoRA (not DoRA/PiSSA), else 0."""
+    l1: float = 0.0
+    """Weight of the L1 penalty on the learned change."""
+    ewc: float = 0.0
+    """Weight of EWC: Σ F·change², F the Fisher diagonal of the pretrained weights on
+    --score-examples training examples."""
+    grad_accum: int = 1
+    """Batches per optimizer step."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0 turns clipping off)."""
+    max_steps: int | None = None
+    """Stop after N optimizer steps (a quick look; the schedule still spans all epochs)."""
+    cache_prefix: bool = False
+    """Run the frozen bottom layers without dropout and reuse their outputs after the first
+    epoch: later epochs skip them (faster; holds their outputs in memory)."""
+
+
+@dataclass
+class EvalOptions:
+    """When it validates and which checkpoint it keeps."""
+
+    eval_every: int | None = None
+    """Also validate every N optimizer steps (default: once per epoch)."""
+    patience: int | None = None
+    """Stop after N validations without improvement (default: never)."""
+    metric: str | None = None
+    """Validation metric for the best checkpoint (default: accuracy, or perplexity)."""
+
+
+@dataclass
+class KnowledgeOptions:
+    """What "knowledge kept" is measured on."""
+
+    reference_text: str | None = None
+    """General (not task) text to measure knowledge kept on: entries separated by % lines,
+    blank lines or newlines (default: the fortunes of fortunes-min when installed, else skip)."""
+    reference_examples: int = 256
+    """Reference texts used to measure knowledge kept (0 turns the measurement off)."""
