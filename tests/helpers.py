@@ -4,6 +4,7 @@ inputs, topic-labelled rows and the files they go in. Fixtures stay in conftest.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -181,5 +182,69 @@ def tiny_model_folder(path: Path, kind: str = "bert") -> Path:
     # The model's vocabulary (64) covers the tokenizer's 34 ids.
     model = build("bert" if kind == "bert" else "llama")
     model.save_pretrained(path)  # type: ignore[operator]
+    tok.save_pretrained(path)
+    return path
+
+
+# ---------------------------------------------------------------------------- chat models
+
+CHATML = (
+    "{% for m in messages %}"
+    "{% if loop.first and m['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a tiny model.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL = ["<pad>", "<|im_start|>", "<|im_end|>"]
+CORPUS = [
+    "What is the capital of France? Paris is the capital.",
+    "Write a headline for this article. The dollar gains on the euro.",
+    "system user assistant You are a tiny model. Be brief, please!",
+    "Hello! How can I help? Which topic: business, sport or tech?",
+]
+
+
+def chat_tokenizer(extra: list[str] | None = None) -> Any:
+    """A byte-level BPE tokenizer with a ChatML template, trained on a few sentences."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    extra = extra or []
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=SPECIAL,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(CORPUS * 5 + extra, trainer)
+    t = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", eos_token="<|im_end|>")
+    t.chat_template = CHATML
+    return t
+
+
+def tiny_chat_llama(tok: Any, attn: str = "sdpa") -> LlamaForCausalLM:
+    """A tiny Llama over ``tok``'s vocabulary."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=tok.pad_token_id,
+    )
+    config._attn_implementation = attn
+    return LlamaForCausalLM(config).eval()
+
+
+def chat_model_folder(path: Path, extra: list[str] | None = None) -> Path:
+    """A saved tiny chat Llama with its ChatML tokenizer: a local transformers folder."""
+    tok = chat_tokenizer(extra)
+    tiny_chat_llama(tok).save_pretrained(path)
     tok.save_pretrained(path)
     return path

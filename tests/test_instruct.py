@@ -11,9 +11,10 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
+from helpers import CHATML, chat_tokenizer
+from helpers import tiny_chat_llama as tiny_llama
 from leantune.errors import LeantuneError
 from leantune.instruct import (
     ChatExample,
@@ -31,21 +32,6 @@ from leantune.instruct import (
     tokenize_chats,
 )
 
-CHATML = (
-    "{% for m in messages %}"
-    "{% if loop.first and m['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are a tiny model.<|im_end|>\n' }}{% endif %}"
-    "{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-SPECIAL = ["<pad>", "<|im_start|>", "<|im_end|>"]
-CORPUS = [
-    "What is the capital of France? Paris is the capital.",
-    "Write a headline for this article. The dollar gains on the euro.",
-    "system user assistant You are a tiny model. Be brief, please!",
-    "Hello! How can I help? Which topic: business, sport or tech?",
-]
-
 MULTI = [
     {"role": "system", "content": "Be brief."},
     {"role": "user", "content": "Hello there"},
@@ -61,19 +47,7 @@ SINGLE = [
 
 @pytest.fixture(scope="module")
 def tok() -> PreTrainedTokenizerFast:
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=SPECIAL,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator(CORPUS * 5, trainer)
-    t = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", eos_token="<|im_end|>")
-    t.chat_template = CHATML
-    return t
+    return chat_tokenizer()
 
 
 def trained_turns(tok: Any, ids: list[int], labels: list[int]) -> list[list[int]]:
@@ -135,22 +109,6 @@ def test_a_tokenizer_without_template_asks_for_one(tok: Any) -> None:
         tokenize_chat(bare, SINGLE, max_length=64)
     ids, _ = tokenize_chat(bare, SINGLE, max_length=64, template=CHATML)
     assert ids == tokenize_chat(tok, SINGLE, max_length=64)[0]
-
-
-def tiny_llama(tok: Any, attn: str) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=tok.pad_token_id,
-    )
-    config._attn_implementation = attn
-    return LlamaForCausalLM(config).eval()
 
 
 def chats(tok: Any) -> TokenizedChats:
@@ -303,7 +261,7 @@ def test_bbc_instruct_rows_and_splits() -> None:
         assert s == pytest.approx(train_topics.count(t) / len(train_topics), abs=0.01)
     head = next(ex for ex in splits.train if ex.kind == "headline")
     prompt, answer = prompt_and_reference(head)
-    assert prompt[0]["content"].startswith("Write a headline for this article.\n\n")
+    assert prompt[0]["content"].endswith("\n\nWrite a headline for this article.")
     assert answer and "\n" not in answer and answer not in prompt[0]["content"]
     assert len(prompt[0]["content"].split()) <= 150 + 7
     assert bbc_instruct(seed=1).test != splits.test

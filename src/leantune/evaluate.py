@@ -15,10 +15,12 @@ from leantune.data import length_buckets, pad_batch
 
 @dataclass
 class Encoded:
-    """Token ids of one split, with class indices (classification) or none (causal LM)."""
+    """Token ids of one split, with class indices (classification), per-token labels
+    (``targets``, instruct: -100 off the assistant's tokens) or none (causal LM)."""
 
     ids: list[list[int]]
     labels: list[int] = field(default_factory=list)
+    targets: list[list[int]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -31,7 +33,12 @@ def make_batch(
     batch = pad_batch([enc.ids[i] for i in rows], pad_id)
     if with_rows:
         batch["rows"] = torch.tensor(list(rows), dtype=torch.long)
-    if causal:
+    if enc.targets:
+        labels = torch.full_like(batch["input_ids"], -100)
+        for row, i in enumerate(rows):
+            labels[row, : len(enc.targets[i])] = torch.tensor(enc.targets[i], dtype=torch.long)
+        batch["labels"] = labels
+    elif causal:
         batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     elif enc.labels:
         batch["labels"] = torch.tensor([enc.labels[i] for i in rows], dtype=torch.long)
@@ -64,6 +71,8 @@ class Evaluation:
     predictions: list[int] = field(default_factory=list)
     probabilities: list[float] = field(default_factory=list)
     confusion: list[list[int]] | None = None
+    samples: list[dict[str, str]] = field(default_factory=list)
+    """instruct: generated answers (prompt, reference, answer) behind the generation metrics."""
 
 
 @torch.no_grad()

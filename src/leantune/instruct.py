@@ -395,9 +395,9 @@ def bbc_instruct(
     body_words: int | None = 150,
 ) -> InstructSplits:
     """The embedded instruction data: two rows per BBC News article (headline: its first line;
-    topic: its folder), articles split stratified by topic so both rows share a split. Bodies
-    are cut to their first ``body_words`` words (None: whole), so that prompt-side truncation
-    never removes the instruction at the start."""
+    topic: its folder), articles split stratified by topic so both rows share a split. The
+    instruction follows the article, so prompt-side truncation cuts the article's start, never
+    the instruction; bodies are cut to their first ``body_words`` words (None: whole)."""
     bbc = bbc_news()
     rows: list[list[ChatExample]] = []
     for n, (text, label) in enumerate(zip(bbc.texts, bbc.labels, strict=True)):
@@ -408,8 +408,8 @@ def bbc_instruct(
         body, topic, group = body.strip(), TOPICS[bbc.label_names[label]], f"bbc/{n}"
         rows.append(
             [
-                ChatExample(_pair(f"{HEADLINE}\n\n{body}", headline.strip()), "headline", group),
-                ChatExample(_pair(f"{TOPIC}\n\n{body}", topic), "topic", group),
+                ChatExample(_pair(f"{body}\n\n{HEADLINE}", headline.strip()), "headline", group),
+                ChatExample(_pair(f"{body}\n\n{TOPIC}", topic), "topic", group),
             ]
         )
     parts = stratified_split(bbc.labels, fractions, seed)

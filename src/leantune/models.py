@@ -15,11 +15,17 @@ from torch import nn
 
 from leantune.errors import LeantuneError
 
-TASKS = ("classify", "causal-lm")
+TASKS = ("classify", "causal-lm", "instruct")
+CAUSAL_TASKS = ("causal-lm", "instruct")
 
 
-def model_dir(path: str | Path | None) -> Path:
-    """The folder of the model: ``path``, or the embedded MiniLM when None."""
+def model_dir(path: str | Path | None, task: str = "classify") -> Path:
+    """The folder of the model: ``path``, or when None the embedded default of ``task``:
+    MiniLM-L6, or SmolLM2-135M-Instruct for instruct (built into the cache once)."""
+    if path is None and task == "instruct":
+        from leantune.llm import smollm2_dir
+
+        return smollm2_dir()
     if path is None:
         from leantune.defaults import minilm_dir
 
@@ -64,6 +70,8 @@ _OTHER_HEADS = _CLASSIFY_HEADS | {
     "generator_predictions",
     "discriminator_predictions",
 }
+HEAD_NAMES: frozenset[str] = frozenset(_OTHER_HEADS)
+"""Module names that are a task head (quantization leaves them in full precision)."""
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -161,8 +169,8 @@ def _encoder_types() -> set[str]:
     return (both - seq2seq) | {"bert-generation", "xlnet", "reformer"}
 
 
-def check_decoder(folder: Path, config: Any) -> None:
-    """Refuse a model whose attention is not causal for the causal-lm task."""
+def check_decoder(folder: Path, config: Any, task: str = "causal-lm") -> None:
+    """Refuse a model whose attention is not causal for a causal task (causal-lm, instruct)."""
     from transformers.models.auto import modeling_auto as auto
 
     kind = getattr(config, "model_type", "?")
@@ -172,13 +180,13 @@ def check_decoder(folder: Path, config: Any) -> None:
         raise LeantuneError(
             f"{folder} holds a {kind} model, which is not a decoder: its attention is "
             "bidirectional, so as a causal LM it would see the tokens it predicts and its "
-            "perplexity would mean nothing; use a decoder (llama, gpt2, ...) for --task "
-            "causal-lm, or --task classify"
+            f"perplexity would mean nothing; use a decoder (llama, gpt2, ...) for --task "
+            f"{task}, or --task classify"
         )
     if kind not in auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise LeantuneError(
             f"{folder} holds a {kind} model, which is not a decoder transformers can load as a "
-            "causal LM; use a decoder (llama, gpt2, ...) for --task causal-lm, or --task classify"
+            f"causal LM; use a decoder (llama, gpt2, ...) for --task {task}, or --task classify"
         )
 
 
@@ -211,9 +219,9 @@ def load_model(
     _quiet()
     check_weights(folder)
     try:
-        if task == "causal-lm":
+        if task in CAUSAL_TASKS:
             config = AutoConfig.from_pretrained(folder, local_files_only=True)
-            check_decoder(folder, config)
+            check_decoder(folder, config, task)
         with _filter_known_noise(task):
             if task == "classify":
                 model = AutoModelForSequenceClassification.from_pretrained(

@@ -21,7 +21,7 @@ from leantune.errors import LeantuneError
 from leantune.files import atomic_write, read_yaml
 from leantune.methods.base import METHODS
 from leantune.methods.lora import LoraConfig
-from leantune.models import TASKS
+from leantune.models import CAUSAL_TASKS, TASKS
 from leantune.plan import parse_methods
 from leantune.track import parse_track
 from leantune.train.interface import TrainConfig
@@ -61,6 +61,10 @@ def default_lr(method: str) -> float:
 
 
 CLASSIFY_METRICS = ("accuracy", "macro_f1", "loss")
+DEFAULT_MODEL_NAMES = {"classify": "minilm", "causal-lm": "minilm", "instruct": "smollm2"}
+INSTRUCT_TRAIN_EXAMPLES = 600
+"""The embedded instruct data's default training sample: an instruct run on 2 CPU cores ends
+in under 15 minutes (README); --train-examples overrides it."""
 
 
 @dataclass
@@ -77,9 +81,12 @@ class TuneConfig(
                 raise LeantuneError(
                     f"--{key} {getattr(self, key)!r} is unknown; use one of {allowed}"
                 )
-        for key in ("max_length", "batch_size", "eval_batch_size", "epochs", "grad_accum"):
+        positive = ("max_length", "batch_size", "eval_batch_size", "epochs", "grad_accum")
+        for key in (*positive, "max_new_tokens"):
             if getattr(self, key) <= 0:
                 raise LeantuneError(f"--{key.replace('_', '-')} must be positive")
+        if self.gen_examples < 0:
+            raise LeantuneError(f"--gen-examples must be 0 (none) or more, got {self.gen_examples}")
         if self.name is not None and (
             not self.name or Path(self.name).name != self.name or self.name.startswith(".")
         ):
@@ -103,7 +110,7 @@ class TuneConfig(
             )
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise LeantuneError(f"--weight-decay must be 0 or more, got {self.weight_decay}")
-        allowed_metrics = ("perplexity", "loss") if self.task == "causal-lm" else CLASSIFY_METRICS
+        allowed_metrics = ("perplexity", "loss") if self.causal else CLASSIFY_METRICS
         if self.metric is not None and self.metric not in allowed_metrics:
             raise LeantuneError(
                 f"--metric {self.metric!r} is not a {self.task} metric; use one of {allowed_metrics}"
@@ -173,7 +180,12 @@ class TuneConfig(
 
     @property
     def causal(self) -> bool:
-        return self.task == "causal-lm"
+        """A causal LM task: causal-lm, or instruct (a causal LM trained on its answers)."""
+        return self.task in CAUSAL_TASKS
+
+    @property
+    def instruct(self) -> bool:
+        return self.task == "instruct"
 
     def resolved(self) -> TuneConfig:
         """Defaults that depend on other fields filled in, as saved in config.yaml."""
@@ -188,8 +200,10 @@ class TuneConfig(
             values["l2"] = cls.from_options(options).default_l2() if cls is not None else 0.0
         if self.metric is None:
             values["metric"] = "perplexity" if self.causal else "accuracy"
+        if self.instruct and self.data is None and self.train_examples is None:
+            values["train_examples"] = INSTRUCT_TRAIN_EXAMPLES
         if self.name is None:
-            model = Path(self.model).name if self.model else "minilm"
+            model = Path(self.model).name if self.model else DEFAULT_MODEL_NAMES[self.task]
             data = Path(self.data).stem if self.data else "bbc"
             values["name"] = f"{model}-{data}-{self.method}"
         return TuneConfig(**values)

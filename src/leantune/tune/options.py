@@ -35,7 +35,10 @@ class DataOptions:
     model: str | None = None
     """Local transformers model folder (default: the embedded MiniLM-L6)."""
     task: str = "classify"
-    """classify (sequence classification) or causal-lm (language modelling; metric perplexity)."""
+    """classify (sequence classification), causal-lm (language modelling; metric perplexity)
+    or instruct (chat / instruction tuning of a causal LM: the loss counts the assistant's
+    tokens only; default model SmolLM2-135M-Instruct, default data BBC headline and topic
+    instructions)."""
     data: str | None = None
     """Training data: .csv, .jsonl or a datasets save_to_disk folder (default: BBC News)."""
     eval_data: str | None = None
@@ -46,6 +49,19 @@ class DataOptions:
     """Column holding the text."""
     label_column: str = "label"
     """Column holding the label (classification)."""
+    prompt_column: str = "prompt"
+    """instruct: column holding the user's prompt (with --response-column), unless the data
+    has a --messages-column."""
+    response_column: str = "response"
+    """instruct: column holding the assistant's answer."""
+    system_column: str = "system"
+    """instruct: optional column holding a system prompt."""
+    messages_column: str = "messages"
+    """instruct: column holding whole conversations, lists of {role, content} (system, user,
+    assistant); used when the data has it."""
+    template: str | None = None
+    """instruct: a Jinja chat template (text, or a file holding it) for a tokenizer without
+    one, or to replace its own."""
     split: str = "0.7,0.1,0.2"
     """Train,validation,test fractions of --data, stratified by label."""
     train_examples: int | None = None
@@ -149,6 +165,11 @@ class EvalOptions:
     """Also validate every N optimizer steps (default: once per epoch)."""
     patience: int | None = None
     """Stop after N validations without improvement (default: never)."""
+    gen_examples: int = 100
+    """instruct: test examples answered by generation (greedy) and scored, before and after
+    training: exact match for short answers, ROUGE-L for free text (0: none)."""
+    max_new_tokens: int = 32
+    """instruct: the longest answer generated when scoring."""
     metric: str | None = None
     """Validation metric for the best checkpoint (default: accuracy, or perplexity)."""
 

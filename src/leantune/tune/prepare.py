@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,6 +23,15 @@ from leantune.data import (
 )
 from leantune.errors import LeantuneError
 from leantune.evaluate import Encoded, Evaluation, evaluate, make_batch
+from leantune.generate import Sampling, evaluate_by_generation, sample_examples
+from leantune.instruct import (
+    ChatExample,
+    InstructSplits,
+    bbc_instruct,
+    check_template,
+    load_chats,
+    tokenize_chats,
+)
 from leantune.models import load_model, load_tokenizer, max_positions, model_dir
 from leantune.plan import Plan
 from leantune.select import Scores
@@ -35,6 +45,8 @@ class Splits:
     val: TextTable
     test: TextTable
     label_names: list[str]
+    chats: InstructSplits | None = None
+    """instruct: the conversations of each split (the tables are then empty)."""
 
 
 def _subset(table: TextTable, rows: list[int]) -> TextTable:
@@ -96,6 +108,68 @@ def load_splits(config: TuneConfig) -> Splits:
     return Splits(train_part, val, test, names)
 
 
+BBC_BODY_WORDS = 80
+"""Words of each article the embedded instruct data keeps: the prompt stays short on CPU."""
+
+
+def load_chat_splits(config: TuneConfig) -> Splits:
+    """instruct: conversations from --data (or the embedded BBC instructions), split as for
+    classification (the embedded data by article, so an article's two rows share a split)."""
+    if config.data is None:
+        bbc = bbc_instruct(config.seed, config.fractions(), body_words=BBC_BODY_WORDS)
+        train, val, test = bbc.train, bbc.validation, bbc.test
+    else:
+
+        def read(path: str) -> list[ChatExample]:
+            return load_chats(
+                path,
+                config.prompt_column,
+                config.response_column,
+                config.system_column,
+                config.messages_column,
+            )
+
+        rows = read(config.data)
+        given_val = read(config.eval_data) if config.eval_data else None
+        given_test = read(config.test_data) if config.test_data else None
+        train_f, val_f, test_f = config.fractions()
+        val_f, test_f = (0.0 if given_val else val_f), (0.0 if given_test else test_f)
+        total = train_f + val_f + test_f
+        if total <= 0:
+            raise LeantuneError("--split leaves no training data")
+        kinds = {k: i for i, k in enumerate(sorted({r.kind for r in rows}))}
+        parts = stratified_split(
+            [kinds[r.kind] for r in rows],
+            (train_f / total, val_f / total, test_f / total),
+            config.seed,
+        )
+        train = [rows[i] for i in parts[0]]
+        val = given_val or [rows[i] for i in parts[1]]
+        test = given_test or [rows[i] for i in parts[2]]
+    train = sample_examples(train, config.train_examples, config.seed)
+    for what, part in (("training", train), ("validation", val), ("test", test)):
+        if not part:
+            raise LeantuneError(
+                f"the {what} split has no conversations; give more rows, a separate file, or "
+                "other --split fractions"
+            )
+    empty = TextTable([], [])
+    return Splits(empty, empty, empty, [], InstructSplits(train, val, test))
+
+
+def encode_chats(
+    tok: Any, examples: list[ChatExample], max_length: int, notes: list[str], where: str
+) -> Encoded:
+    """Token ids and per-token labels (the assistant's tokens only); truncation is noted."""
+    chats = tokenize_chats(tok, examples, max_length)
+    if chats.truncated:
+        notes.append(
+            f"{where}: {chats.truncated} of {len(examples)} conversations cut to --max-length "
+            f"{max_length} from the prompt side (the answers kept)"
+        )
+    return Encoded(chats.input_ids, targets=chats.labels)
+
+
 def encode(tok: Any, table: TextTable, names: list[str], max_length: int, where: str) -> Encoded:
     # Texts are cut to 100 characters per token of max_length before tokenizing, so one huge
     # text costs no more than a normal one. Natural text averages about 4 characters a token
@@ -128,6 +202,8 @@ class Prepared:
     device: torch.device
     plan: Plan | None = None
     scores: Scores | None = None
+    notes: list[str] = field(default_factory=list)
+    """What preparing found worth saying (conversations truncated ...)."""
     _cache: dict[int, list[dict[str, torch.Tensor]]] = field(default_factory=dict)
 
     def evaluate(self, enc: Encoded) -> Evaluation:
@@ -139,6 +215,22 @@ class Prepared:
             pad_id=self.tok.pad_token_id,
             batch_size=self.config.eval_batch_size,
         )
+
+    def evaluate_test(self) -> Evaluation:
+        """The test split: loss and task metrics; instruct runs add metrics of generated
+        answers on --gen-examples test conversations (``samples`` holds them)."""
+        result = self.evaluate(self.test)
+        chats = self.splits.chats
+        if chats is None or not self.config.gen_examples:
+            return result
+        examples = sample_examples(chats.test, self.config.gen_examples, self.config.seed)
+        sampling = Sampling(max_new_tokens=self.config.max_new_tokens)
+        metrics, rows = evaluate_by_generation(
+            self.model, self.tok, examples, sampling, batch_size=self.config.eval_batch_size
+        )
+        result.metrics |= metrics
+        result.samples = rows
+        return result
 
     def batches(self, epoch: int) -> list[dict[str, torch.Tensor]]:
         """This epoch's training batches: similar lengths together, padded per batch."""
@@ -172,18 +264,25 @@ def pick_device(spec: str) -> torch.device:
 def prepare(config: TuneConfig, with_method: bool = True) -> Prepared:
     """Load and check everything; writes nothing."""
     device = pick_device(config.device)
-    folder = model_dir(config.model)
-    splits = load_splits(config)
+    folder = model_dir(config.model, config.task)
+    splits = load_chat_splits(config) if config.instruct else load_splits(config)
     tok = load_tokenizer(folder)
+    if config.instruct:
+        use_template(tok, config.template)
     random.seed(config.seed)
     torch.manual_seed(config.seed)
     model = load_model(folder, config.task, splits.label_names, tok.pad_token_id)
     length = min(config.max_length, max_positions(model) or config.max_length)
-    names = splits.label_names
-    train_enc = encode(tok, splits.train, names, length, "the training data")
-    val_enc = encode(tok, splits.val, names, length, config.eval_data or "the validation split")
-    test_enc = encode(tok, splits.test, names, length, config.test_data or "the test split")
-    if config.causal:
+    names, notes = splits.label_names, list[str]()
+    if splits.chats is not None:
+        train_enc = encode_chats(tok, splits.chats.train, length, notes, "the training data")
+        val_enc = encode_chats(tok, splits.chats.validation, length, notes, "validation")
+        test_enc = encode_chats(tok, splits.chats.test, length, notes, "test")
+    else:
+        train_enc = encode(tok, splits.train, names, length, "the training data")
+        val_enc = encode(tok, splits.val, names, length, config.eval_data or "the validation split")
+        test_enc = encode(tok, splits.test, names, length, config.test_data or "the test split")
+    if config.task == "causal-lm":
         for enc in (train_enc, val_enc, test_enc):  # a 1-token text predicts nothing
             enc.ids = [x for x in enc.ids if len(x) > 1]
         if not train_enc.ids or not val_enc.ids or not test_enc.ids:
@@ -196,4 +295,22 @@ def prepare(config: TuneConfig, with_method: bool = True) -> Prepared:
     elif with_method:
         apply_method(model, config)
     model.to(device)
-    return Prepared(config, model, tok, splits, train_enc, val_enc, test_enc, device, plan, scores)
+    return Prepared(
+        config, model, tok, splits, train_enc, val_enc, test_enc, device, plan, scores, notes
+    )
+
+
+def use_template(tok: Any, template: str | None) -> None:
+    """--template (text, or a file holding it) as the tokenizer's chat template; without one
+    the tokenizer must have its own."""
+    if template is not None:
+        path = Path(template)
+        text = (
+            path.read_text(encoding="utf-8") if "{" not in template and path.is_file() else template
+        )
+        if "{" not in text:
+            raise LeantuneError(
+                f"--template {template!r} is neither a Jinja template nor a file holding one"
+            )
+        tok.chat_template = text
+    check_template(tok, None)

@@ -45,13 +45,22 @@ from leantune.runfolder import RunFolder
 from leantune.track import Tracker, check_backends
 from leantune.train.adapt import RankPruner
 from leantune.train.interface import Diverged, Progress, TrainHooks, TrainResult
-from leantune.train.loop import checkpoint_meta, latest_checkpoint, train, trainable_parameters
+from leantune.train.loop import latest_checkpoint, train, trainable_parameters
 from leantune.train.prefix import PrefixCache
 from leantune.train.schedule import Unfreezer, adapter_lr_scales, lr_scales
 from leantune.tune.config import TuneConfig, started_with, train_config, write_config
 from leantune.tune.method import make_penalty, penalties_for_the_adapter
 from leantune.tune.prepare import Prepared, pick_device, prepare
-from leantune.tune.saved import BEST, HISTORY, save_trained, side_by_side, write_run_report
+from leantune.tune.saved import (
+    BEST,
+    HISTORY,
+    check_same_start,
+    paired,
+    save_trained,
+    side_by_side,
+    task_key,
+    write_run_report,
+)
 
 STATE = runfolder.STATE
 
@@ -92,23 +101,6 @@ def run_tune(
         return recipe.finish(recipe.train())
 
 
-def check_same_start(config: TuneConfig, folder: RunFolder, fingerprint: dict[str, Any]) -> None:
-    """A resumed run continues only on the data and options it started with."""
-    started = checkpoint_meta(folder.work / STATE)
-    if started.get("data_sha256", fingerprint) != fingerprint:
-        changed = [k for k, v in fingerprint.items() if started["data_sha256"].get(k) != v]
-        raise LeantuneError(
-            f"the data changed since {folder.final} started ({', '.join(changed)}: "
-            f"{getattr(config, changed[0])}); resume with the same data, or start over "
-            "with --overwrite"
-        )
-    if started.get("config", started_with(config)) != json.loads(json.dumps(started_with(config))):
-        raise LeantuneError(
-            f"{folder.work / 'config.yaml'} changed since the run started; put it back, or "
-            "start over with --overwrite"
-        )
-
-
 def validation_line(row: dict[str, float]) -> str:
     """``step 98 (epoch 1)  val loss 0.1135  val accuracy 0.9507``: one line per validation."""
     pairs = "  ".join(
@@ -121,6 +113,7 @@ class TuneRecipe:
     """One tune run, built phase by phase (see the module docstring for the phases)."""
 
     prep: Prepared
+    samples_before: list[dict[str, str]]
     l2_given: bool = True
     fingerprint: dict[str, Any]
     report: ParameterReport
@@ -170,6 +163,8 @@ class TuneRecipe:
             self.prep.config = config
         else:
             self.prep = prepare(config)
+        for note in self.prep.notes:
+            self.say(note)
         config = penalties_for_the_adapter(config, self.prep.model, self.l2_given)
         self.config = self.prep.config = config
         self.fingerprint = data_fingerprint(config)
@@ -244,7 +239,7 @@ class TuneRecipe:
                 self.source,
                 causal=config.causal,
                 max_length=min(64, max_positions(model) or 64),
-                fingerprint=folder_fingerprint(model_dir(config.model)),
+                fingerprint=folder_fingerprint(model_dir(config.model, config.task)),
             )
             if self.ref.cached:
                 self.say(f"knowledge kept: the original model's side read from {cache_root()}")
@@ -252,7 +247,8 @@ class TuneRecipe:
             self.say(
                 "knowledge kept: no reference text (install fortunes-min or give --reference-text)"
             )
-        self.task_before = prep.evaluate(prep.test).metrics
+        before = prep.evaluate_test()
+        self.task_before, self.samples_before = before.metrics, before.samples
         if config.cache_prefix:
             self.prefix = PrefixCache(model, [len(x) for x in prep.train.ids])
             self.say(
@@ -329,11 +325,15 @@ class TuneRecipe:
             adapt_info = {"adapt_start_params": report.trainable, "adapt_ranks": ranks}
             report = parameter_report(model)
         saved = save_trained(model, run, config)
-        test = self.prep.evaluate(self.prep.test)
+        test = self.prep.evaluate_test()
         summary = self.summarize(result, best, report, saved, test, adapt_info)
         atomic_write(
             run / HISTORY,
-            json.dumps({"curve": result.curve, "confusion": test.confusion}) + "\n",
+            json.dumps(
+                {"curve": result.curve, "confusion": test.confusion}
+                | ({"samples": paired(self.samples_before, test.samples)} if test.samples else {})
+            )
+            + "\n",
         )
         self.tracker.log({f"final/{k}": v for k, v in summary.items()}, result.steps)
         self.tracker.close()
@@ -398,7 +398,7 @@ class TuneRecipe:
         config, prep, final = self.config, self.prep, self.folder.final
         summary: dict[str, Any] = {
             "run": str(final),
-            "model": str(model_dir(config.model)),
+            "model": str(model_dir(config.model, config.task)),
             "task": config.task,
             "method": config.method,
             **{f"test_{k}": v for k, v in test.metrics.items()},
@@ -418,8 +418,10 @@ class TuneRecipe:
             "device": str(prep.device),
             **adapt_info,
         }
-        key = "perplexity" if config.causal else "accuracy"
-        summary[f"test_{key}_before"] = self.task_before[key]
+        key = task_key(config, test.metrics)
+        for metric, value in self.task_before.items():
+            if metric in test.metrics:
+                summary[f"test_{metric}_before"] = value
         summary["task_gain"] = test.metrics[key] - self.task_before[key]
         if self.ref is not None:
             kept = knowledge_kept(prep.model, self.ref)

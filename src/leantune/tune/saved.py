@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from leantune import runfolder
 from leantune.data import load_table
 from leantune.errors import LeantuneError
 from leantune.evaluate import Encoded, evaluate
@@ -26,8 +27,8 @@ from leantune.models import load_model, load_tokenizer, max_positions, model_dir
 from leantune.plan import Plan
 from leantune.runfolder import RunFolder
 from leantune.select import Scores
-from leantune.train.loop import trainable_parameters
-from leantune.tune.config import TuneConfig, make_config, read_config
+from leantune.train.loop import checkpoint_meta, trainable_parameters
+from leantune.tune.config import TuneConfig, make_config, read_config, started_with
 from leantune.tune.method import make_plan
 from leantune.tune.prepare import encode, load_splits, pick_device, prepare
 
@@ -47,7 +48,7 @@ def save_trained(model: nn.Module, run: Path, config: TuneConfig) -> Path:
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     meta = {
         "method": config.method,
-        "base_model": str(model_dir(config.model)),
+        "base_model": str(model_dir(config.model, config.task)),
         "tensors": len(tensors),
     }
     (tmp / "leantune.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -120,7 +121,7 @@ def load_run(run: Path) -> SavedRun:
     if not (run / "summary.json").is_file():
         raise LeantuneError(f"{run} has not finished; finish it with leantune tune --resume")
     names = json.loads((run / "labels.json").read_text()) if (run / "labels.json").exists() else []
-    folder = model_dir(config.model)
+    folder = model_dir(config.model, config.task)
     tok = load_tokenizer(folder)
     torch.manual_seed(config.seed)
     model = load_model(folder, config.task, names, tok.pad_token_id)
@@ -213,7 +214,7 @@ def merge_run(run: Path, out: Path, overwrite: bool = False) -> Path:
     if not (run / "config.yaml").is_file():
         raise LeantuneError(f"{run} is not a leantune run folder (no config.yaml)")
     config = make_config(read_config(run / "config.yaml"))
-    check_merge_out(out, overwrite, run, model_dir(config.model))
+    check_merge_out(out, overwrite, run, model_dir(config.model, config.task))
     saved = load_run(run)
     model = unload(saved.model, merge_active=True).cpu()
 
@@ -249,10 +250,44 @@ def run_select(
     return plan, scores
 
 
+def check_same_start(config: TuneConfig, folder: RunFolder, fingerprint: dict[str, Any]) -> None:
+    """A resumed run continues only on the data and options it started with."""
+    started = checkpoint_meta(folder.work / runfolder.STATE)
+    if started.get("data_sha256", fingerprint) != fingerprint:
+        changed = [k for k, v in fingerprint.items() if started["data_sha256"].get(k) != v]
+        raise LeantuneError(
+            f"the data changed since {folder.final} started ({', '.join(changed)}: "
+            f"{getattr(config, changed[0])}); resume with the same data, or start over "
+            "with --overwrite"
+        )
+    if started.get("config", started_with(config)) != json.loads(json.dumps(started_with(config))):
+        raise LeantuneError(
+            f"{folder.work / 'config.yaml'} changed since the run started; put it back, or "
+            "start over with --overwrite"
+        )
+
+
+def task_key(config: TuneConfig, metrics: dict[str, float]) -> str:
+    """The metric the run's one line reports: accuracy, perplexity, or for instruct the
+    generation score (ROUGE-L, else exact match) when the test split was answered."""
+    if config.instruct:
+        return next((k for k in ("rouge_l", "exact_match") if k in metrics), "perplexity")
+    return "perplexity" if config.causal else "accuracy"
+
+
+def paired(before: list[dict[str, str]], after: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Each test conversation's reference with the base model's and the tuned answer."""
+    return [a | {"base_answer": b["answer"]} for b, a in zip(before, after, strict=True)]
+
+
 def side_by_side(summary: dict[str, Any], key: str) -> str:
     """One line: what the task gained and what the model kept."""
-    before, after = summary[f"test_{key}_before"], summary[f"test_{key}"]
-    task = f"task: test {key} {before:.4g} -> {after:.4g} ({after - before:+.4g})"
+    keys = [key] + [k for k in ("exact_match",) if k != key and f"test_{k}_before" in summary]
+    task = "task: " + ", ".join(
+        f"test {k} {summary[f'test_{k}_before']:.4g} -> {summary[f'test_{k}']:.4g} "
+        f"({summary[f'test_{k}'] - summary[f'test_{k}_before']:+.4g})"
+        for k in keys
+    )
     if "knowledge_cosine" in summary:
         kept = (
             f"knowledge kept: embedding cosine {summary['knowledge_cosine']:.3f}, 10-NN overlap "

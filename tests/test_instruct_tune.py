@@ -1,0 +1,135 @@
+"""`tune --task instruct` end to end on a tiny chat Llama built here: the loss is the answers',
+the test split is answered by generation and scored before and after, the adapter is saved, and
+`generate` answers from the saved run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import chat_model_folder
+from leantune.errors import LeantuneError
+from leantune.evaluate import make_batch
+from leantune.generate import Sampling, generate, sample_examples, score_answers
+from leantune.instruct import ChatExample
+from leantune.tune import TuneConfig, run_tune
+from leantune.tune.prepare import prepare
+
+TOPICS = ["sport", "tech", "business"]
+WORDS = {
+    "sport": "match goal team win cup",
+    "tech": "phone chip software web data",
+    "business": "shares profit bank market sales",
+}
+
+
+def rows(n: int) -> list[dict[str, str]]:
+    out = []
+    for i in range(n):
+        topic = TOPICS[i % 3]
+        words = WORDS[topic].split()
+        text = " ".join(words[(i + j) % 5] for j in range(6))
+        out.append({"prompt": f"{text}. Which topic?", "response": topic})
+    return out
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> tuple[Path, Path]:
+    corpus = [f"{r['prompt']} {r['response']}" for r in rows(30)]
+    model = chat_model_folder(tmp_path / "chat", extra=corpus)
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows(90)))
+    return model, data
+
+
+def config(model: Path, data: Path, tmp_path: Path, **extra: object) -> TuneConfig:
+    values: dict[str, object] = {
+        "task": "instruct",
+        "model": str(model),
+        "data": str(data),
+        "runs_dir": str(tmp_path / "runs"),
+        "name": "chat",
+        "epochs": 6,
+        "batch_size": 8,
+        "lr": 1e-2,
+        "layers": "all",
+        "reference_examples": 0,
+        "gen_examples": 12,
+        "max_new_tokens": 4,
+    }
+    return TuneConfig(**(values | extra))  # type: ignore[arg-type]
+
+
+def test_instruct_batches_train_on_the_answers_only(setup: tuple[Path, Path], tmp_path: Path):
+    model, data = setup
+    prep = prepare(config(model, data, tmp_path))
+    batch = make_batch(prep.train, list(range(4)), prep.tok.pad_token_id, causal=True)
+    for ids, labels in zip(batch["input_ids"], batch["labels"], strict=True):
+        trained = ids[labels != -100]
+        text = prep.tok.decode(trained)
+        assert text.strip().removesuffix("<|im_end|>").strip() in TOPICS, text
+    assert prep.evaluate(prep.val).metrics["perplexity"] > 1
+
+
+def test_tune_instruct_improves_the_generated_answers(setup: tuple[Path, Path], tmp_path: Path):
+    """Full tuning: a random tiny model's frozen features are too poor for LoRA to learn the
+    task in seconds (SmolLM2's are not: README), and this is about the instruct pipeline."""
+    model, data = setup
+    summary = run_tune(config(model, data, tmp_path, method="full"))
+    assert summary["task"] == "instruct"
+    assert summary["test_exact_match_before"] < 0.5 <= summary["test_exact_match"]
+    run = tmp_path / "runs" / "chat"
+    samples = json.loads((run / "history.json").read_text())["samples"]
+    assert len(samples) == 12 and {"prompt", "reference", "answer", "base_answer"} <= set(
+        samples[0]
+    )
+    assert (run / "trained" / "model.safetensors").is_file()
+
+
+def test_tune_instruct_with_lora_saves_an_adapter(setup: tuple[Path, Path], tmp_path: Path):
+    model, data = setup
+    summary = run_tune(config(model, data, tmp_path, epochs=1, gen_examples=3))
+    assert summary["test_perplexity"] < summary["test_perplexity_before"]
+    assert "test_exact_match" in summary
+    assert (tmp_path / "runs" / "chat" / "adapter" / "adapter_config.json").is_file()
+
+
+def test_scoring_splits_short_and_free_answers() -> None:
+    short = ChatExample(
+        [{"role": "user", "content": "q"}, {"role": "assistant", "content": "tech"}]
+    )
+    free = ChatExample(
+        [
+            {"role": "user", "content": "q"},
+            {"role": "assistant", "content": "shares rise on profit"},
+        ]
+    )
+    metrics, report = score_answers([short, free], ["Tech.", "shares rise"])
+    assert metrics["exact_match"] == 1.0
+    assert 0 < metrics["rouge_l"] < 1
+    assert report[1]["answer"] == "shares rise"
+    kinds = [ChatExample(short.messages, kind=k) for k in "aab" * 10]
+    picked = sample_examples(kinds, 9, seed=0)
+    assert len(picked) == 9 and sum(e.kind == "b" for e in picked) == 3
+
+
+def test_generate_is_greedy_and_deterministic(setup: tuple[Path, Path]) -> None:
+    from leantune.models import load_model, load_tokenizer
+
+    model_dir, _ = setup
+    tok = load_tokenizer(model_dir)
+    model = load_model(model_dir, "instruct")
+    convs = [[{"role": "user", "content": "match goal. Which topic?"}]] * 2 + [
+        [{"role": "user", "content": "phone chip software web data chip. Which topic?"}]
+    ]
+    a = generate(model, tok, convs, Sampling(max_new_tokens=5), batch_size=2)
+    b = generate(model, tok, convs, Sampling(max_new_tokens=5), batch_size=3)
+    assert a == b and a[0] == a[1]  # padding and batch size change nothing
+    torch.manual_seed(0)
+    sampled = generate(model, tok, convs, Sampling(max_new_tokens=5, temperature=1.5))
+    assert len(sampled) == 3
+    with pytest.raises(LeantuneError, match="top-p"):
+        Sampling(top_p=0)
