@@ -16,17 +16,16 @@ from transformers import PreTrainedTokenizerFast
 from helpers import CHATML, chat_tokenizer
 from helpers import tiny_chat_llama as tiny_llama
 from leantune.errors import LeantuneError
+from leantune.generate import exact_match, rouge_l
 from leantune.instruct import (
     ChatExample,
     TokenizedChats,
     bbc_instruct,
-    exact_match,
     instruct_batch,
     load_chats,
     pack,
     packed_batch,
     prompt_and_reference,
-    rouge_l,
     segment_mask,
     tokenize_chat,
     tokenize_chats,

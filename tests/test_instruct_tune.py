@@ -9,13 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from helpers import chat_model_folder
+from leantune.cli import app
 from leantune.errors import LeantuneError
 from leantune.evaluate import make_batch
 from leantune.generate import Sampling, generate, sample_examples, score_answers
 from leantune.instruct import ChatExample
-from leantune.tune import TuneConfig, run_tune
+from leantune.tune import TuneConfig, evaluate_run, run_tune
 from leantune.tune.prepare import prepare
 
 TOPICS = ["sport", "tech", "business"]
@@ -89,12 +91,28 @@ def test_tune_instruct_improves_the_generated_answers(setup: tuple[Path, Path], 
     assert (run / "trained" / "model.safetensors").is_file()
 
 
-def test_tune_instruct_with_lora_saves_an_adapter(setup: tuple[Path, Path], tmp_path: Path):
+def test_tune_instruct_with_lora_then_eval_and_generate(setup: tuple[Path, Path], tmp_path: Path):
     model, data = setup
     summary = run_tune(config(model, data, tmp_path, epochs=1, gen_examples=3))
     assert summary["test_perplexity"] < summary["test_perplexity_before"]
     assert "test_exact_match" in summary
-    assert (tmp_path / "runs" / "chat" / "adapter" / "adapter_config.json").is_file()
+    run = tmp_path / "runs" / "chat"
+    assert (run / "adapter" / "adapter_config.json").is_file()
+    metrics = evaluate_run(run)
+    assert metrics["perplexity"] == pytest.approx(summary["test_perplexity"], rel=1e-4)
+    assert metrics["generated"] == 3 and "exact_match" in metrics
+    # The CLI: one prompt is streamed; a file of prompts gives JSON lines.
+    cli = CliRunner()
+    one = cli.invoke(app, ["generate", str(run), "--prompt", "match goal. Which topic?"])
+    assert one.exit_code == 0, one.output
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "phone chip. Which topic?"}) + "\n")
+    many = cli.invoke(app, ["generate", str(run), "--input", str(prompts), "--max-new-tokens", "3"])
+    assert many.exit_code == 0, many.output
+    row = json.loads(many.stdout.strip().splitlines()[-1])
+    assert row["prompt"] == "phone chip. Which topic?" and isinstance(row["answer"], str)
+    bad = cli.invoke(app, ["generate", str(run)])
+    assert bad.exit_code == 2 and "--prompt" in bad.stderr
 
 
 def test_scoring_splits_short_and_free_answers() -> None:

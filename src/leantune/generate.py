@@ -10,15 +10,18 @@ reference of at most ``SHORT_WORDS`` words) and ROUGE-L for free text (headlines
 from __future__ import annotations
 
 import random
+import re
+import string
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import torch
 from torch import nn
 
 from leantune.errors import LeantuneError
-from leantune.instruct import ChatExample, Message, exact_match, prompt_and_reference, rouge_l
+from leantune.instruct import ChatExample, Message, prompt_and_reference
 
 SHORT_WORDS = 3
 """References of at most this many words are scored by exact match, longer ones by ROUGE-L
@@ -102,6 +105,32 @@ def generate(
         tok.padding_side = side
         model.train(was_training)
     return answers
+
+
+def _normalize(text: str) -> str:
+    text = text.lower().translate(str.maketrans("", "", string.punctuation))
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def exact_match(pred: str, ref: str) -> float:
+    """1.0 when the texts are equal ignoring case, punctuation and runs of whitespace."""
+    return float(_normalize(pred) == _normalize(ref))
+
+
+@lru_cache(maxsize=1)
+def _rouge_scorer() -> Any:
+    try:
+        from rouge_score import rouge_scorer
+    except ImportError:
+        raise LeantuneError(
+            "ROUGE-L needs the package rouge-score; install it with `pip install rouge-score`"
+        ) from None
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
+def rouge_l(pred: str, ref: str) -> float:
+    """ROUGE-L F-measure (longest common subsequence of words, Porter-stemmed), 0..1."""
+    return float(_rouge_scorer().score(ref, pred)["rougeL"].fmeasure)
 
 
 def is_short(example: ChatExample, reference: str) -> bool:

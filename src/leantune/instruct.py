@@ -36,11 +36,8 @@ block-diagonal — or by ``segment_mask``, an explicit 4-D additive mask for mod
 from __future__ import annotations
 
 import json
-import re
-import string
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -125,7 +122,44 @@ def _cell(value: Any, where: str, column: str) -> str:
     raise LeantuneError(f"{where}: column {column!r} holds a {_kind(value)}, not text")
 
 
-def _messages(value: Any, path: Path, column: str, at: str) -> list[Message]:
+def load_prompts(
+    path: str | Path,
+    prompt_column: str = "prompt",
+    system_column: str = "system",
+    messages_column: str = "messages",
+) -> list[list[Message]]:
+    """Conversations to answer (``leantune generate --input``): a ``messages`` column (a
+    trailing assistant turn is dropped: it is the reference), else the prompt (/ system)
+    columns; a response column, if any, is ignored."""
+    path = Path(path)
+    raw = read_rows(path, {prompt_column, system_column, messages_column})
+    out = []
+    for row, at in zip(raw.rows, raw.positions, strict=True):
+        where = f"{path} {raw.unit} {at}"
+        if messages_column in raw.columns:
+            msgs = _messages(row.get(messages_column), path, messages_column, f"{raw.unit} {at}",
+                             need_answer=False)  # fmt: skip
+            while msgs and msgs[-1]["role"] == "assistant":
+                msgs.pop()
+        else:
+            if prompt_column not in raw.columns:
+                raise LeantuneError(
+                    f"{path} has no column {prompt_column!r} (its columns are {raw.columns}); "
+                    "name it with --prompt-column, or give a messages column"
+                )
+            system = _cell(row.get(system_column), where, system_column)
+            prompt = _cell(row.get(prompt_column), where, prompt_column)
+            msgs = [{"role": "system", "content": system}] if system.strip() else []
+            msgs.append({"role": "user", "content": prompt})
+        if not msgs or not msgs[-1]["content"].strip():
+            raise LeantuneError(f"{where}: nothing to answer (an empty prompt)")
+        out.append(msgs)
+    return out
+
+
+def _messages(
+    value: Any, path: Path, column: str, at: str, need_answer: bool = True
+) -> list[Message]:
     """A validated ``messages`` cell (a list, or in CSV its JSON text)."""
     where = f"{path} {at}"
     if isinstance(value, str):
@@ -158,7 +192,7 @@ def _messages(value: Any, path: Path, column: str, at: str) -> list[Message]:
                 f"{where}: message {n} ({role}) has empty content; give it text or remove it"
             )
         messages.append({"role": role, "content": content})
-    if not any(m["role"] == "assistant" for m in messages):
+    if need_answer and not any(m["role"] == "assistant" for m in messages):
         raise LeantuneError(
             f"{where}: the conversation has no assistant message, so there is nothing to "
             "learn; add the assistant's reply or remove that row"
@@ -348,32 +382,6 @@ def segment_mask(position_ids: torch.Tensor, dtype: torch.dtype = torch.float32)
     allowed = (same & causal)[:, None]
     mask = torch.zeros(allowed.shape, dtype=dtype, device=position_ids.device)
     return mask.masked_fill(~allowed, torch.finfo(dtype).min)
-
-
-def _normalize(text: str) -> str:
-    text = text.lower().translate(str.maketrans("", "", string.punctuation))
-    return re.sub(r"\s+", " ", text).strip()
-
-
-def exact_match(pred: str, ref: str) -> float:
-    """1.0 when the texts are equal ignoring case, punctuation and runs of whitespace."""
-    return float(_normalize(pred) == _normalize(ref))
-
-
-@lru_cache(maxsize=1)
-def _rouge_scorer() -> Any:
-    try:
-        from rouge_score import rouge_scorer
-    except ImportError:
-        raise LeantuneError(
-            "ROUGE-L needs the package rouge-score; install it with `pip install rouge-score`"
-        ) from None
-    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-
-
-def rouge_l(pred: str, ref: str) -> float:
-    """ROUGE-L F-measure (longest common subsequence of words, Porter-stemmed), 0..1."""
-    return float(_rouge_scorer().score(ref, pred)["rougeL"].fmeasure)
 
 
 TOPICS = {"business": "business", "entertainment": "entertainment", "politics": "politics"}

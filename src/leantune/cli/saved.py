@@ -1,4 +1,4 @@
-"""Commands on a saved run or adapter: eval, predict, merge, info, report."""
+"""Commands on a saved run or adapter: eval, predict, generate, merge, info, report."""
 
 from __future__ import annotations
 
@@ -160,3 +160,79 @@ def report(run: RunArg) -> None:
     except LeantuneError as e:
         fail(str(e))
     typer.echo(f"report written to {page}")
+
+
+@app.command()
+def generate(
+    run: RunArg,
+    prompt: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Option("--prompt", help="A prompt to answer (repeatable)."),
+    ] = None,
+    input: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(
+            help="A .jsonl/.csv/datasets folder of prompts (the run's --prompt-column, or a "
+            "messages column of {role, content} lists) to answer."
+        ),
+    ] = None,
+    out: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="Write the answers here as JSON Lines (prompt, answer)."),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing --out file.")
+    ] = False,
+    system: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="A system prompt put before each --prompt."),
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="The longest answer, in tokens.")] = 128,
+    temperature: Annotated[
+        float, typer.Option(help="0 answers greedily; above 0 samples at that temperature.")
+    ] = 0.0,
+    top_p: Annotated[
+        float, typer.Option(help="Nucleus sampling share (with --temperature).")
+    ] = 1.0,
+    seed: Annotated[int, typer.Option(help="Seed for sampling.")] = 0,
+) -> None:
+    """Answer prompts with a saved instruct (or causal-lm) run. One --prompt and no --out:
+    the answer is streamed to the terminal as it is generated; otherwise one JSON line per
+    prompt."""
+    import torch
+
+    from leantune.generate import Sampling
+    from leantune.outputs import check_predictions_out, write_text
+    from leantune.tune import generate_run
+
+    if not prompt and input is None:
+        fail("give prompts with --prompt or a file with --input")
+    try:
+        sampling = Sampling(max_new_tokens, temperature, top_p)
+        if out is not None:  # checked before the model loads
+            if out.suffix.lower() != ".jsonl":
+                fail(f"--out {out}: answers are written as JSON Lines; name a .jsonl file")
+            check_predictions_out(out, overwrite, [input] if input else [], [run])
+        torch.manual_seed(seed)
+        stream = len(prompt or []) == 1 and input is None and out is None
+        streamer = _terminal_streamer() if stream else None
+        rows = generate_run(run, list(prompt or []), input, sampling, system, streamer)
+        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        if out is not None:
+            write_text(out, lines)
+    except LeantuneError as e:
+        fail(str(e))
+    if stream:
+        typer.echo("")
+    elif out is None:
+        typer.echo(lines, nl=False)
+    else:
+        typer.echo(f"{len(rows)} answers written to {out}", err=True)
+
+
+def _terminal_streamer() -> object:
+    """Prints the new tokens as they come (transformers' TextStreamer), built once the run's
+    tokenizer is loaded: ``generate_run`` calls it with the tokenizer."""
+    from transformers import TextStreamer
+
+    return lambda tok: TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)

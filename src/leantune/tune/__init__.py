@@ -42,6 +42,7 @@ from leantune.tune.run import TuneRecipe, check_run_folder, run_tune
 from leantune.tune.saved import (
     SavedRun,
     evaluate_run,
+    generate_run,
     load_run,
     merge_run,
     predict_run,
@@ -66,6 +67,7 @@ __all__ = [
     "encode",
     "evaluate_run",
     "field_docs",
+    "generate_run",
     "head_modules",
     "load_run",
     "load_splits",

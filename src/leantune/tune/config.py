@@ -62,9 +62,16 @@ def default_lr(method: str) -> float:
 
 CLASSIFY_METRICS = ("accuracy", "macro_f1", "loss")
 DEFAULT_MODEL_NAMES = {"classify": "minilm", "causal-lm": "minilm", "instruct": "smollm2"}
-INSTRUCT_TRAIN_EXAMPLES = 600
-"""The embedded instruct data's default training sample: an instruct run on 2 CPU cores ends
-in under 15 minutes (README); --train-examples overrides it."""
+DEFAULT_MODEL_TITLES = {
+    "classify": "the embedded MiniLM-L6",
+    "causal-lm": "the embedded MiniLM-L6",
+    "instruct": "the embedded SmolLM2-135M-Instruct",
+}
+INSTRUCT_TRAIN_EXAMPLES = 400
+INSTRUCT_EVAL_EXAMPLES = 200
+"""The embedded instruct data's default samples (training; validation and test): an instruct
+run on 2 CPU cores ends in under 15 minutes (README); --train-examples and --eval-examples
+override them."""
 
 
 @dataclass
@@ -95,7 +102,7 @@ class TuneConfig(
             )
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
             raise LeantuneError(f"--lr must be a finite positive number, got {self.lr}")
-        for key in ("eval_every", "patience", "max_steps"):
+        for key in ("eval_every", "patience", "max_steps", "eval_examples"):
             value = getattr(self, key)
             if value is not None and value <= 0:
                 flag = key.replace("_", "-")
@@ -200,8 +207,11 @@ class TuneConfig(
             values["l2"] = cls.from_options(options).default_l2() if cls is not None else 0.0
         if self.metric is None:
             values["metric"] = "perplexity" if self.causal else "accuracy"
-        if self.instruct and self.data is None and self.train_examples is None:
-            values["train_examples"] = INSTRUCT_TRAIN_EXAMPLES
+        if self.instruct and self.data is None:  # the embedded data, sized for a CPU
+            if self.train_examples is None:
+                values["train_examples"] = INSTRUCT_TRAIN_EXAMPLES
+            if self.eval_examples is None:
+                values["eval_examples"] = INSTRUCT_EVAL_EXAMPLES
         if self.name is None:
             model = Path(self.model).name if self.model else DEFAULT_MODEL_NAMES[self.task]
             data = Path(self.data).stem if self.data else "bbc"

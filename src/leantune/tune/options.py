@@ -165,6 +165,9 @@ class EvalOptions:
     """Also validate every N optimizer steps (default: once per epoch)."""
     patience: int | None = None
     """Stop after N validations without improvement (default: never)."""
+    eval_examples: int | None = None
+    """Validate and test on a seeded sample of this many examples of each split (default: all;
+    an instruct run on the embedded data: 200, so that it ends in minutes on a CPU)."""
     gen_examples: int = 100
     """instruct: test examples answered by generation (greedy) and scored, before and after
     training: exact match for short answers, ROUGE-L for free text (0: none)."""

@@ -54,6 +54,16 @@ def _subset(table: TextTable, rows: list[int]) -> TextTable:
     return TextTable([table.texts[i] for i in rows], labels)
 
 
+def _sample(table: TextTable, n: int | None, seed: int) -> TextTable:
+    """A stratified sample of ``n`` rows of ``table`` (all of them when n is None or more)."""
+    if n is None or n >= len(table.texts):
+        return table
+    keep = n / len(table.texts)
+    inner = table.labels or ["_"] * len(table.texts)
+    ids = {name: i for i, name in enumerate(sorted(set(inner)))}
+    return _subset(table, stratified_split([ids[s] for s in inner], (keep, 1 - keep, 0.0), seed)[0])
+
+
 def load_splits(config: TuneConfig) -> Splits:
     label_column = None if config.causal else config.label_column
     if config.data is None:
@@ -80,14 +90,9 @@ def load_splits(config: TuneConfig) -> Splits:
         [index[s] for s in strata], (train_f / total, val_f / total, test_f / total), config.seed
     )
     train_part = _subset(data, parts[0])
-    if config.train_examples is not None and config.train_examples < len(train_part.texts):
-        keep = config.train_examples / len(train_part.texts)
-        inner = train_part.labels or ["_"] * len(train_part.texts)
-        ids = {n: i for i, n in enumerate(sorted(set(inner)))}
-        sample = stratified_split([ids[s] for s in inner], (keep, 1 - keep, 0.0), config.seed)[0]
-        train_part = _subset(train_part, sample)
-    val = val or _subset(data, parts[1])
-    test = test or _subset(data, parts[2])
+    train_part = _sample(train_part, config.train_examples, config.seed)
+    val = _sample(val or _subset(data, parts[1]), config.eval_examples, config.seed)
+    test = _sample(test or _subset(data, parts[2]), config.eval_examples, config.seed)
     for what, table in (("training", train_part), ("validation", val), ("test", test)):
         if not table.texts:
             fractions = (train_f / total, val_f / total, test_f / total)
@@ -108,7 +113,7 @@ def load_splits(config: TuneConfig) -> Splits:
     return Splits(train_part, val, test, names)
 
 
-BBC_BODY_WORDS = 80
+BBC_BODY_WORDS = 45
 """Words of each article the embedded instruct data keeps: the prompt stays short on CPU."""
 
 
@@ -147,6 +152,8 @@ def load_chat_splits(config: TuneConfig) -> Splits:
         val = given_val or [rows[i] for i in parts[1]]
         test = given_test or [rows[i] for i in parts[2]]
     train = sample_examples(train, config.train_examples, config.seed)
+    val = sample_examples(val, config.eval_examples, config.seed)
+    test = sample_examples(test, config.eval_examples, config.seed)
     for what, part in (("training", train), ("validation", val), ("test", test)):
         if not part:
             raise LeantuneError(

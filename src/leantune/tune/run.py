@@ -48,7 +48,13 @@ from leantune.train.interface import Diverged, Progress, TrainHooks, TrainResult
 from leantune.train.loop import latest_checkpoint, train, trainable_parameters
 from leantune.train.prefix import PrefixCache
 from leantune.train.schedule import Unfreezer, adapter_lr_scales, lr_scales
-from leantune.tune.config import TuneConfig, started_with, train_config, write_config
+from leantune.tune.config import (
+    DEFAULT_MODEL_TITLES,
+    TuneConfig,
+    started_with,
+    train_config,
+    write_config,
+)
 from leantune.tune.method import make_penalty, penalties_for_the_adapter
 from leantune.tune.prepare import Prepared, pick_device, prepare
 from leantune.tune.saved import (
@@ -181,7 +187,7 @@ class TuneRecipe:
         )
         self.report = report = parameter_report(model)
         self.say(
-            f"{config.method} on {config.model or 'the embedded MiniLM-L6'}: "
+            f"{config.method} on {config.model or DEFAULT_MODEL_TITLES[config.task]}: "
             f"{report.trainable:,} of {report.total:,} parameters trainable "
             f"({report.percent:.2f}%); {len(prep.train)} train / {len(prep.val)} validation / "
             f"{len(prep.test)} test texts"

@@ -22,6 +22,8 @@ from leantune.errors import LeantuneError
 from leantune.evaluate import Encoded, evaluate
 from leantune.files import load_into, unique_tensors
 from leantune.formats import save_adapter
+from leantune.generate import Sampling, evaluate_by_generation, generate, sample_examples
+from leantune.instruct import load_chats, load_prompts
 from leantune.methods.base import METHODS
 from leantune.models import load_model, load_tokenizer, max_positions, model_dir
 from leantune.plan import Plan
@@ -30,7 +32,15 @@ from leantune.select import Scores
 from leantune.train.loop import checkpoint_meta, trainable_parameters
 from leantune.tune.config import TuneConfig, make_config, read_config, started_with
 from leantune.tune.method import make_plan
-from leantune.tune.prepare import encode, load_splits, pick_device, prepare
+from leantune.tune.prepare import (
+    encode,
+    encode_chats,
+    load_chat_splits,
+    load_splits,
+    pick_device,
+    prepare,
+    use_template,
+)
 
 HISTORY = "history.json"
 """The per-step loss curve and the test confusion matrix: what rebuilds the report."""
@@ -123,6 +133,8 @@ def load_run(run: Path) -> SavedRun:
     names = json.loads((run / "labels.json").read_text()) if (run / "labels.json").exists() else []
     folder = model_dir(config.model, config.task)
     tok = load_tokenizer(folder)
+    if config.instruct:
+        use_template(tok, config.template)
     torch.manual_seed(config.seed)
     model = load_model(folder, config.task, names, tok.pad_token_id)
     if config.method in METHODS:
@@ -143,6 +155,8 @@ def evaluate_run(run: Path, data: Path | None = None, split: str = "test") -> di
         raise LeantuneError(f"--split {split!r}: use test or val")
     saved = load_run(run)
     cfg = saved.config
+    if cfg.instruct:
+        return evaluate_chats(saved, data, split)
     if data is not None:
         table = load_table(data, cfg.text_column, None if cfg.causal else cfg.label_column)
         where = str(data)
@@ -166,6 +180,61 @@ def evaluate_run(run: Path, data: Path | None = None, split: str = "test") -> di
         out["confusion"] = result.confusion
         out["label_names"] = saved.label_names
     return out
+
+
+def evaluate_chats(saved: SavedRun, data: Path | None, split: str) -> dict[str, Any]:
+    """An instruct run on its test (or val) split or on another conversations file: the loss
+    on the answers, and the generation metrics on --gen-examples of them."""
+    cfg = saved.config
+    if data is not None:
+        examples = load_chats(
+            data, cfg.prompt_column, cfg.response_column, cfg.system_column, cfg.messages_column
+        )
+        where = str(data)
+    else:
+        chats = load_chat_splits(cfg).chats
+        assert chats is not None
+        examples = chats.test if split == "test" else chats.validation
+        where = f"the {split} split"
+    enc = encode_chats(saved.tok, examples, saved.max_length, [], where)
+    result = evaluate(
+        saved.model, enc, causal=True, pad_id=saved.tok.pad_token_id, batch_size=cfg.eval_batch_size
+    )
+    out: dict[str, Any] = {"data": where, "examples": len(enc), **result.metrics}
+    if cfg.gen_examples:
+        picked = sample_examples(examples, cfg.gen_examples, cfg.seed)
+        sampling = Sampling(max_new_tokens=cfg.max_new_tokens)
+        metrics, _ = evaluate_by_generation(
+            saved.model, saved.tok, picked, sampling, batch_size=cfg.eval_batch_size
+        )
+        out |= metrics | {"generated": len(picked)}
+    return out
+
+
+def generate_run(
+    run: Path,
+    prompts: list[str],
+    input_file: Path | None,
+    sampling: Sampling,
+    system: str | None = None,
+    streamer: Any = None,
+) -> list[dict[str, str]]:
+    """Answers of a saved instruct (or causal-lm chat) run to ``prompts`` and to the prompts
+    or conversations of ``input_file`` (read like --data), in that order."""
+    saved = load_run(run)
+    if not saved.config.causal:
+        raise LeantuneError(f"{run} is a classification run; generate needs a causal LM run")
+    head = [{"role": "system", "content": system}] if system else []
+    convs = [[*head, {"role": "user", "content": p}] for p in prompts]
+    if input_file is not None:
+        cfg = saved.config
+        convs += load_prompts(input_file, cfg.prompt_column, cfg.system_column, cfg.messages_column)
+    if not convs:
+        raise LeantuneError("no prompts: give --prompt or --input")
+    # ``streamer`` is made from the tokenizer once it is loaded (the CLI's terminal printer).
+    stream = streamer(saved.tok) if callable(streamer) else streamer
+    answers = generate(saved.model, saved.tok, convs, sampling, streamer=stream)
+    return [{"prompt": c[-1]["content"], "answer": a} for c, a in zip(convs, answers, strict=True)]
 
 
 def predict_run(
