@@ -17,7 +17,7 @@ from leantune.errors import LeantuneError
 from leantune.evaluate import make_batch
 from leantune.generate import Sampling, generate, sample_examples, score_answers
 from leantune.instruct import ChatExample
-from leantune.tune import TuneConfig, evaluate_run, run_tune
+from leantune.tune import TuneConfig, evaluate_run, generate_run, merge_run, run_tune
 from leantune.tune.prepare import prepare
 
 TOPICS = ["sport", "tech", "business"]
@@ -89,6 +89,8 @@ def test_tune_instruct_improves_the_generated_answers(setup: tuple[Path, Path], 
         samples[0]
     )
     assert (run / "trained" / "model.safetensors").is_file()
+    page = (run / "report.html").read_text()
+    assert "Example generations" in page and samples[0]["reference"] in page
 
 
 def test_tune_instruct_with_lora_then_eval_and_generate(setup: tuple[Path, Path], tmp_path: Path):
@@ -113,6 +115,16 @@ def test_tune_instruct_with_lora_then_eval_and_generate(setup: tuple[Path, Path]
     assert row["prompt"] == "phone chip. Which topic?" and isinstance(row["answer"], str)
     bad = cli.invoke(app, ["generate", str(run)])
     assert bad.exit_code == 2 and "--prompt" in bad.stderr
+    # merge: a plain transformers folder whose greedy answers are base + adapter's.
+    prompts_list = ["match goal team. Which topic?", "bank profit. Which topic?"]
+    tuned = [r["answer"] for r in generate_run(run, prompts_list, None, Sampling(6))]
+    merged = merge_run(run, tmp_path / "merged")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    m_model = AutoModelForCausalLM.from_pretrained(merged)
+    m_tok = AutoTokenizer.from_pretrained(merged)
+    convs = [[{"role": "user", "content": p}] for p in prompts_list]
+    assert generate(m_model, m_tok, convs, Sampling(6)) == tuned
 
 
 def test_scoring_splits_short_and_free_answers() -> None:
@@ -151,3 +163,21 @@ def test_generate_is_greedy_and_deterministic(setup: tuple[Path, Path]) -> None:
     assert len(sampled) == 3
     with pytest.raises(LeantuneError, match="top-p"):
         Sampling(top_p=0)
+
+
+def test_packing_batches_keep_every_answer_token(setup: tuple[Path, Path], tmp_path: Path):
+    model, data = setup
+    plain = prepare(config(model, data, tmp_path))
+    packed = prepare(config(model, data, tmp_path, packing=True))
+    assert packed.model.config.use_cache is False  # a cache would hide the segments
+    want = sum(sum(t != -100 for t in row) for row in plain.train.targets)
+    batches = packed.batches(0)
+    assert sum(int((b["labels"] != -100).sum()) for b in batches) == want
+    rows = sum(len(b["input_ids"]) for b in batches)
+    assert rows < len(plain.train)  # fuller rows, fewer of them
+    for b in batches:  # positions restart at each conversation
+        assert int((b["position_ids"] == 0).sum()) > len(b["input_ids"])
+    summary = run_tune(config(model, data, tmp_path, packing=True, epochs=1, gen_examples=0))
+    assert summary["test_perplexity"] < summary["test_perplexity_before"]
+    with pytest.raises(LeantuneError, match="--packing"):
+        TuneConfig(packing=True)

@@ -66,6 +66,7 @@ def write_report(
     label_names: Sequence[str] | None = None,
     config: Mapping[str, Any] | None = None,
     selection: tuple[str, Sequence[Mapping[str, Any]]] | None = None,
+    samples: Sequence[Mapping[str, str]] | None = None,
 ) -> Path:
     """Write loss.png, metric.png, confusion.png (when confusion is given) and report.html into run_dir; return the html path.
 
@@ -101,7 +102,9 @@ def write_report(
     else:  # one left by an earlier report in this folder would not belong to this one
         (run_dir / CONFUSION_PNG).unlink(missing_ok=True)
 
-    page = _render_html(run_dir, summary, history, train_curve, matrix, names, config, selection)
+    page = _render_html(
+        run_dir, summary, history, train_curve, matrix, names, config, selection, samples
+    )
     out = run_dir / REPORT_HTML
     _atomic_write(out, page.encode("utf-8"))
     return out
@@ -361,6 +364,25 @@ def _history_table(history: Sequence[Mapping[str, float]]) -> str:
     )
 
 
+SAMPLES_SHOWN = 20
+"""Example generations shown in a report (history.json keeps them all)."""
+
+
+def _samples_table(samples: Sequence[Mapping[str, str]]) -> str:
+    """Prompt (its end: the instruction), base answer, tuned answer, reference; escaped."""
+    head = "<th>prompt</th><th>base model</th><th>tuned</th><th>reference</th>"
+    body = []
+    for row in samples:
+        prompt = str(row.get("prompt", ""))
+        shown = prompt if len(prompt) <= 160 else "…" + prompt[-160:]
+        cells = [shown, row.get("base_answer", ""), row.get("answer", ""), row.get("reference", "")]
+        body.append("<tr>" + "".join(f"<td>{_e(str(c))}</td>" for c in cells) + "</tr>")
+    return (
+        '<div class="scroll"><table class="history">\n'
+        f"<thead><tr>{head}</tr></thead>\n<tbody>\n" + "\n".join(body) + "\n</tbody></table></div>"
+    )
+
+
 def _confusion_table(matrix: np.ndarray, names: Sequence[str]) -> str:
     """Counts with support and recall per true class; names in the headers, escaped."""
     head = "".join(f"<th>{_e(s)}</th>" for s in names)
@@ -440,6 +462,7 @@ def _render_html(
     names: Sequence[str],
     config: Mapping[str, Any] | None,
     selection: tuple[str, Sequence[Mapping[str, Any]]] | None = None,
+    samples: Sequence[Mapping[str, str]] | None = None,
 ) -> str:
     method = summary.get("method")
     model = summary.get("model")
@@ -470,6 +493,13 @@ def _render_html(
             _figure_html(heatmap, "importance per layer and module type"),
             f'<p class="muted">The plan: {len(entries)} entries (plan.json).</p>',
             _history_table(entries),
+        ]
+    if samples:
+        parts += [
+            "<h2>Example generations</h2>",
+            f'<p class="muted">{min(len(samples), SAMPLES_SHOWN)} of the {len(samples)} test '
+            "prompts answered (greedy) by the base model and by the tuned one.</p>",
+            _samples_table(samples[:SAMPLES_SHOWN]),
         ]
     parts += ["<h2>Summary</h2>", _key_value_table(summary)]
     if history:

@@ -92,6 +92,10 @@ class TuneConfig(
         for key in (*positive, "max_new_tokens"):
             if getattr(self, key) <= 0:
                 raise LeantuneError(f"--{key.replace('_', '-')} must be positive")
+        if self.packing and not self.instruct:
+            raise LeantuneError("--packing packs conversations; use it with --task instruct")
+        if self.packing and self.cache_prefix:
+            raise LeantuneError("--packing and --cache-prefix do not go together; drop one")
         if self.gen_examples < 0:
             raise LeantuneError(f"--gen-examples must be 0 (none) or more, got {self.gen_examples}")
         if self.name is not None and (

@@ -59,6 +59,10 @@ class DataOptions:
     messages_column: str = "messages"
     """instruct: column holding whole conversations, lists of {role, content} (system, user,
     assistant); used when the data has it."""
+    packing: bool = False
+    """instruct: pack several conversations into each training row of --max-length tokens
+    (position ids restart per conversation, so attention and loss stay inside it): fewer,
+    fuller rows. Validation and test stay unpacked."""
     template: str | None = None
     """instruct: a Jinja chat template (text, or a file holding it) for a tokenizer without
     one, or to replace its own."""

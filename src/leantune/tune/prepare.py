@@ -27,9 +27,12 @@ from leantune.generate import Sampling, evaluate_by_generation, sample_examples
 from leantune.instruct import (
     ChatExample,
     InstructSplits,
+    TokenizedChats,
     bbc_instruct,
     check_template,
     load_chats,
+    pack,
+    packed_batch,
     tokenize_chats,
 )
 from leantune.models import load_model, load_tokenizer, max_positions, model_dir
@@ -239,6 +242,19 @@ class Prepared:
         result.samples = rows
         return result
 
+    def packed_batches(self, epoch: int) -> list[dict[str, torch.Tensor]]:
+        """--packing: the training conversations packed into rows (``instruct.pack``), the
+        rows shuffled per epoch and batched."""
+        length = min(self.config.max_length, max_positions(self.model) or self.config.max_length)
+        rows = pack(TokenizedChats(self.train.ids, self.train.targets), length)
+        order = list(range(len(rows)))
+        random.Random(self.config.seed * 100_003 + epoch).shuffle(order)
+        size, pad = self.config.batch_size, self.tok.pad_token_id
+        return [
+            packed_batch([rows[i] for i in order[k : k + size]], pad)
+            for k in range(0, len(order), size)
+        ]
+
     def batches(self, epoch: int) -> list[dict[str, torch.Tensor]]:
         """This epoch's training batches: similar lengths together, padded per batch."""
         if epoch in self._cache:
@@ -249,6 +265,9 @@ class Prepared:
             seed=self.config.seed * 100_003 + epoch,
         )
         pad = self.tok.pad_token_id
+        if self.config.packing:
+            self._cache = {epoch: self.packed_batches(epoch)}
+            return self._cache[epoch]
         rows_too = self.config.cache_prefix
         self._cache = {
             epoch: [make_batch(self.train, r, pad, self.config.causal, rows_too) for r in rows]
@@ -279,6 +298,8 @@ def prepare(config: TuneConfig, with_method: bool = True) -> Prepared:
     random.seed(config.seed)
     torch.manual_seed(config.seed)
     model = load_model(folder, config.task, splits.label_names, tok.pad_token_id)
+    if config.packing:  # a KV cache switches off the detection of packed segments
+        model.config.use_cache = False  # type: ignore[union-attr]
     length = min(config.max_length, max_positions(model) or config.max_length)
     names, notes = splits.label_names, list[str]()
     if splits.chats is not None:

@@ -97,6 +97,7 @@ def write_run_report(run: Path, summary: Mapping[str, Any] | None = None) -> Pat
         extra.get("confusion"),
         names or None,
         config,
+        samples=extra.get("samples"),
         selection=(
             ("importance.png", [asdict(e) for e in plan.entries])
             if plan is not None and (run / "importance.png").exists()
