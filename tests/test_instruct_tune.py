@@ -91,6 +91,9 @@ def test_tune_instruct_improves_the_generated_answers(setup: tuple[Path, Path], 
     assert (run / "trained" / "model.safetensors").is_file()
     page = (run / "report.html").read_text()
     assert "Example generations" in page and samples[0]["reference"] in page
+    general = json.loads((run / "history.json").read_text())["general"]
+    assert len(general) == 4 and all(g["base_answer"] != g["answer"] for g in general)
+    assert "general prompts" in page
 
 
 def test_tune_instruct_with_lora_then_eval_and_generate(setup: tuple[Path, Path], tmp_path: Path):

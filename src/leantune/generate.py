@@ -27,6 +27,14 @@ SHORT_WORDS = 3
 """References of at most this many words are scored by exact match, longer ones by ROUGE-L
 (when the data does not say which: the embedded data's rows do)."""
 SHORT_KINDS = ("topic", "short")
+GENERAL_PROMPTS = (
+    "What is the capital of France?",
+    "Give three tips for staying healthy.",
+    "What is 12 times 11?",
+    "Write one sentence about the sea.",
+)
+"""General (not task) prompts an instruct run answers before and after training: what the
+chat model could do, and whether it still can (the report shows both)."""
 
 
 @dataclass(frozen=True)
@@ -197,3 +205,9 @@ def evaluate_by_generation(
     prompts = [prompt_and_reference(ex)[0] for ex in examples]
     answers = generate(model, tok, prompts, sampling, batch_size=batch_size)
     return score_answers(examples, answers)
+
+
+def general_answers(model: nn.Module, tok: Any, max_new_tokens: int = 48) -> list[str]:
+    """The model's greedy answers to ``GENERAL_PROMPTS``."""
+    convs = [[{"role": "user", "content": p}] for p in GENERAL_PROMPTS]
+    return generate(model, tok, convs, Sampling(max_new_tokens=max_new_tokens))

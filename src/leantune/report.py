@@ -67,6 +67,7 @@ def write_report(
     config: Mapping[str, Any] | None = None,
     selection: tuple[str, Sequence[Mapping[str, Any]]] | None = None,
     samples: Sequence[Mapping[str, str]] | None = None,
+    general: Sequence[Mapping[str, str]] | None = None,
 ) -> Path:
     """Write loss.png, metric.png, confusion.png (when confusion is given) and report.html into run_dir; return the html path.
 
@@ -103,7 +104,7 @@ def write_report(
         (run_dir / CONFUSION_PNG).unlink(missing_ok=True)
 
     page = _render_html(
-        run_dir, summary, history, train_curve, matrix, names, config, selection, samples
+        run_dir, summary, history, train_curve, matrix, names, config, selection, samples, general
     )
     out = run_dir / REPORT_HTML
     _atomic_write(out, page.encode("utf-8"))
@@ -369,13 +370,17 @@ SAMPLES_SHOWN = 20
 
 
 def _samples_table(samples: Sequence[Mapping[str, str]]) -> str:
-    """Prompt (its end: the instruction), base answer, tuned answer, reference; escaped."""
-    head = "<th>prompt</th><th>base model</th><th>tuned</th><th>reference</th>"
+    """Prompt (its end: the instruction), base answer, tuned answer and reference (when every
+    row has one); escaped."""
+    has_reference = all("reference" in row for row in samples)
+    head = "<th>prompt</th><th>base model</th><th>tuned</th>"
+    head += "<th>reference</th>" if has_reference else ""
     body = []
     for row in samples:
         prompt = str(row.get("prompt", ""))
         shown = prompt if len(prompt) <= 160 else "…" + prompt[-160:]
-        cells = [shown, row.get("base_answer", ""), row.get("answer", ""), row.get("reference", "")]
+        cells = [shown, row.get("base_answer", ""), row.get("answer", "")]
+        cells += [row["reference"]] if has_reference else []
         body.append("<tr>" + "".join(f"<td>{_e(str(c))}</td>" for c in cells) + "</tr>")
     return (
         '<div class="scroll"><table class="history">\n'
@@ -463,6 +468,7 @@ def _render_html(
     config: Mapping[str, Any] | None,
     selection: tuple[str, Sequence[Mapping[str, Any]]] | None = None,
     samples: Sequence[Mapping[str, str]] | None = None,
+    general: Sequence[Mapping[str, str]] | None = None,
 ) -> str:
     method = summary.get("method")
     model = summary.get("model")
@@ -500,6 +506,13 @@ def _render_html(
             f'<p class="muted">{min(len(samples), SAMPLES_SHOWN)} of the {len(samples)} test '
             "prompts answered (greedy) by the base model and by the tuned one.</p>",
             _samples_table(samples[:SAMPLES_SHOWN]),
+        ]
+    if general:
+        parts += [
+            "<h2>Knowledge kept: general prompts</h2>",
+            '<p class="muted">Prompts outside the task, answered (greedy) by the base model and '
+            "by the tuned one.</p>",
+            _samples_table(general),
         ]
     parts += ["<h2>Summary</h2>", _key_value_table(summary)]
     if history:

@@ -30,6 +30,7 @@ from leantune import runfolder
 from leantune.errors import LeantuneError
 from leantune.evaluate import Evaluation
 from leantune.files import atomic_write, folder_bytes, load_into, unique_tensors
+from leantune.generate import GENERAL_PROMPTS, general_answers
 from leantune.inject import ParameterReport, parameter_report
 from leantune.knowledge import (
     Reference,
@@ -65,6 +66,7 @@ from leantune.tune.saved import (
     save_trained,
     side_by_side,
     task_key,
+    validation_line,
     write_run_report,
 )
 
@@ -107,19 +109,12 @@ def run_tune(
         return recipe.finish(recipe.train())
 
 
-def validation_line(row: dict[str, float]) -> str:
-    """``step 98 (epoch 1)  val loss 0.1135  val accuracy 0.9507``: one line per validation."""
-    pairs = "  ".join(
-        f"{k.replace('_', ' ')} {round(v, 4)}" for k, v in row.items() if k.startswith("val_")
-    )
-    return f"step {int(row['step'])} (epoch {row['epoch']:g})  {pairs}"
-
-
 class TuneRecipe:
     """One tune run, built phase by phase (see the module docstring for the phases)."""
 
     prep: Prepared
     samples_before: list[dict[str, str]]
+    general_before: list[str]
     l2_given: bool = True
     fingerprint: dict[str, Any]
     report: ParameterReport
@@ -255,6 +250,8 @@ class TuneRecipe:
             )
         before = prep.evaluate_test()
         self.task_before, self.samples_before = before.metrics, before.samples
+        if config.instruct:
+            self.general_before = general_answers(model, prep.tok)
         if config.cache_prefix:
             self.prefix = PrefixCache(model, [len(x) for x in prep.train.ids])
             self.say(
@@ -338,6 +335,7 @@ class TuneRecipe:
             json.dumps(
                 {"curve": result.curve, "confusion": test.confusion}
                 | ({"samples": paired(self.samples_before, test.samples)} if test.samples else {})
+                | ({"general": self.general(model)} if config.instruct else {})
             )
             + "\n",
         )
@@ -366,6 +364,14 @@ class TuneRecipe:
             f"{pruner.target:,} by step {pruner.end}"
         )
         return pruner
+
+    def general(self, model: nn.Module) -> list[dict[str, str]]:
+        """instruct: the general prompts' answers, base and tuned (knowledge kept, in words)."""
+        after = general_answers(model, self.prep.tok)
+        return [
+            {"prompt": p, "base_answer": b, "answer": a}
+            for p, b, a in zip(GENERAL_PROMPTS, self.general_before, after, strict=True)
+        ]
 
     def on_best(self, model: nn.Module, row: dict[str, float]) -> None:
         if self.pruner is not None and not self.pruner.done:

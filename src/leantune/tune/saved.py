@@ -98,6 +98,7 @@ def write_run_report(run: Path, summary: Mapping[str, Any] | None = None) -> Pat
         names or None,
         config,
         samples=extra.get("samples"),
+        general=extra.get("general"),
         selection=(
             ("importance.png", [asdict(e) for e in plan.entries])
             if plan is not None and (run / "importance.png").exists()
@@ -335,6 +336,14 @@ def check_same_start(config: TuneConfig, folder: RunFolder, fingerprint: dict[st
             f"{folder.work / 'config.yaml'} changed since the run started; put it back, or "
             "start over with --overwrite"
         )
+
+
+def validation_line(row: dict[str, float]) -> str:
+    """``step 98 (epoch 1)  val loss 0.1135  val accuracy 0.9507``: one line per validation."""
+    pairs = "  ".join(
+        f"{k.replace('_', ' ')} {round(v, 4)}" for k, v in row.items() if k.startswith("val_")
+    )
+    return f"step {int(row['step'])} (epoch {row['epoch']:g})  {pairs}"
 
 
 def task_key(config: TuneConfig, metrics: dict[str, float]) -> str:
