@@ -4,8 +4,9 @@ language modelling. Evaluation runs over length-sorted batches with dynamic padd
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -84,8 +85,10 @@ def evaluate(
     num_labels: int = 0,
     pad_id: int = 0,
     batch_size: int = 64,
+    forward: Callable[[nn.Module, dict[str, torch.Tensor]], Any] | None = None,
 ) -> Evaluation:
-    """Loss and task metrics of ``model`` on ``enc`` (mean over examples, or tokens for LMs)."""
+    """Loss and task metrics of ``model`` on ``enc`` (mean over examples, or tokens for LMs);
+    ``forward`` replaces ``model(**batch)`` (a causal LM's loss on its labelled tokens only)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -95,7 +98,7 @@ def evaluate(
     probs: list[float] = []
     for rows in length_buckets([len(x) for x in enc.ids], batch_size, seed=None):
         batch = {k: v.to(device) for k, v in make_batch(enc, rows, pad_id, causal).items()}
-        out = model(**batch)
+        out = forward(model, batch) if forward is not None else model(**batch)
         if causal:
             # transformers averages over predicted tokens: every real token after the first.
             n = int((batch["labels"][:, 1:] != -100).sum())

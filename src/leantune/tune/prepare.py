@@ -38,6 +38,7 @@ from leantune.instruct import (
 from leantune.models import load_model, load_tokenizer, max_positions, model_dir
 from leantune.plan import Plan
 from leantune.select import Scores
+from leantune.train.answer import Forward, answer_forward_for
 from leantune.tune.config import TuneConfig
 from leantune.tune.method import apply_method, apply_plan, make_plan, uses_plan
 
@@ -214,6 +215,9 @@ class Prepared:
     scores: Scores | None = None
     notes: list[str] = field(default_factory=list)
     """What preparing found worth saying (conversations truncated ...)."""
+    forward: Forward | None = None
+    """instruct: the loss with the output head on the answer tokens only (train/answer.py),
+    when it equals the model's own."""
     _cache: dict[int, list[dict[str, torch.Tensor]]] = field(default_factory=dict)
 
     def evaluate(self, enc: Encoded) -> Evaluation:
@@ -224,6 +228,7 @@ class Prepared:
             num_labels=len(self.splits.label_names),
             pad_id=self.tok.pad_token_id,
             batch_size=self.config.eval_batch_size,
+            forward=self.forward,
         )
 
     def evaluate_test(self) -> Evaluation:
@@ -323,9 +328,12 @@ def prepare(config: TuneConfig, with_method: bool = True) -> Prepared:
     elif with_method:
         apply_method(model, config)
     model.to(device)
-    return Prepared(
+    prep = Prepared(
         config, model, tok, splits, train_enc, val_enc, test_enc, device, plan, scores, notes
     )
+    if config.instruct and not config.cache_prefix:
+        prep.forward = answer_forward_for(model, prep.batches(0)[0])
+    return prep
 
 
 def use_template(tok: Any, template: str | None) -> None:

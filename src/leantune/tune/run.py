@@ -267,7 +267,7 @@ class TuneRecipe:
             on_best=self.on_best,
             log=self.on_eval,
             on_step=self.on_step,
-            forward=self.prefix.forward if self.prefix is not None else None,
+            forward=self.prefix.forward if self.prefix is not None else prep.forward,
             unfreeze=unfreezer.apply if unfreezer is not None else None,
             penalty=self.penalty if self.penalty else None,
             on_grads=pruner.observe if pruner is not None else None,
