@@ -17,7 +17,14 @@ from leantune.errors import LeantuneError
 from leantune.evaluate import make_batch
 from leantune.generate import Sampling, generate, sample_examples, score_answers
 from leantune.instruct import ChatExample
-from leantune.tune import TuneConfig, evaluate_run, generate_run, merge_run, run_tune
+from leantune.tune import (
+    TuneConfig,
+    evaluate_run,
+    generate_run,
+    load_run,
+    merge_run,
+    run_tune,
+)
 from leantune.tune.prepare import prepare
 
 TOPICS = ["sport", "tech", "business"]
@@ -128,6 +135,28 @@ def test_tune_instruct_with_lora_then_eval_and_generate(setup: tuple[Path, Path]
     m_tok = AutoTokenizer.from_pretrained(merged)
     convs = [[{"role": "user", "content": p}] for p in prompts_list]
     assert generate(m_model, m_tok, convs, Sampling(6)) == tuned
+    # peft loads the adapter on the same base model and gives the same logits.
+    from peft import PeftModel
+
+    saved = load_run(run)
+    peft_model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(model), run / "adapter"
+    )
+    x = {"input_ids": torch.tensor([[5, 9, 14, 20, 7]])}
+    torch.testing.assert_close(
+        peft_model(**x).logits, saved.model(**x).logits, atol=1e-5, rtol=1e-5
+    )
+
+
+def test_select_auto_and_penalties_accept_instruct_runs(setup: tuple[Path, Path], tmp_path: Path):
+    model, data = setup
+    summary = run_tune(
+        config(model, data, tmp_path, select="auto", budget="5%", epochs=1, gen_examples=0, ewc=0.1)
+    )
+    run = tmp_path / "runs" / "chat"
+    assert (run / "plan.json").is_file() and summary["trainable_params"] > 0
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert all('"train_ewc"' in line and '"train_l2"' in line for line in lines)
 
 
 def test_scoring_splits_short_and_free_answers() -> None:

@@ -126,9 +126,11 @@ def make_plan(
 ) -> tuple[Plan, Scores | None]:
     """The run's Plan: read from --plan, or scored on a few training batches and allocated."""
     modules = dict(model.named_modules())
+    # A classifier's head is new and trained first; a causal LM's output head is pretrained
+    # (and large: vocabulary × hidden), so a plan does not buy it.
     heads = [
         (n, sum(p.numel() for p in modules[n].parameters()))
-        for n in head_modules(model, config.causal)
+        for n in ([] if config.causal else head_modules(model, False))
     ]
     if config.plan:
         plan = Plan.load(config.plan)
