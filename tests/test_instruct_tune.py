@@ -213,3 +213,40 @@ def test_packing_batches_keep_every_answer_token(setup: tuple[Path, Path], tmp_p
     assert summary["test_perplexity"] < summary["test_perplexity_before"]
     with pytest.raises(LeantuneError, match="--packing"):
         TuneConfig(packing=True)
+
+
+def test_precision_and_memory_options_run_an_instruct_tune(
+    setup: tuple[Path, Path], tmp_path: Path
+):
+    model, data = setup
+    summary = run_tune(
+        config(
+            model,
+            data,
+            tmp_path,
+            epochs=1,
+            gen_examples=3,
+            base_dtype="bf16",  # implies --precision bf16
+            quantize="int8",
+            gradient_checkpointing=True,
+        )
+    )
+    assert summary["test_perplexity"] < summary["test_perplexity_before"]
+    saved = (tmp_path / "runs" / "chat" / "config.yaml").read_text()
+    assert "precision: bf16" in saved and "quantize: int8" in saved
+    with pytest.raises(LeantuneError, match="plain LoRA"):
+        TuneConfig(quantize="int8", dora=True)
+    with pytest.raises(LeantuneError, match="--base-dtype bf16"):
+        TuneConfig(base_dtype="bf16", precision="fp16")
+
+
+def test_merging_into_a_quantized_base_is_refused() -> None:
+    import leantune as lt
+    from helpers import build
+    from leantune.precision import quantize_base
+
+    model = build("llama")
+    quantize_base(model, "int8")
+    lt.inject(model, lt.LoraConfig(r=2, targets="all-linear"))
+    with pytest.raises(LeantuneError, match="Dequantize, merge, save"):
+        lt.merge(model)

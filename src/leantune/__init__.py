@@ -1,5 +1,6 @@
 """leantune: train only the parameters that matter, and prove it with numbers."""
 
+from leantune import _quiet  # noqa: F401  (first: quiets torchao before transformers loads it)
 from leantune.accounting import ParameterReport, parameter_report
 from leantune.errors import AdapterFileError, LeantuneError, TargetError
 from leantune.formats import adapter_config, adapter_state_dict, load_adapter, save_adapter

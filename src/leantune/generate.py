@@ -22,6 +22,7 @@ from torch import nn
 
 from leantune.errors import LeantuneError
 from leantune.instruct import ChatExample, Message, prompt_and_reference
+from leantune.precision import autocast
 
 SHORT_WORDS = 3
 """References of at most this many words are scored by exact match, longer ones by ROUGE-L
@@ -207,7 +208,19 @@ def evaluate_by_generation(
     return score_answers(examples, answers)
 
 
-def general_answers(model: nn.Module, tok: Any, max_new_tokens: int = 48) -> list[str]:
-    """The model's greedy answers to ``GENERAL_PROMPTS``."""
+def general_answers(
+    model: nn.Module, tok: Any, precision: str = "fp32", max_new_tokens: int = 48
+) -> list[str]:
+    """The model's greedy answers to ``GENERAL_PROMPTS`` (under autocast to ``precision``)."""
     convs = [[{"role": "user", "content": p}] for p in GENERAL_PROMPTS]
-    return generate(model, tok, convs, Sampling(max_new_tokens=max_new_tokens))
+    device = next(model.parameters()).device
+    with autocast(precision, device):
+        return generate(model, tok, convs, Sampling(max_new_tokens=max_new_tokens))
+
+
+def general_table(before: Sequence[str], after: Sequence[str]) -> list[dict[str, str]]:
+    """Each general prompt with the base model's and the tuned model's answer."""
+    return [
+        {"prompt": p, "base_answer": b, "answer": a}
+        for p, b, a in zip(GENERAL_PROMPTS, before, after, strict=True)
+    ]

@@ -45,6 +45,7 @@ from leantune.methods.base import LINEAR_TYPES as LINEAR_TYPES
 from leantune.methods.base import METHODS as METHODS
 from leantune.methods.base import Conv1D as Conv1D
 from leantune.methods.base import register as register
+from leantune.precision import MERGE_REFUSAL, quantized_kind
 from leantune.targets import (
     _closest,
     infer_task_type,
@@ -374,6 +375,9 @@ def mixed_batch(model: nn.Module, names: Sequence[str]) -> Iterator[nn.Module]:
 def merge(model: nn.Module, name: str | None = None) -> nn.Module:
     """Fold adapter ``name`` (default: the active one) into the base weights. Idempotent."""
     name, _ = _record(model, name)
+    kind = quantized_kind(model)
+    if kind is not None:
+        raise LeantuneError(MERGE_REFUSAL.format(kind=kind))
     tied = tied_modules(model)
     check_finite(
         adapter_parameters(model, name), f"adapter {name!r}", "merging it would ruin the weights"

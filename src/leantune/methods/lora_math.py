@@ -16,7 +16,9 @@ def lora_l2(A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
 
 
 def row_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
-    """Row norms of W + s·B·A without building B·A: |W|² + 2s·B⊙(W·Aᵀ) + s²·B⊙(B·A·Aᵀ)."""
+    """Row norms of W + s·B·A without building B·A: |W|² + 2s·B⊙(W·Aᵀ) + s²·B⊙(B·A·Aᵀ),
+    in the factors' dtype (a bf16 base weight with fp32 factors is computed in fp32)."""
+    weight = weight.to(A.dtype)
     sq = (
         weight.pow(2).sum(1)
         + 2 * s * (B * (weight @ A.T)).sum(1)

@@ -41,8 +41,13 @@ class TrainConfig:
     max_steps: int | None = None
     """Stop after this many optimizer steps (the schedule still spans all epochs)."""
     seed: int = 0
+    precision: str = "fp32"
+    """fp32, bf16 or fp16: the forward runs under autocast to it (fp16 with loss scaling);
+    trainable weights and optimizer state stay fp32."""
 
     def __post_init__(self) -> None:
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise LeantuneError(f"precision must be fp32, bf16 or fp16, not {self.precision!r}")
         if self.epochs <= 0 or self.grad_accum <= 0:
             raise LeantuneError("epochs and grad_accum must be positive")
         if not self.lr > 0:

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from leantune.errors import LeantuneError
+from leantune.precision import MAX_SKIPS, LossScaler, autocast, check_precision
 from leantune.train.interface import (
     Batch,
     Diverged,
@@ -93,8 +94,10 @@ def save_checkpoint(
     params: Mapping[str, nn.Parameter] | None = None,
     extra: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
     meta: Mapping[str, Any] | None = None,
+    scaler: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Trainable weights, optimizer moments and RNG state in safetensors; the rest in JSON.
+    """Trainable weights, optimizer moments and RNG state in safetensors; the rest (fp16's loss
+    scale ``scaler`` among it) in JSON.
 
     ``extra`` adds safetensors files to the unit (name → tensors); extra files of the previous
     unit that are not given again are carried over (hard-linked). ``meta`` is stored beside
@@ -115,6 +118,7 @@ def save_checkpoint(
         "param_groups": opt_state["param_groups"],
         "scheduler": {k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"},
         "meta": dict(meta or {}),
+        "scaler": dict(scaler or {}),
     }
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -159,6 +163,7 @@ def load_checkpoint(
     opt: torch.optim.Optimizer,
     sched: Any,
     params: Mapping[str, nn.Parameter] | None = None,
+    scaler: LossScaler | None = None,
 ) -> Progress:
     unit = latest_checkpoint(directory)
     if unit is None:
@@ -185,6 +190,8 @@ def load_checkpoint(
             state.setdefault(int(index), {})[name] = value
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     sched.load_state_dict(meta["scheduler"] | {"lr_lambdas": [None] * len(opt.param_groups)})
+    if scaler is not None:
+        scaler.load_state_dict(meta.get("scaler") or {})
     torch.set_rng_state(tensors["rng.cpu"])
     if torch.cuda.is_available():
         cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
@@ -274,6 +281,9 @@ class _Loop:
         self.params = list(self.named.values())
         if not self.params:
             raise LeantuneError("the model has no trainable parameters; inject an adapter first")
+        self.device = self.params[0].device
+        check_precision(config.precision, self.device)
+        self.scaler = LossScaler(config.precision, self.device)
         self.opt = torch.optim.AdamW(
             param_groups(self.named, config.lr, lr_scales),
             lr=config.lr,
@@ -287,12 +297,13 @@ class _Loop:
         if resume:
             if self.checkpoint is None:
                 raise LeantuneError("resume needs a checkpoint folder")
-            self.p = load_checkpoint(self.checkpoint, model, self.opt, self.sched, self.named)
+            self.p = load_checkpoint(
+                self.checkpoint, model, self.opt, self.sched, self.named, self.scaler
+            )
         else:
             self.p = Progress()
         self.sign = 1.0 if config.higher_is_better else -1.0
         self.limit = min(total, config.max_steps or total)
-        self.device = self.params[0].device
 
     def result(self, stopped_early: bool, interrupted: bool = False) -> TrainResult:
         p = self.p
@@ -304,15 +315,14 @@ class _Loop:
         if self.checkpoint is None:
             return
         extra = self.hooks.checkpoint_extra() if self.hooks.checkpoint_extra else None
-        save_checkpoint(
-            self.checkpoint, self.model, self.opt, self.sched, self.p, self.named, extra, self.meta
-        )
+        state = (self.model, self.opt, self.sched, self.p, self.named, extra, self.meta)
+        save_checkpoint(self.checkpoint, *state, scaler=self.scaler.state_dict())
 
     def validate(self) -> bool:
         """Evaluate, keep the best, checkpoint, and say whether to stop."""
         config, p, model = self.config, self.p, self.model
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), autocast(config.precision, self.device):
             metrics = dict(self.evaluate(model))
         model.train()
         if config.metric not in metrics:
@@ -393,8 +403,9 @@ class _Loop:
         """One batch forward and backward (gradients accumulate); returns its task loss."""
         p, hooks, model = self.p, self.hooks, self.model
         batch = {k: v.to(self.device) for k, v in cpu_batch.items()}
-        loss = (hooks.forward(model, batch) if hooks.forward else model(**batch)).loss
-        total_loss = loss
+        with autocast(self.config.precision, self.device):
+            loss = (hooks.forward(model, batch) if hooks.forward else model(**batch)).loss
+        total_loss = loss = loss.float()  # penalties (fp32 adapters) outside autocast
         if hooks.penalty is not None:
             for key, term in hooks.penalty(model).items():
                 total_loss = total_loss + term
@@ -403,22 +414,29 @@ class _Loop:
         if not math.isfinite(value):
             # Stop before the update: the weights are those of the last good step.
             raise Diverged(p.step + 1, f"the training loss is {value}")
-        (total_loss / self.config.grad_accum).backward()
+        self.scaler.backward(total_loss / self.config.grad_accum)
         p.batch += 1
         p.examples += len(batch["labels"])
         return float(loss.item())
 
     def optimizer_step(self, step_loss: float, step_batches: int) -> None:
-        """Clip, step, and record the step's mean loss."""
-        p, config, hooks = self.p, self.config, self.hooks
-        if config.max_grad_norm:
-            norm = torch.nn.utils.clip_grad_norm_(self.params, config.max_grad_norm)
-            if not math.isfinite(float(norm)):
-                raise Diverged(p.step + 1, f"the gradient norm is {float(norm)}")
-        if hooks.on_grads is not None:
+        """Clip, step, and record the step's mean loss. Under fp16 an overflowing gradient
+        skips the step (the scaler lowers its scale); only MAX_SKIPS in a row diverge."""
+        p, config, hooks, scaler = self.p, self.config, self.hooks, self.scaler
+        scaler.unscale(self.opt)
+        finite = True
+        if config.max_grad_norm or scaler.enabled:
+            clip = config.max_grad_norm or math.inf  # fp16 only needs to see the norm
+            norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
+            finite = math.isfinite(norm)
+            if not finite and not scaler.enabled:
+                raise Diverged(p.step + 1, f"the gradient norm is {norm}")
+        if hooks.on_grads is not None and finite:
             hooks.on_grads(p.step + 1)
-        self.opt.step()
-        self.sched.step()
+        if scaler.step(self.opt):
+            self.sched.step()  # a step fp16's scaler skipped does not advance the schedule
+        elif scaler.skips >= MAX_SKIPS:
+            raise Diverged(p.step + 1, scaler.overflow())
         self.opt.zero_grad(set_to_none=True)
         p.step += 1
         if hooks.after_step is not None:

@@ -23,6 +23,7 @@ from leantune.methods.base import METHODS
 from leantune.methods.lora import LoraConfig
 from leantune.models import CAUSAL_TASKS, TASKS
 from leantune.plan import parse_methods
+from leantune.precision import PRECISIONS, QUANTIZE_KINDS
 from leantune.track import parse_track
 from leantune.train.interface import TrainConfig
 from leantune.train.schedule import check_layer_decay, check_schedule
@@ -32,6 +33,7 @@ from leantune.tune.options import (
     KnowledgeOptions,
     MethodOptions,
     OptimOptions,
+    PrecisionOptions,
     RunOptions,
 )
 
@@ -76,7 +78,13 @@ override them."""
 
 @dataclass
 class TuneConfig(
-    KnowledgeOptions, EvalOptions, OptimOptions, MethodOptions, DataOptions, RunOptions
+    PrecisionOptions,
+    KnowledgeOptions,
+    EvalOptions,
+    OptimOptions,
+    MethodOptions,
+    DataOptions,
+    RunOptions,
 ):
     """Everything a tune run needs; saved as config.yaml in the run folder. The fields come in
     groups (``tune/options.py``), run options first."""
@@ -92,6 +100,7 @@ class TuneConfig(
         for key in (*positive, "max_new_tokens"):
             if getattr(self, key) <= 0:
                 raise LeantuneError(f"--{key.replace('_', '-')} must be positive")
+        self._check_precision()
         if self.packing and not self.instruct:
             raise LeantuneError("--packing packs conversations; use it with --task instruct")
         if self.packing and self.cache_prefix:
@@ -148,6 +157,32 @@ class TuneConfig(
         if self.reference_examples < 0:
             raise LeantuneError("--reference-examples must be 0 (off) or more")
         parse_track(self.track)
+
+    def _check_precision(self) -> None:
+        for key, allowed in (
+            ("precision", PRECISIONS),
+            ("base_dtype", (None, *PRECISIONS)),
+            ("quantize", (None, *QUANTIZE_KINDS)),
+        ):
+            if getattr(self, key) not in allowed:
+                flag = key.replace("_", "-")
+                raise LeantuneError(f"--{flag} {getattr(self, key)!r} is unknown; use {allowed}")
+        base = self.base_dtype
+        if base not in (None, "fp32") and self.precision not in ("fp32", base):
+            raise LeantuneError(
+                f"--base-dtype {base} runs under autocast to {base}; drop --precision "
+                f"{self.precision} or make it {base}"
+            )
+        if self.quantize and (self.method == "full" or self.dora or self.init == "pissa"):
+            raise LeantuneError(
+                f"--quantize {self.quantize} freezes the base in {self.quantize}: it takes plain "
+                "LoRA, BitFit or LayerNorm tuning, not full tuning, DoRA or PiSSA"
+            )
+        if self.quantize and (self.select or self.plan):
+            raise LeantuneError(
+                "--quantize with --select/--plan is not supported: selection scores the full "
+                "precision weights; tune a plan's LoRA without --quantize, or drop the plan"
+            )
 
     def _check_method(self) -> None:
         """The method's own refusals (``run_refusal``), and --select/--plan/--adapt against
@@ -211,6 +246,8 @@ class TuneConfig(
             values["l2"] = cls.from_options(options).default_l2() if cls is not None else 0.0
         if self.metric is None:
             values["metric"] = "perplexity" if self.causal else "accuracy"
+        if self.base_dtype not in (None, "fp32") and self.precision == "fp32":
+            values["precision"] = self.base_dtype  # a half-precision base runs under autocast
         if self.instruct and self.data is None:  # the embedded data, sized for a CPU
             if self.train_examples is None:
                 values["train_examples"] = INSTRUCT_TRAIN_EXAMPLES
@@ -377,6 +414,7 @@ def train_config(config: TuneConfig) -> TrainConfig:
         higher_is_better=config.metric != "perplexity" and config.metric != "loss",
         max_steps=config.max_steps,
         seed=config.seed,
+        precision=config.precision,
     )
 
 

@@ -190,3 +190,21 @@ class KnowledgeOptions:
     blank lines or newlines (default: the fortunes of fortunes-min when installed, else skip)."""
     reference_examples: int = 256
     """Reference texts used to measure knowledge kept (0 turns the measurement off)."""
+
+
+@dataclass
+class PrecisionOptions:
+    """Precision and memory: mixed precision, a smaller or quantized frozen base, checkpointing."""
+
+    precision: str = "fp32"
+    """fp32, bf16 or fp16: the forward and evaluation run under autocast to it; adapter
+    weights and optimizer state stay fp32 (fp16 with loss scaling; slow on CPUs)."""
+    base_dtype: str | None = None
+    """bf16 or fp16: hold the frozen base model in it, trainable parameters in fp32 (implies
+    --precision of the same dtype)."""
+    quantize: str | None = None
+    """int8 or nf4: quantize the frozen base's linear layers (torchao; the head and the
+    embeddings stay as they are) and train LoRA on top (QLoRA). Plain LoRA, BitFit and
+    LayerNorm tuning; merging into a quantized base is refused."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward instead of keeping them (less memory, slower)."""

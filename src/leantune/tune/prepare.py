@@ -37,10 +37,19 @@ from leantune.instruct import (
 )
 from leantune.models import load_model, load_tokenizer, max_positions, model_dir
 from leantune.plan import Plan
+from leantune.precision import (
+    autocast,
+    cast_base,
+    check_base_dtype,
+    check_precision,
+    dtype_of,
+    enable_checkpointing,
+    quantize_base,
+)
 from leantune.select import Scores
 from leantune.train.answer import Forward, answer_forward_for
 from leantune.tune.config import TuneConfig
-from leantune.tune.method import apply_method, apply_plan, make_plan, uses_plan
+from leantune.tune.method import apply_method, apply_plan, head_modules, make_plan, uses_plan
 
 
 @dataclass
@@ -221,6 +230,10 @@ class Prepared:
     _cache: dict[int, list[dict[str, torch.Tensor]]] = field(default_factory=dict)
 
     def evaluate(self, enc: Encoded) -> Evaluation:
+        with autocast(self.config.precision, self.device):
+            return self._evaluate(enc)
+
+    def _evaluate(self, enc: Encoded) -> Evaluation:
         return evaluate(
             self.model,
             enc,
@@ -240,9 +253,10 @@ class Prepared:
             return result
         examples = sample_examples(chats.test, self.config.gen_examples, self.config.seed)
         sampling = Sampling(max_new_tokens=self.config.max_new_tokens)
-        metrics, rows = evaluate_by_generation(
-            self.model, self.tok, examples, sampling, batch_size=self.config.eval_batch_size
-        )
+        with autocast(self.config.precision, self.device):
+            metrics, rows = evaluate_by_generation(
+                self.model, self.tok, examples, sampling, batch_size=self.config.eval_batch_size
+            )
         result.metrics |= metrics
         result.samples = rows
         return result
@@ -321,18 +335,28 @@ def prepare(config: TuneConfig, with_method: bool = True) -> Prepared:
         if not train_enc.ids or not val_enc.ids or not test_enc.ids:
             raise LeantuneError("causal-lm needs texts of at least 2 tokens in every split")
     model.to(device)
+    check_precision(config.precision, device)
+    if config.quantize:  # before the adapters, which go on top of the quantized layers
+        done = quantize_base(model, config.quantize, head_modules(model, config.causal))
+        notes.append(f"--quantize {config.quantize}: {len(done)} linear layers of the base")
     plan, scores = None, None
     if with_method and uses_plan(config):
         plan, scores = make_plan(model, config, train_enc, tok.pad_token_id)
         apply_plan(model, plan)
     elif with_method:
         apply_method(model, config)
+    if config.base_dtype not in (None, "fp32"):  # after the adapters, which stay fp32
+        check_base_dtype(dtype_of(config.base_dtype), device)
+        cast_base(model, config.base_dtype)
+    if config.gradient_checkpointing:
+        enable_checkpointing(model)
     model.to(device)
     prep = Prepared(
         config, model, tok, splits, train_enc, val_enc, test_enc, device, plan, scores, notes
     )
     if config.instruct and not config.cache_prefix:
-        prep.forward = answer_forward_for(model, prep.batches(0)[0])
+        with autocast(config.precision, device):
+            prep.forward = answer_forward_for(model, prep.batches(0)[0])
     return prep
 
 

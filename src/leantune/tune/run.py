@@ -30,18 +30,18 @@ from leantune import runfolder
 from leantune.errors import LeantuneError
 from leantune.evaluate import Evaluation
 from leantune.files import atomic_write, folder_bytes, load_into, unique_tensors
-from leantune.generate import GENERAL_PROMPTS, general_answers
+from leantune.generate import general_answers, general_table
 from leantune.inject import ParameterReport, parameter_report
 from leantune.knowledge import (
     Reference,
     cache_root,
-    folder_fingerprint,
     knowledge_kept,
     prepare_reference,
     reference_texts,
 )
 from leantune.memory import peak_memory_mb, reset_peak_memory
 from leantune.models import max_positions, model_dir, num_layers
+from leantune.precision import autocast
 from leantune.runfolder import RunFolder
 from leantune.track import Tracker, check_backends
 from leantune.train.adapt import RankPruner
@@ -63,6 +63,7 @@ from leantune.tune.saved import (
     HISTORY,
     check_same_start,
     paired,
+    reference_fingerprint,
     save_trained,
     side_by_side,
     task_key,
@@ -233,15 +234,17 @@ class TuneRecipe:
         """The original model's behaviour, before any step (adapters start as the identity)."""
         config, prep, model = self.config, self.prep, self.prep.model
         if self.texts:
-            self.ref = prepare_reference(
-                model,
-                prep.tok,
-                self.texts,
-                self.source,
-                causal=config.causal,
-                max_length=min(64, max_positions(model) or 64),
-                fingerprint=folder_fingerprint(model_dir(config.model, config.task)),
-            )
+            fingerprint = reference_fingerprint(config)
+            with autocast(config.precision, prep.device):
+                self.ref = prepare_reference(
+                    model,
+                    prep.tok,
+                    self.texts,
+                    self.source,
+                    causal=config.causal,
+                    max_length=min(64, max_positions(model) or 64),
+                    fingerprint=fingerprint,
+                )
             if self.ref.cached:
                 self.say(f"knowledge kept: the original model's side read from {cache_root()}")
         elif config.reference_examples:
@@ -251,7 +254,7 @@ class TuneRecipe:
         before = prep.evaluate_test()
         self.task_before, self.samples_before = before.metrics, before.samples
         if config.instruct:
-            self.general_before = general_answers(model, prep.tok)
+            self.general_before = general_answers(model, prep.tok, config.precision)
         if config.cache_prefix:
             self.prefix = PrefixCache(model, [len(x) for x in prep.train.ids])
             self.say(
@@ -330,15 +333,12 @@ class TuneRecipe:
         saved = save_trained(model, run, config)
         test = self.prep.evaluate_test()
         summary = self.summarize(result, best, report, saved, test, adapt_info)
-        atomic_write(
-            run / HISTORY,
-            json.dumps(
-                {"curve": result.curve, "confusion": test.confusion}
-                | ({"samples": paired(self.samples_before, test.samples)} if test.samples else {})
-                | ({"general": self.general(model)} if config.instruct else {})
-            )
-            + "\n",
-        )
+        extra: dict[str, Any] = {"curve": result.curve, "confusion": test.confusion}
+        if test.samples:
+            extra["samples"] = paired(self.samples_before, test.samples)
+        if config.instruct:
+            extra["general"] = general_table(self.general_before, self.general_after(model))
+        atomic_write(run / HISTORY, json.dumps(extra) + "\n")
         self.tracker.log({f"final/{k}": v for k, v in summary.items()}, result.steps)
         self.tracker.close()
         write_run_report(run, summary)
@@ -365,13 +365,8 @@ class TuneRecipe:
         )
         return pruner
 
-    def general(self, model: nn.Module) -> list[dict[str, str]]:
-        """instruct: the general prompts' answers, base and tuned (knowledge kept, in words)."""
-        after = general_answers(model, self.prep.tok)
-        return [
-            {"prompt": p, "base_answer": b, "answer": a}
-            for p, b, a in zip(GENERAL_PROMPTS, self.general_before, after, strict=True)
-        ]
+    def general_after(self, model: nn.Module) -> list[str]:
+        return general_answers(model, self.prep.tok, self.config.precision)
 
     def on_best(self, model: nn.Module, row: dict[str, float]) -> None:
         if self.pruner is not None and not self.pruner.done:
@@ -436,7 +431,8 @@ class TuneRecipe:
                 summary[f"test_{metric}_before"] = value
         summary["task_gain"] = test.metrics[key] - self.task_before[key]
         if self.ref is not None:
-            kept = knowledge_kept(prep.model, self.ref)
+            with autocast(config.precision, prep.device):
+                kept = knowledge_kept(prep.model, self.ref)
             summary |= kept | {"reference_source": self.ref.source}
             summary["knowledge_share_of_wall"] = round(
                 kept["knowledge_seconds"] / (time.perf_counter() - self.wall), 4

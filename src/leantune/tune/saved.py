@@ -24,6 +24,7 @@ from leantune.files import load_into, unique_tensors
 from leantune.formats import save_adapter
 from leantune.generate import Sampling, evaluate_by_generation, generate, sample_examples
 from leantune.instruct import load_chats, load_prompts
+from leantune.knowledge import folder_fingerprint
 from leantune.methods.base import METHODS
 from leantune.models import load_model, load_tokenizer, max_positions, model_dir
 from leantune.plan import Plan
@@ -344,6 +345,14 @@ def validation_line(row: dict[str, float]) -> str:
         f"{k.replace('_', ' ')} {round(v, 4)}" for k, v in row.items() if k.startswith("val_")
     )
     return f"step {int(row['step'])} (epoch {row['epoch']:g})  {pairs}"
+
+
+def reference_fingerprint(config: TuneConfig) -> str:
+    """What the cached original side of knowledge kept depends on: the model folder, and the
+    base's precision (a bf16 or int8 base) when it is not the default."""
+    how = [config.precision, config.base_dtype, config.quantize]
+    folder = folder_fingerprint(model_dir(config.model, config.task))
+    return folder + ("" if how == ["fp32", None, None] else "|" + "|".join(map(str, how)))
 
 
 def task_key(config: TuneConfig, metrics: dict[str, float]) -> str:
