@@ -140,7 +140,7 @@ class Dora:
             x = adapter.dropout(x)
             base = F.linear(x, weight)
         lora = layer.lora_path(adapter, x) * adapter.scaling
-        return out + (scale - 1) * base + scale * lora
+        return (out + (scale - 1) * base + scale * lora).to(out.dtype)  # a bf16 base: stay bf16
 
     def merge(self, layer: LoraLayer, adapter: LoraAdapter, name: str) -> None:
         assert adapter.magnitude is not None
