@@ -250,3 +250,13 @@ def test_merging_into_a_quantized_base_is_refused() -> None:
     lt.inject(model, lt.LoraConfig(r=2, targets="all-linear"))
     with pytest.raises(LeantuneError, match="Dequantize, merge, save"):
         lt.merge(model)
+
+
+def test_precision_auto_is_bf16_for_instruct_where_bf16_is_native() -> None:
+    from leantune.precision import fast_bf16
+
+    assert TuneConfig().resolved().precision == "fp32"  # classification stays fp32
+    want = "bf16" if fast_bf16("cpu") else "fp32"
+    assert TuneConfig(task="instruct", device="cpu").resolved().precision == want
+    assert TuneConfig(task="instruct", precision="fp32").resolved().precision == "fp32"
+    assert TuneConfig(base_dtype="bf16").resolved().precision == "bf16"

@@ -81,6 +81,18 @@ def check_precision(precision: str, device: torch.device | str) -> None:
         ) from None
 
 
+def fast_bf16(device_spec: str) -> bool:
+    """Whether the device a run will use (``--device`` spec; auto: CUDA when present) computes
+    bf16 natively: a GPU with bf16, or a CPU with AVX512-BF16 / AMX (oneDNN's bf16)."""
+    cuda = device_spec.startswith("cuda") or (device_spec == "auto" and torch.cuda.is_available())
+    if cuda:
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 @contextmanager
 def autocast(precision: str, device: torch.device | str) -> Iterator[None]:
     """Run the block under autocast to ``precision`` (fp32: no autocast). Wrap evaluation in

@@ -23,7 +23,7 @@ from leantune.methods.base import METHODS
 from leantune.methods.lora import LoraConfig
 from leantune.models import CAUSAL_TASKS, TASKS
 from leantune.plan import parse_methods
-from leantune.precision import PRECISIONS, QUANTIZE_KINDS
+from leantune.precision import PRECISIONS, QUANTIZE_KINDS, fast_bf16
 from leantune.track import parse_track
 from leantune.train.interface import TrainConfig
 from leantune.train.schedule import check_layer_decay, check_schedule
@@ -160,7 +160,7 @@ class TuneConfig(
 
     def _check_precision(self) -> None:
         for key, allowed in (
-            ("precision", PRECISIONS),
+            ("precision", ("auto", *PRECISIONS)),
             ("base_dtype", (None, *PRECISIONS)),
             ("quantize", (None, *QUANTIZE_KINDS)),
         ):
@@ -168,7 +168,7 @@ class TuneConfig(
                 flag = key.replace("_", "-")
                 raise LeantuneError(f"--{flag} {getattr(self, key)!r} is unknown; use {allowed}")
         base = self.base_dtype
-        if base not in (None, "fp32") and self.precision not in ("fp32", base):
+        if base not in (None, "fp32") and self.precision not in ("auto", "fp32", base):
             raise LeantuneError(
                 f"--base-dtype {base} runs under autocast to {base}; drop --precision "
                 f"{self.precision} or make it {base}"
@@ -246,8 +246,10 @@ class TuneConfig(
             values["l2"] = cls.from_options(options).default_l2() if cls is not None else 0.0
         if self.metric is None:
             values["metric"] = "perplexity" if self.causal else "accuracy"
-        if self.base_dtype not in (None, "fp32") and self.precision == "fp32":
+        if self.base_dtype not in (None, "fp32") and self.precision in ("auto", "fp32"):
             values["precision"] = self.base_dtype  # a half-precision base runs under autocast
+        elif self.precision == "auto":
+            values["precision"] = "bf16" if self.instruct and fast_bf16(self.device) else "fp32"
         if self.instruct and self.data is None:  # the embedded data, sized for a CPU
             if self.train_examples is None:
                 values["train_examples"] = INSTRUCT_TRAIN_EXAMPLES

@@ -196,9 +196,11 @@ class KnowledgeOptions:
 class PrecisionOptions:
     """Precision and memory: mixed precision, a smaller or quantized frozen base, checkpointing."""
 
-    precision: str = "fp32"
+    precision: str = "auto"
     """fp32, bf16 or fp16: the forward and evaluation run under autocast to it; adapter
-    weights and optimizer state stay fp32 (fp16 with loss scaling; slow on CPUs)."""
+    weights and optimizer state stay fp32 (fp16 with loss scaling; slow on CPUs). auto: bf16
+    for instruct runs on a device with native bf16 (a recent GPU, a CPU with AVX512-BF16),
+    else fp32."""
     base_dtype: str | None = None
     """bf16 or fp16: hold the frozen base model in it, trainable parameters in fp32 (implies
     --precision of the same dtype)."""

@@ -308,6 +308,7 @@ def pick_device(spec: str) -> torch.device:
 
 def prepare(config: TuneConfig, with_method: bool = True) -> Prepared:
     """Load and check everything; writes nothing."""
+    config = config.resolved()
     device = pick_device(config.device)
     folder = model_dir(config.model, config.task)
     splits = load_chat_splits(config) if config.instruct else load_splits(config)
