@@ -290,7 +290,10 @@ def run_leantune(work: Path, steps: int, variant: str, do_eval: bool) -> dict[st
     ends: list[float] = []
     lengths = [len(x) for x in prep.train.ids]
     padded = sum(int(b["input_ids"].numel()) for b in prep.batches(0))
-    hooks = TrainHooks(on_step=lambda p, limit: ends.append(time.perf_counter()))
+    # The same forward leantune tune uses: the output head at the answer tokens only.
+    hooks = TrainHooks(
+        on_step=lambda p, limit: ends.append(time.perf_counter()), forward=prep.forward
+    )
     start = time.perf_counter()
     result = train(model, prep.batches, lambda m: {"perplexity": 1.0}, tc, hooks)
     memory = peak_rss()
