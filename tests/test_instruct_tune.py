@@ -260,3 +260,19 @@ def test_precision_auto_is_bf16_for_instruct_where_bf16_is_native() -> None:
     assert TuneConfig(task="instruct", device="cpu").resolved().precision == want
     assert TuneConfig(task="instruct", precision="fp32").resolved().precision == "fp32"
     assert TuneConfig(base_dtype="bf16").resolved().precision == "bf16"
+
+
+def test_compare_ranks_instruct_strategies_by_perplexity(setup: tuple[Path, Path], tmp_path: Path):
+    from leantune.compare import Strategy, run_compare
+
+    model, data = setup
+    base = {k: v for k, v in vars(config(model, data, tmp_path)).items() if k not in ("name",)}
+    common = base | {"epochs": 1, "gen_examples": 0, "runs_dir": str(tmp_path / "c")}
+    result = run_compare(
+        [Strategy("lora", {}), Strategy("layernorm", {"method": "layernorm"})],
+        common,
+        tmp_path / "compare",
+    )
+    assert result["metric"] == "perplexity"
+    assert {r["strategy"] for r in result["rows"]} == {"lora", "layernorm"}
+    assert all(r["test_perplexity"] > 1 for r in result["rows"])
