@@ -276,3 +276,15 @@ def test_compare_ranks_instruct_strategies_by_perplexity(setup: tuple[Path, Path
     assert result["metric"] == "perplexity"
     assert {r["strategy"] for r in result["rows"]} == {"lora", "layernorm"}
     assert all(r["test_perplexity"] > 1 for r in result["rows"])
+
+
+def test_the_embedded_models_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from leantune import llm
+    from leantune.models import model_dir
+
+    monkeypatch.setattr(llm, "smollm2_dir", lambda: tmp_path / "built")
+    assert model_dir("smollm2", "classify") == tmp_path / "built"
+    assert model_dir(None, "instruct") == tmp_path / "built"
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(LeantuneError, match="does not exist"):
+        model_dir("smollm3")

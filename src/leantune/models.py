@@ -21,12 +21,14 @@ CAUSAL_TASKS = ("causal-lm", "instruct")
 
 def model_dir(path: str | Path | None, task: str = "classify") -> Path:
     """The folder of the model: ``path``, or when None the embedded default of ``task``:
-    MiniLM-L6, or SmolLM2-135M-Instruct for instruct (built into the cache once)."""
-    if path is None and task == "instruct":
+    MiniLM-L6, or SmolLM2-135M-Instruct for instruct (built into the cache once). The names
+    ``minilm`` and ``smollm2`` (when no such folder exists) are the embedded models."""
+    name = None if path is None or Path(path).exists() else str(path)
+    if (path is None and task == "instruct") or name == "smollm2":
         from leantune.llm import smollm2_dir
 
         return smollm2_dir()
-    if path is None:
+    if path is None or name == "minilm":
         from leantune.defaults import minilm_dir
 
         return minilm_dir()

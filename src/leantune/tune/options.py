@@ -33,7 +33,8 @@ class DataOptions:
     """The model, the task and its data."""
 
     model: str | None = None
-    """Local transformers model folder (default: the embedded MiniLM-L6)."""
+    """Local transformers model folder, or an embedded model: minilm (MiniLM-L6, the default)
+    or smollm2 (SmolLM2-135M-Instruct, the default of --task instruct)."""
     task: str = "classify"
     """classify (sequence classification), causal-lm (language modelling; metric perplexity)
     or instruct (chat / instruction tuning of a causal LM: the loss counts the assistant's
