@@ -25,6 +25,7 @@ from leantune.methods.layernorm import LayerNormConfig
 from leantune.methods.sparse import SparseConfig
 from leantune.train.interface import Diverged, Progress, TrainConfig, TrainHooks
 from leantune.train.loop import latest_checkpoint, train
+from test_loop import toy_batches as loop_toy_batches
 
 METHODS = ["lora", "dora", "bitfit", "layernorm", "sparse"]
 # BitFit needs biases: the tiny Llama has none.
@@ -284,14 +285,7 @@ def test_nf4_base_under_lora_trains_and_is_smaller() -> None:
 
 
 def toy_batches(n: int = 32, batch: int = 4) -> list[dict[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(6, 64, (n, 10), generator=g)
-    labels = torch.arange(n) % 2
-    ids[labels == 1, 3] = 5
-    return [
-        {"input_ids": ids[i : i + batch], "labels": labels[i : i + batch]}
-        for i in range(0, n, batch)
-    ]
+    return loop_toy_batches(n, batch)
 
 
 def lora_bert() -> nn.Module:
