@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from leantune.data import length_buckets, pad_batch
+from leantune.instruct import instruct_batch
 
 
 @dataclass
@@ -31,18 +32,17 @@ def make_batch(
     enc: Encoded, rows: Sequence[int], pad_id: int, causal: bool, with_rows: bool = False
 ) -> dict[str, torch.Tensor]:
     """Padded inputs and labels; ``with_rows`` adds the example indices as ``rows``."""
-    batch = pad_batch([enc.ids[i] for i in rows], pad_id)
+    ids = [enc.ids[i] for i in rows]
+    if enc.targets:  # per-token labels (instruct)
+        batch = instruct_batch(ids, [enc.targets[i] for i in rows], pad_id)
+    else:
+        batch = pad_batch(ids, pad_id)
+        if causal:
+            batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        elif enc.labels:
+            batch["labels"] = torch.tensor([enc.labels[i] for i in rows], dtype=torch.long)
     if with_rows:
         batch["rows"] = torch.tensor(list(rows), dtype=torch.long)
-    if enc.targets:
-        labels = torch.full_like(batch["input_ids"], -100)
-        for row, i in enumerate(rows):
-            labels[row, : len(enc.targets[i])] = torch.tensor(enc.targets[i], dtype=torch.long)
-        batch["labels"] = labels
-    elif causal:
-        batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    elif enc.labels:
-        batch["labels"] = torch.tensor([enc.labels[i] for i in rows], dtype=torch.long)
     return batch
 
 

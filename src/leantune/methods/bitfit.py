@@ -6,7 +6,6 @@ into the bias. Adapts linear layers (nn.Linear, GPT-2 Conv1D) and LayerNorms tha
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, cast
 
@@ -47,10 +46,6 @@ class BitFitConfig(AdapterConfig):
         return layer
 
     # --- the planner: a linear layer's bias is one unit, gain ‖ḡ_b‖²
-
-    @classmethod
-    def plan_modules(cls, scores: Scores) -> Iterable[str]:
-        return [m.name for m in scores.modules]
 
     @classmethod
     def plan_unit(

@@ -163,8 +163,9 @@ class AdapterConfig:
 
     @classmethod
     def plan_modules(cls, scores: Scores) -> Iterable[str]:
-        """Modules the planner may spend on with this method; none unless a method says."""
-        return ()
+        """Modules the planner may spend on with this method (asked only of plannable ones):
+        the scored linear layers unless a method says otherwise (LayerNorm: the norms)."""
+        return [m.name for m in scores.modules]
 
     @classmethod
     def plan_unit(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -177,10 +177,6 @@ class LoraConfig(AdapterConfig):
         return lora_from_leantune(entries)
 
     # --- the planner: one unit is one rank, gain σ²ᵢ of the module's mean gradient
-
-    @classmethod
-    def plan_modules(cls, scores: Scores) -> Iterable[str]:
-        return [m.name for m in scores.modules]
 
     @classmethod
     def plan_unit(

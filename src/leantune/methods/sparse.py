@@ -11,7 +11,7 @@ unmerged up to float rounding. Files hold the indices (int64) and the values.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
@@ -80,10 +80,6 @@ class SparseConfig(AdapterConfig):
     # --- the planner: a unit is a chunk of the top-Fisher entries, gain Σ ḡ² over it
 
     plan_keeps_tensor: ClassVar[bool] = True
-
-    @classmethod
-    def plan_modules(cls, scores: Scores) -> Iterable[str]:
-        return [m.name for m in scores.modules]
 
     @classmethod
     def plan_unit(

@@ -20,7 +20,6 @@ import yaml
 from leantune.errors import LeantuneError
 from leantune.files import atomic_write, read_yaml
 from leantune.methods.base import METHODS
-from leantune.methods.lora import LoraConfig
 from leantune.models import CAUSAL_TASKS, TASKS
 from leantune.plan import parse_methods
 from leantune.precision import PRECISIONS, QUANTIZE_KINDS, fast_bf16
@@ -40,7 +39,8 @@ from leantune.tune.options import (
 OWN_PARAMETER_LR = {"full": 5e-5, "head": 5e-3}
 """The methods that train the model's own parameters (all, or the task heads) and their peak
 rates; every other method is a registered adapter method with its own ``default_lr``."""
-DEFAULT_LORA_L2 = LoraConfig.default_l2_weight
+DEFAULT_LORA_L2 = METHODS["lora"]().default_l2()
+"""LoRA's own L2 default (plain LoRA), for tests and docs."""
 
 
 def parse_targets(spec: str) -> str | list[str]:
@@ -262,11 +262,11 @@ class TuneConfig(
         return TuneConfig(**values)
 
 
-def field_docs(cls: type) -> dict[str, str]:
-    """Field docstrings (the string right after each field) of ``cls`` and the classes it
-    inherits fields from: CLI help and YAML comments."""
+def field_docs(cls: type, inherited: bool = True) -> dict[str, str]:
+    """Field docstrings (the string right after each field) of ``cls`` and (``inherited``)
+    the classes it inherits fields from: CLI help and YAML comments."""
     docs: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
+    for klass in reversed(cls.__mro__) if inherited else [cls]:
         if not is_dataclass(klass):
             continue
         body = ast.parse(inspect.getsource(klass)).body[0].body  # type: ignore[attr-defined]
@@ -292,9 +292,13 @@ def option_groups() -> dict[str, str]:
 
 
 def option_docs() -> dict[str, str]:
-    """Help for every TuneConfig field; the LoRA ones come from LoraConfig."""
-    lora = {k: f"LoRA: {v}" for k, v in field_docs(LoraConfig).items()}
-    return lora | field_docs(TuneConfig)
+    """Help for every TuneConfig field: a method's own options (LoRA's r, alpha ...) from its
+    config's field docs, the rest from TuneConfig's."""
+    methods: dict[str, str] = {}
+    for cls in reversed(METHODS.values()):  # the first registered wins a shared name
+        own = field_docs(cls, inherited=False)
+        methods |= {k: f"{cls.title or cls.method}: {v}" for k, v in own.items()}
+    return methods | field_docs(TuneConfig)
 
 
 def read_config(path: Path) -> dict[str, Any]:
