@@ -23,6 +23,8 @@ $(STAMP): pyproject.toml
 	@# Headless Chromium for the report render test (skipped without it).
 	@command -v chromium >/dev/null || timeout 300 apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 \
 		|| echo "note: chromium not installed; the browser test of the reports will be skipped"
+	@# PostgreSQL for the shared-study tests of sweep and compare (skipped without it).
+	@command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || timeout 600 apt-get install -y -q --no-install-recommends postgresql >/dev/null 2>&1 || echo "note: postgresql not installed; the shared-study tests will be skipped"
 	touch $(STAMP)
 
 test: install lint

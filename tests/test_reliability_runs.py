@@ -19,7 +19,7 @@ from helpers import snapshot, topic_rows, write_rows
 from leantune.cli import app
 from leantune.errors import LeantuneError
 from leantune.runfolder import MARKER, RunFolder
-from leantune.train import loop
+from leantune.train import checkpoint, loop
 from leantune.tune import TuneConfig, run_tune
 
 KEYS = ("test_accuracy", "test_loss", "steps", "best_step")
@@ -87,8 +87,8 @@ def kill_at(
     monkeypatch.setattr(loop, "save_checkpoint", in_checkpoint)
     monkeypatch.setattr(os, "replace", wrap("replace", os.replace))
     monkeypatch.setattr(os, "link", wrap("link", os.link))
-    monkeypatch.setattr(loop, "save_file", wrap("save_file", loop.save_file))
-    monkeypatch.setattr(loop.shutil, "rmtree", wrap("rmtree", loop.shutil.rmtree))
+    monkeypatch.setattr(checkpoint, "save_file", wrap("save_file", checkpoint.save_file))
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", wrap("rmtree", checkpoint.shutil.rmtree))
     return seen
 
 

@@ -6,6 +6,16 @@ compare folder holds ``setup.json`` (the common options and the data's fingerpri
 folder per strategy, ``comparison.json``/``comparison.md`` (the table), two Pareto plots and
 ``report.html``. Finished runs (a ``summary.json``) are read back, not redone; an interrupted run
 continues from its checkpoint; a folder made for other common options or data is refused.
+
+Shared studies (``--storage URL [--study NAME]``, any Optuna RDB URL): the strategies are handed
+out through one Optuna study (see :mod:`leantune.study`), each queued once as a trial with the
+parameter ``strategy``; workers, on one machine or many, each with its own ``--out``, take them
+one by one, so each strategy runs once; a killed worker's strategy is run again after its
+heartbeat stops. Each finished strategy's table row (or its error) is stored in its trial, and
+every worker, once all strategies have ended, writes the table and report from the study into
+its own ``--out``. ``--workers N`` starts N such workers on this machine (with an SQLite study in
+the compare folder when no ``--storage`` is given). A failed strategy stays failed in the
+study; to run it again, use another ``--study``.
 """
 
 from __future__ import annotations
@@ -276,18 +286,46 @@ def run_compare(
     slack: float = 0.005,
     log: Callable[[str], None] | None = None,
     runner: Callable[..., dict[str, Any]] | None = None,
+    storage: str | None = None,
+    study_name: str = "leantune",
 ) -> dict[str, Any]:
     """Run each strategy into ``out/<name>/`` (finished ones are read back), then write the
-    table, the Pareto plots and report.html. Returns {"rows", "recommendation", ...}."""
-    from leantune.report import write_compare_report
-    from leantune.runfolder import RunFolder
-    from leantune.tune import make_config, run_tune
+    table, the Pareto plots and report.html. Returns {"rows", "recommendation", ...}.
+
+    With ``storage`` (an Optuna RDB URL) this process is one worker of the shared study
+    ``study_name``: it runs the strategies no other worker has taken."""
+    from leantune.tune import run_tune
 
     say = log or (lambda s: None)
     run = runner or run_tune
     out = Path(out)
+    configs, setup, metric = strategy_configs(strategies, common, out)
+    if storage is not None:
+        from leantune.workers import compare_worker
+
+        where = (storage, study_name)
+        return compare_worker(strategies, configs, setup, common, out, where, slack, say, run)
+    check_setup(out, setup, "comparison")
+    rows = []
+    for i, (s, cfg) in enumerate(zip(strategies, configs, strict=True), 1):
+        row = run_strategy(f"[{i}/{len(strategies)}] {s.name}", cfg, out, metric, say, run)
+        if row is None:
+            return {"interrupted": True, "strategy": s.name, "out": str(out)}
+        rows.append(row)
+    result = write_table(out, rows, metric, slack)
+    result["out"] = str(out)
+    return result
+
+
+def strategy_configs(
+    strategies: Sequence[Strategy], common: Mapping[str, Any], out: Path
+) -> tuple[list[Any], dict[str, Any], str]:
+    """Each strategy's resolved config (all checked before anything runs), the setup
+    (common options and data fingerprint) and the metric."""
+    from leantune.tune import make_config
+
     configs = []
-    for s in strategies:  # every strategy's config is checked before anything runs
+    for s in strategies:
         values = dict(common) | s.options | {"name": s.name, "runs_dir": str(out)}
         try:
             configs.append(make_config(values).resolved())
@@ -298,32 +336,46 @@ def run_compare(
         "common": {k: v for k, v in asdict(base).items() if k not in ("name", "runs_dir")},
         "data_sha256": data_fingerprint(base),
     }
-    check_setup(out, setup, "comparison")
-    metric = str(base.metric)
+    return configs, setup, str(base.metric)
+
+
+def run_strategy(
+    label: str,
+    cfg: Any,
+    out: Path,
+    metric: str,
+    say: Callable[[str], None],
+    run: Callable[..., dict[str, Any]],
+) -> dict[str, Any] | None:
+    """One strategy's table row (with ``error`` when it failed); None when interrupted."""
+    from leantune.runfolder import RunFolder
+
+    name = str(cfg.name)
+    done = out / name / "summary.json"
+    if done.exists():
+        say(f"{label}: finished earlier, read back")
+        return table_row(name, json.loads(done.read_text()), metric)
+    # A checkpoint is resumed; a run that failed before its first one starts over.
+    resume = RunFolder(out, name).resumable()
+    say(f"{label}: " + ("resuming" if resume else "running"))
+    try:
+        summary = run(cfg, resume=resume, overwrite=False)
+    except Exception as e:  # one strategy's failure must not cost the others' runs
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if not isinstance(e, LeantuneError):
+            message = f"{type(e).__name__}: {message}"
+        say(f"{label}: failed: {message}")
+        return table_row(name, {}, metric) | {"error": message}
+    if summary.get("interrupted"):
+        return None
+    return table_row(name, summary, metric)
+
+
+def write_table(out: Path, rows: list[dict[str, Any]], metric: str, slack: float) -> dict[str, Any]:
+    """comparison.json/.md, the Pareto plots and report.html from the rows; the result."""
+    from leantune.report import write_compare_report
+
     higher = metric not in ("perplexity", "loss")
-    rows = []
-    for i, (s, cfg) in enumerate(zip(strategies, configs, strict=True), 1):
-        folder = out / s.name
-        done = folder / "summary.json"
-        if done.exists():
-            say(f"[{i}/{len(strategies)}] {s.name}: finished earlier, read back")
-            summary = json.loads(done.read_text())
-        else:
-            # A checkpoint is resumed; a run that failed before its first one starts over.
-            resume = RunFolder(out, s.name).resumable()
-            say(f"[{i}/{len(strategies)}] {s.name}: " + ("resuming" if resume else "running"))
-            try:
-                summary = run(cfg, resume=resume, overwrite=False)
-            except Exception as e:  # one strategy's failure must not cost the others' runs
-                message = str(e).splitlines()[0] if str(e) else type(e).__name__
-                if not isinstance(e, LeantuneError):
-                    message = f"{type(e).__name__}: {message}"
-                say(f"[{i}/{len(strategies)}] {s.name}: failed: {message}")
-                rows.append(table_row(s.name, {}, metric) | {"error": message})
-                continue
-            if summary.get("interrupted"):
-                return {"interrupted": True, "strategy": s.name, "out": str(out)}
-        rows.append(table_row(s.name, summary, metric))
     fronts = {
         cost: pareto(rows, cost, f"test_{metric}", higher)
         for cost in ("trainable_params", "train_seconds")
@@ -338,5 +390,4 @@ def run_compare(
     atomic_write(out / TABLE_JSON, json.dumps(result, indent=1) + "\n")
     atomic_write(out / TABLE_MD, markdown_table(rows, metric))
     write_compare_report(out, result)
-    result["out"] = str(out)
     return result

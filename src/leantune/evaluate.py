@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from leantune.data import length_buckets, pad_batch
+from leantune.distributed import collective_device, current
 from leantune.instruct import instruct_batch
 
 
@@ -96,9 +97,11 @@ def evaluate(
     order: list[int] = []
     preds: list[int] = []
     probs: list[float] = []
-    for rows in length_buckets([len(x) for x in enc.ids], batch_size, seed=None):
+    for rows, counted in _my_buckets([len(x) for x in enc.ids], batch_size):
         batch = {k: v.to(device) for k, v in make_batch(enc, rows, pad_id, causal).items()}
         out = forward(model, batch) if forward is not None else model(**batch)
+        if not counted:  # a rank with no bucket left keeps step with the others (FSDP)
+            continue
         if causal:
             # transformers averages over predicted tokens: every real token after the first.
             n = int((batch["labels"][:, 1:] != -100).sum())
@@ -112,6 +115,8 @@ def evaluate(
             total_loss += out.loss.item() * n
             weight += n
     model.train(was_training)
+    if current().parallel:
+        return _reduced(enc, order, preds, total_loss, weight, causal, num_labels)
     loss = total_loss / max(weight, 1)
     if causal:
         return Evaluation({"loss": loss, "perplexity": math.exp(min(loss, 50.0))})
@@ -122,6 +127,60 @@ def evaluate(
     if not enc.labels:
         return Evaluation({}, preds, probs)
     matrix = confusion_matrix(enc.labels, preds, num_labels)
-    right = sum(matrix[c][c] for c in range(num_labels))
-    metrics = {"loss": loss, "accuracy": right / max(len(enc), 1), "macro_f1": macro_f1(matrix)}
+    return _metrics(loss, matrix, len(enc), preds, probs)
+
+
+def _metrics(
+    loss: float, matrix: list[list[int]], count: int, preds: list[int], probs: list[float]
+) -> Evaluation:
+    right = sum(matrix[c][c] for c in range(len(matrix)))
+    metrics = {"loss": loss, "accuracy": right / max(count, 1), "macro_f1": macro_f1(matrix)}
     return Evaluation(metrics, preds, probs, matrix)
+
+
+def _my_buckets(lengths: list[int], batch_size: int) -> list[tuple[list[int], bool]]:
+    """This rank's evaluation batches (every ``size``-th bucket), padded with uncounted
+    repeats so that every rank runs as many forwards as the busiest one."""
+    buckets = length_buckets(lengths, batch_size, seed=None)
+    world = current()
+    if not world.parallel:
+        return [(rows, True) for rows in buckets]
+    mine = buckets[world.rank :: world.size]
+    rounds = -(-len(buckets) // world.size)
+    return [(rows, True) for rows in mine] + [(buckets[0], False)] * (rounds - len(mine))
+
+
+def _reduced(
+    enc: Encoded,
+    order: list[int],
+    preds: list[int],
+    total_loss: float,
+    weight: int,
+    causal: bool,
+    num_labels: int,
+) -> Evaluation:
+    """The metrics of every rank's share, summed exactly (correct counts, not rank means).
+    Predictions stay with the rank that made them."""
+    import torch.distributed as dist
+
+    matrix = (
+        confusion_matrix([enc.labels[i] for i in order], preds, num_labels)
+        if enc.labels and not causal
+        else []
+    )
+    flat = torch.tensor(
+        [total_loss, float(weight), *(x for r in matrix for x in r)], dtype=torch.float64
+    )
+    flat = flat.to(collective_device())
+    dist.all_reduce(flat)
+    values = flat.cpu().tolist()
+    loss = values[0] / max(values[1], 1)
+    if causal:
+        return Evaluation({"loss": loss, "perplexity": math.exp(min(loss, 50.0))})
+    if not matrix:
+        return Evaluation({})
+    summed = [
+        [round(x) for x in values[2 + r * num_labels : 2 + (r + 1) * num_labels]]
+        for r in range(num_labels)
+    ]
+    return _metrics(loss, summed, len(enc), [], [])

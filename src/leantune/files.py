@@ -16,6 +16,7 @@ import yaml
 from safetensors.torch import save_file
 from torch import nn
 
+from leantune.distributed import full_tensor, like
 from leantune.errors import LeantuneError
 
 
@@ -36,13 +37,14 @@ def read_yaml(path: Path, what: str) -> Any:
 
 
 def unique_tensors(named: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Tied tensors once (safetensors refuses shared memory), detached, on the CPU."""
+    """Tied tensors once (safetensors refuses shared memory), detached, on the CPU; FSDP's
+    sharded tensors gathered whole (a collective: every rank calls it)."""
     seen: set[int] = set()
     out = {}
     for name, t in named.items():
         if id(t) not in seen:
             seen.add(id(t))
-            out[name] = t.detach().cpu().contiguous()
+            out[name] = full_tensor(t).cpu().contiguous()
     return out
 
 
@@ -65,7 +67,7 @@ def load_into(model: nn.Module, tensors: Mapping[str, torch.Tensor], where: Path
                     f"{where}: {name} has shape {tuple(t.shape)}, the model "
                     f"{tuple(params[name].shape)}"
                 )
-            params[name].copy_(t)
+            params[name].copy_(like(t, params[name]))  # FSDP: sharded as the parameter
 
 
 def folder_bytes(folder: Path) -> int:

@@ -38,6 +38,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from leantune.data import pad_batch
+from leantune.distributed import current
 from leantune.errors import LeantuneError
 from leantune.evaluate import Encoded, evaluate
 
@@ -230,7 +231,10 @@ def prepare_reference(
     enc = Encoded([x for x in ids if len(x) > (1 if causal else 0)])
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     ref = Reference(enc, source, pad_id, causal)
-    file = _cache_file(model, enc, causal, fingerprint) if fingerprint else None
+    # Under several processes every rank measures (a cache one rank has and another lacks
+    # would leave the others waiting in the sharded evaluation).
+    cached = fingerprint and not current().parallel
+    file = _cache_file(model, enc, causal, fingerprint) if fingerprint and cached else None
     if file is not None and _read_cache(file, ref):
         ref.cached = True
     else:

@@ -17,6 +17,17 @@ left running by a killed process is marked failed and its parameters are tried a
 trial; the sampler is reseeded with the number of trials so far, so a resumed sweep does not
 draw the same parameters as the first trials again. Only one process may work on a
 sweep folder at a time (``sweep.lock`` holds its pid).
+
+Shared studies (``--storage URL [--study NAME]``, any Optuna RDB URL: PostgreSQL, MySQL,
+SQLite): several workers, on one machine or many, each with its own ``--out`` for its trials'
+run folders, work on one study in the database (see :mod:`leantune.study`). Exactly ``--trials``
+trials finish across all of them, no parameters run twice, pruning compares every worker's
+results, and a killed worker's trial is failed after its heartbeat stops and run again. The
+setup is stored in the study and a worker with other options, data or space is refused. Each
+trial records its ``worker`` (hostname:pid) and ``run_folder``. Every worker waits until all
+trials have ended, then writes ``best.yaml``, ``trials.json`` and ``report.html`` from the study
+into its own ``--out``; ``leantune sweep --report --storage URL`` writes them without running
+trials. Only the URL with its password masked is ever printed or written.
 """
 
 from __future__ import annotations
@@ -157,10 +168,13 @@ def run_sweep(
     seed: int = 0,
     log: Callable[[str], None] | None = None,
     runner: Callable[..., dict[str, Any]] | None = None,
+    storage: str | None = None,
+    study_name: str = "leantune",
 ) -> dict[str, Any]:
-    """Run trials into ``out`` until ``n_trials`` have finished; returns the trials and the best."""
-    import optuna
+    """Run trials into ``out`` until ``n_trials`` have finished; returns the trials and the best.
 
+    With ``storage`` (an Optuna RDB URL) this process is one worker of the shared study
+    ``study_name``; ``out`` holds the run folders of the trials it runs."""
     from leantune.tune import make_config, run_tune
 
     if n_trials <= 0:
@@ -171,31 +185,20 @@ def run_sweep(
     run = runner or run_tune
     out = Path(out)
     metric = str(base.metric)
-    higher = metric not in ("perplexity", "loss")
     setup = {
         "common": {k: v for k, v in asdict(base).items() if k not in ("name", "runs_dir")},
         "data_sha256": data_fingerprint(base),
         "space": space,
         "metric": metric,
     }
-    check_setup(out, setup, "sweep (data, options or search space)")
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    with pid_lock(out / LOCK, f"sweep {out}"):
-        study, done = _open_study(out, higher, seed, n_trials, say)
-        while done < n_trials:
-            trial = study.ask()
-            params = suggest(trial, space)
-            cfg_or_none = _trial_config(study, trial, common, params, out, say)
-            if cfg_or_none is not None:
-                shown = ", ".join(
-                    f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                    for k, v in params.items()
-                )
-                say(f"[{done + 1}/{n_trials}] {trial_name(trial.number)}: {shown}")
-                if _run_trial(study, trial, cfg_or_none, run, out, metric, say):
-                    return {"interrupted": True, "out": str(out)}
-            done += 1
-        result = _write_result(study, common, out, metric, higher)
+    if storage is None:
+        result = _local_sweep(common, setup, out, n_trials, seed, say, run)
+    else:
+        from leantune.workers import sweep_worker
+
+        result = sweep_worker(common, setup, out, n_trials, (storage, study_name), seed, say, run)
+    if result.get("interrupted"):
+        return result
     best = result["best"]
     if best is None:
         errors = [t["error"] for t in result["trials"] if "error" in t]
@@ -206,6 +209,45 @@ def run_sweep(
             )
     result["out"] = str(out)
     return result
+
+
+def _higher(metric: str) -> bool:
+    return metric not in ("perplexity", "loss")
+
+
+def _shown(params: Mapping[str, Any]) -> str:
+    return ", ".join(
+        f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()
+    )
+
+
+def _local_sweep(
+    common: Mapping[str, Any],
+    setup: dict[str, Any],
+    out: Path,
+    n_trials: int,
+    seed: int,
+    say: Callable[[str], None],
+    run: Callable[..., dict[str, Any]],
+) -> dict[str, Any]:
+    """The sweep folder's own study (``study.db``), one process at a time."""
+    import optuna
+
+    metric, space, higher = setup["metric"], setup["space"], _higher(setup["metric"])
+    check_setup(out, setup, "sweep (data, options or search space)")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with pid_lock(out / LOCK, f"sweep {out}"):
+        study, done = _open_study(out, higher, seed, n_trials, say)
+        while done < n_trials:
+            trial = study.ask()
+            params = suggest(trial, space)
+            cfg_or_none = _trial_config(study, trial, common, params, out, say)
+            if cfg_or_none is not None:
+                say(f"[{done + 1}/{n_trials}] {trial_name(trial.number)}: {_shown(params)}")
+                if _run_trial(study, trial, cfg_or_none, run, out, metric, say):
+                    return {"interrupted": True, "out": str(out)}
+            done += 1
+        return _write_result(study, common, out, metric, higher)
 
 
 def trial_name(number: int) -> str:
@@ -341,6 +383,8 @@ def _result(study: Any, metric: str, higher: bool) -> dict[str, Any]:
 
     trials = []
     for t in study.get_trials(deepcopy=False):
+        if "surplus" in t.user_attrs or "duplicate_of" in t.user_attrs:
+            continue  # given back by a shared-study worker without running
         value = t.value
         if t.state == TrialState.PRUNED and t.intermediate_values:
             value = t.intermediate_values[max(t.intermediate_values)]

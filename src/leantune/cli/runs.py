@@ -30,24 +30,106 @@ def compare(**kwargs: Any) -> None:
     """Run several strategies on the same data and split; write a table, Pareto plots and a report.
 
     Each strategy is an ordinary run folder under --out; finished ones are not redone. The other
-    options apply to every strategy unless the strategy sets them.
+    options apply to every strategy unless the strategy sets them. With --storage (an Optuna
+    database URL) this process is one worker of a shared study: the strategies are handed out to
+    every worker given the same --storage and --study; --workers N starts N workers here.
     """
-    from leantune.compare import load_strategies, markdown_table, run_compare
+    from leantune.compare import load_strategies
 
     config, out, spec = kwargs.pop("config"), kwargs.pop("out"), kwargs.pop("strategies")
-    quiet = kwargs.pop("quiet")
+    quiet, storage, study = kwargs.pop("quiet"), kwargs.pop("storage"), kwargs.pop("study")
+    workers = kwargs.pop("workers")
     try:
+        if workers < 1:
+            raise LeantuneError("--workers must be 1 or more")
         strategies, preset_common = load_strategies(spec)
         common = preset_common | _common(config, kwargs, "compare")
-        result = run_compare(
-            strategies,
-            common,
-            out,
-            log=None if quiet else (lambda s: typer.echo(s, err=True)),
-            runner=lambda cfg, **kw: run_with_progress(cfg, kw["resume"], kw["overwrite"], quiet),
-        )
+        if workers > 1:
+            argv = _worker_argv(config, out, spec, quiet, kwargs)
+            result = _compare_workers(strategies, common, out, storage, study, workers, argv)
+        else:
+            result = _compare_here(strategies, common, out, storage, study, quiet)
     except LeantuneError as e:
         fail(str(e))
+    except KeyboardInterrupt:
+        result = {"interrupted": True, "strategy": "the workers"}
+    _print_compare(result, out)
+
+
+def _compare_here(
+    strategies: list[Any],
+    common: dict[str, Any],
+    out: Path,
+    storage: str | None,
+    study: str,
+    quiet: bool,
+) -> dict[str, Any]:
+    """Run the comparison in this process (alone, or as one worker of a shared study)."""
+    from leantune.compare import run_compare
+
+    return run_compare(
+        strategies,
+        common,
+        out,
+        log=None if quiet else (lambda s: typer.echo(s, err=True)),
+        runner=lambda cfg, **kw: run_with_progress(cfg, kw["resume"], kw["overwrite"], quiet),
+        storage=storage,
+        study_name=study,
+    )
+
+
+def _compare_workers(
+    strategies: list[Any],
+    common: dict[str, Any],
+    out: Path,
+    storage: str | None,
+    study: str,
+    workers: int,
+    argv: list[str],
+) -> dict[str, Any]:
+    """Prepare the shared study, run ``workers`` worker processes on it, read the table back."""
+    from leantune.compare import strategy_configs
+    from leantune.study import load_study
+    from leantune.workers import prepare_compare, run_local_workers, study_table
+
+    url = storage or f"sqlite:///{(Path(out) / 'compare.db').resolve()}"
+    _configs, setup, metric = strategy_configs(strategies, common, Path(out))
+    prepare_compare(strategies, setup, common, Path(out), (url, study))
+    failures = run_local_workers(
+        [*argv, "--storage", url, "--study", study, "--workers", "1"],
+        workers,
+        lambda s: typer.echo(s, err=True),
+    )
+    names = [s.name for s in strategies]
+    result = study_table(load_study(url, study), names, Path(out), metric, 0.005)
+    if result is None:
+        raise LeantuneError(
+            (failures[0] if failures else "the workers ended before every strategy")
+            + "; run the same command to continue"
+        )
+    return result
+
+
+def _worker_argv(
+    config: Path | None, out: Path, spec: str, quiet: bool, options: dict[str, Any]
+) -> list[str]:
+    """The command line of one compare worker: the same options as this one."""
+    argv = ["compare", "--strategies", spec, "--out", str(out)]
+    argv += ["--config", str(config)] if config else []
+    argv += ["--quiet"] if quiet else []
+    for key, value in options.items():
+        flag_name = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag_name if value else f"--no-{flag_name[2:]}")
+        elif value is not None:
+            argv += [flag_name, str(value)]
+    return argv
+
+
+def _print_compare(result: dict[str, Any], out: Path) -> None:
+    """The table, the recommendation and the report's path; one line for failed strategies."""
+    from leantune.compare import markdown_table
+
     if result.get("interrupted"):
         typer.echo(
             f"leantune: interrupted in {result['strategy']}; run the same command to continue",
@@ -63,6 +145,24 @@ def compare(**kwargs: Any) -> None:
             f"{len(result['failed'])} of {len(result['rows'])} strategies failed ({names}; "
             "their errors are in the table); fix them and run the same command again"
         )
+
+
+STORAGE = option(
+    "storage",
+    Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            help="An Optuna database URL (postgresql://user:password@host/db, mysql://..., "
+            "sqlite:///file.db) shared by several workers, on one machine or many."
+        ),
+    ],
+    None,
+)
+STUDY = option(
+    "study",
+    Annotated[str, typer.Option(help="The study's name in --storage.")],
+    "leantune",
+)
 
 
 app.command("compare")(
@@ -89,6 +189,19 @@ app.command("compare")(
                     Path("runs/compare"),
                 ),
                 flag("quiet", "No progress bars or per-eval lines."),
+                STORAGE,
+                STUDY,
+                option(
+                    "workers",
+                    Annotated[
+                        int,
+                        typer.Option(
+                            help="Worker processes on this machine (more than 1: an SQLite "
+                            "study in --out unless --storage is given)."
+                        ),
+                    ],
+                    1,
+                ),
             ]
         ),
     )
@@ -103,30 +216,53 @@ def sweep(**kwargs: Any) -> None:
 
     The study lives in <out>/study.db: run the same command again after an interruption and it
     goes on where it stopped. The best configuration is written to <out>/best.yaml for
-    leantune tune --config. The other options are fixed for every trial.
+    leantune tune --config. The other options are fixed for every trial. With --storage (an
+    Optuna database URL) this process is one worker of a shared study: run the same command on
+    other machines (each with its own --out) and --trials finish across all of them.
     """
     from leantune.sweep import read_space, run_sweep
 
     config, out, space, trials = (kwargs.pop(k) for k in ("config", "out", "space", "trials"))
-    quiet = kwargs.pop("quiet")
+    quiet, storage, study = kwargs.pop("quiet"), kwargs.pop("storage"), kwargs.pop("study")
+    report = kwargs.pop("report")
     try:
-        common = {"reference_examples": 0} | _common(config, kwargs, "sweep")
-        result = run_sweep(
-            common,
-            read_space(space),
-            out,
-            trials,
-            seed=int(common.get("seed", 0)),
-            log=None if quiet else (lambda s: typer.echo(s, err=True)),
-            runner=lambda cfg, **kw: run_with_progress(
-                cfg, False, False, quiet, on_validation=kw["on_validation"]
-            ),
-        )
+        if report:
+            result = _sweep_report(storage, study, out)
+        else:
+            common = {"reference_examples": 0} | _common(config, kwargs, "sweep")
+            result = run_sweep(
+                common,
+                read_space(space),
+                out,
+                trials,
+                seed=int(common.get("seed", 0)),
+                log=None if quiet else (lambda s: typer.echo(s, err=True)),
+                runner=lambda cfg, **kw: run_with_progress(
+                    cfg, False, False, quiet, on_validation=kw["on_validation"]
+                ),
+                storage=storage,
+                study_name=study,
+            )
     except LeantuneError as e:
         fail(str(e))
     if result.get("interrupted"):
         typer.echo("leantune: interrupted; run the same command to continue the sweep", err=True)
         raise typer.Exit(130)
+    _print_sweep(result, out)
+
+
+def _sweep_report(storage: str | None, study: str, out: Path) -> dict[str, Any]:
+    """--report: the results of a shared study, written into --out."""
+    from leantune.workers import sweep_report
+
+    if storage is None:
+        raise LeantuneError(
+            "--report writes a shared study's results; give its --storage (and --study)"
+        )
+    return sweep_report(storage, study, out)
+
+
+def _print_sweep(result: dict[str, Any], out: Path) -> None:
     best = result["best"]
     typer.echo(
         f"{result['finished']} trials finished, {result['pruned']} pruned; "
@@ -169,6 +305,13 @@ app.command("sweep")(
                     Path("runs/sweep"),
                 ),
                 flag("quiet", "No progress bars or per-eval lines."),
+                STORAGE,
+                STUDY,
+                flag(
+                    "report",
+                    "Write best.yaml, trials.json and report.html of the shared "
+                    "study (--storage, --study) into --out, running no trials.",
+                ),
             ]
         ),
     )

@@ -15,6 +15,7 @@ from leantune.plan import entry_label
 
 
 def _tune(config: Path | None, resume: bool, overwrite: bool, quiet: bool, **options: Any) -> None:
+    from leantune.distributed import leave, speaks
     from leantune.runfolder import RunFolder
     from leantune.tune import TuneConfig, make_config, read_config
 
@@ -38,9 +39,15 @@ def _tune(config: Path | None, resume: bool, overwrite: bool, quiet: bool, **opt
             values = read_config(config) if config else {}
             values.update(given)
         cfg: TuneConfig = make_config(values)
-        summary = run_with_progress(cfg, resume, overwrite, quiet)
+        summary = run_with_progress(cfg, resume, overwrite, quiet or not speaks())
     except LeantuneError as e:
+        if not speaks(e):
+            raise typer.Exit(2) from None  # rank 0 says it
         fail(str(e))
+    finally:
+        leave()
+    if not speaks():
+        return
     if summary.get("interrupted"):
         typer.echo(
             f"leantune: interrupted after step {summary['step']}; checkpoint saved. Continue with: "

@@ -9,26 +9,27 @@ Ctrl-C that finishes the current optimizer step, saves a checkpoint and returns.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import re
-import shutil
 import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
+from leantune.distributed import Parallel, clip_gradients, current, is_dtensor, settle
 from leantune.errors import LeantuneError
 from leantune.precision import MAX_SKIPS, LossScaler, autocast, check_precision
+from leantune.train.checkpoint import LATEST as LATEST
+from leantune.train.checkpoint import STATE_JSON as STATE_JSON
+from leantune.train.checkpoint import checkpoint_meta as checkpoint_meta
+from leantune.train.checkpoint import latest_checkpoint as latest_checkpoint
+from leantune.train.checkpoint import load_checkpoint, save_checkpoint
+from leantune.train.checkpoint import trainable_parameters as trainable_parameters
 from leantune.train.interface import (
     Batch,
     Diverged,
@@ -39,12 +40,7 @@ from leantune.train.interface import (
 )
 from leantune.train.schedule import adapter_lr_scales, lr_lambda
 
-STATE_TENSORS = "state.safetensors"
-STATE_JSON = "state.json"
-LATEST = "latest.json"
-
-
-# ---------------------------------------------------------------------------- checkpoints
+# ---------------------------------------------------------------------------- the optimizer
 
 
 def param_groups(
@@ -61,164 +57,28 @@ def param_groups(
     return [{"params": ps, "lr": lr * s, "lr_scale": s} for s, ps in groups.items()]
 
 
-def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
-def latest_checkpoint(directory: Path) -> Path | None:
-    """The folder of the newest complete checkpoint in ``directory``, or None.
-
-    A checkpoint is one unit: ``step-NNNNNNN/`` holds the tensors, the progress and any extra
-    files (the best weights), and ``latest.json`` names it. The pointer is replaced by one
-    rename after the unit is whole, so a kill at any moment leaves the previous unit in force.
-    """
-    pointer = Path(directory) / LATEST
-    try:
-        name = json.loads(pointer.read_text())["folder"]
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise LeantuneError(f"checkpoint pointer {pointer} is unreadable ({e})") from None
-    folder = Path(directory) / str(name)
-    if Path(name).name != name or not (folder / STATE_JSON).is_file():
-        raise LeantuneError(f"checkpoint pointer {pointer} names {name!r}, which is incomplete")
-    return folder
-
-
-def save_checkpoint(
-    directory: Path,
-    model: nn.Module,
-    opt: torch.optim.Optimizer,
-    sched: Any,
-    progress: Progress,
-    params: Mapping[str, nn.Parameter] | None = None,
-    extra: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
-    meta: Mapping[str, Any] | None = None,
-    scaler: Mapping[str, Any] | None = None,
-) -> Path:
-    """Trainable weights, optimizer moments and RNG state in safetensors; the rest (fp16's loss
-    scale ``scaler`` among it) in JSON.
-
-    ``extra`` adds safetensors files to the unit (name → tensors); extra files of the previous
-    unit that are not given again are carried over (hard-linked). ``meta`` is stored beside
-    the progress and read back by :func:`checkpoint_meta`. Returns the unit's folder.
-    """
-    params = trainable_parameters(model) if params is None else params
-    tensors = {f"param.{n}": p.detach().cpu().contiguous() for n, p in params.items()}
-    opt_state = opt.state_dict()
-    for index, state in opt_state["state"].items():
-        for key, value in state.items():
-            tensors[f"opt.{index}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
-    tensors["rng.cpu"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda.{i}"] = s
-    info = {
-        "progress": asdict(progress),
-        "param_groups": opt_state["param_groups"],
-        "scheduler": {k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"},
-        "meta": dict(meta or {}),
-        "scaler": dict(scaler or {}),
-    }
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    previous = latest_checkpoint(directory)
-    unit = directory / f"step-{progress.step:07d}"
-    n = 0
-    while unit.exists():  # the same step again (Ctrl-C after an evaluation), or a torn unit
-        n += 1
-        unit = directory / f"step-{progress.step:07d}.{n}"
-    unit.mkdir()
-    save_file(tensors, str(unit / STATE_TENSORS), metadata={"format": "pt"})
-    for name, file_tensors in (extra or {}).items():
-        save_file(dict(file_tensors), str(unit / name), metadata={"format": "pt"})
-    if previous is not None:
-        for old in previous.iterdir():
-            if old.name not in (STATE_TENSORS, STATE_JSON) and not (unit / old.name).exists():
-                try:
-                    os.link(old, unit / old.name)
-                except OSError:
-                    shutil.copy2(old, unit / old.name)
-    (unit / STATE_JSON).write_text(json.dumps(info))  # last: a unit with it is whole
-    tmp = directory / f".{LATEST}.tmp"
-    tmp.write_text(json.dumps({"folder": unit.name, "step": progress.step}))
-    os.replace(tmp, directory / LATEST)  # the one switch
-    for stale in directory.iterdir():  # older units and units a kill left half-written
-        if stale.is_dir() and stale != unit and re.fullmatch(r"step-\d{7}(\.\d+)?", stale.name):
-            shutil.rmtree(stale, ignore_errors=True)
-    return unit
-
-
-def checkpoint_meta(directory: Path) -> dict[str, Any]:
-    """The ``meta`` stored with the newest checkpoint ({} when there is none)."""
-    unit = latest_checkpoint(directory)
-    if unit is None:
-        return {}
-    return dict(json.loads((unit / STATE_JSON).read_text()).get("meta") or {})
-
-
-def load_checkpoint(
-    directory: Path,
-    model: nn.Module,
-    opt: torch.optim.Optimizer,
-    sched: Any,
-    params: Mapping[str, nn.Parameter] | None = None,
-    scaler: LossScaler | None = None,
-) -> Progress:
-    unit = latest_checkpoint(directory)
-    if unit is None:
-        raise LeantuneError(f"no checkpoint in {directory}; start the run without --resume")
-    try:
-        meta = json.loads((unit / STATE_JSON).read_text())
-        tensors = load_file(str(unit / STATE_TENSORS))
-    except (OSError, ValueError) as e:
-        raise LeantuneError(f"no usable checkpoint in {unit}: {e}") from None
-    params = trainable_parameters(model) if params is None else params
-    saved = {k.removeprefix("param."): v for k, v in tensors.items() if k.startswith("param.")}
-    if set(saved) != set(params):
-        raise LeantuneError(
-            f"checkpoint in {directory} holds {len(saved)} trainable tensors, the model has "
-            f"{len(params)}; resume with the run's own config"
-        )
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(saved[name])
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        if key.startswith("opt."):
-            _, index, name = key.split(".", 2)
-            state.setdefault(int(index), {})[name] = value
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    sched.load_state_dict(meta["scheduler"] | {"lr_lambdas": [None] * len(opt.param_groups)})
-    if scaler is not None:
-        scaler.load_state_dict(meta.get("scaler") or {})
-    torch.set_rng_state(tensors["rng.cpu"])
-    if torch.cuda.is_available():
-        cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
-        if len(cuda) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda)
-    progress = Progress(**meta["progress"])
-    progress.curve = [(int(s), float(v)) for s, v in progress.curve]
-    return progress
-
-
 @contextmanager
-def _stop_on_sigint() -> Iterator[Callable[[], bool]]:
-    """First Ctrl-C asks the loop to stop after the current step; a second one interrupts."""
+def _stop_on_sigint(also_sigterm: bool = False) -> Iterator[Callable[[], bool]]:
+    """First Ctrl-C asks the loop to stop after the current step; a second one interrupts.
+    ``also_sigterm``: SIGTERM too (torchrun passes the launcher's Ctrl-C on as SIGTERM)."""
     requested = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         yield requested.is_set
         return
+    signals = (signal.SIGINT, signal.SIGTERM) if also_sigterm else (signal.SIGINT,)
+    previous: dict[int, Any] = {s: signal.getsignal(s) for s in signals}
 
     def handler(signum: int, frame: Any) -> None:
         requested.set()
-        signal.signal(signal.SIGINT, previous)
+        signal.signal(signum, previous[signum])
 
-    previous = signal.signal(signal.SIGINT, handler)
+    for s in signals:
+        signal.signal(s, handler)
     try:
         yield requested.is_set
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s in signals:
+            signal.signal(s, previous[s])
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -235,6 +95,7 @@ def train(
     resume: bool = False,
     lr_scales: Mapping[str, float] | None = None,
     checkpoint_meta: Mapping[str, Any] | None = None,
+    parallel: Parallel | None = None,
 ) -> TrainResult:
     """Train ``model``'s trainable parameters.
 
@@ -244,12 +105,14 @@ def train(
     regularizers and the schedules. With ``checkpoint`` a folder, a checkpoint is written after
     every evaluation and on Ctrl-C; ``resume=True`` continues from it. ``lr_scales`` multiplies
     the rate per parameter name (default: what the adapter layers ask for, ``lr_multipliers``);
-    ``checkpoint_meta`` is stored beside each checkpoint's progress.
+    ``checkpoint_meta`` is stored beside each checkpoint's progress. With ``parallel`` (several
+    processes, :mod:`leantune.distributed`) each batch is a global batch this rank computes its
+    slice of, and the gradients are averaged over the ranks before each step.
 
     A non-finite training loss, penalty or validation loss stops training with
     :class:`Diverged`; the last checkpoint (before the divergence) stays as it was.
     """
-    loop = _Loop(model, batches, evaluate, config, hooks or TrainHooks(), checkpoint)
+    loop = _Loop(model, batches, evaluate, config, hooks or TrainHooks(), checkpoint, parallel)
     scales = adapter_lr_scales(model) if lr_scales is None else lr_scales
     loop.start(resume, scales, checkpoint_meta)
     return loop.run()
@@ -266,16 +129,21 @@ class _Loop:
         config: TrainConfig,
         hooks: TrainHooks,
         checkpoint: Path | None,
+        parallel: Parallel | None = None,
     ) -> None:
         self.model, self.batches, self.evaluate = model, batches, evaluate
         self.config, self.hooks, self.checkpoint = config, hooks, checkpoint
+        self.parallel = parallel
+        self.stop_everywhere = False  # parallel: a stop asked for on any rank, agreed each step
+        self.local_stop: Callable[[], bool] = lambda: False
+        self.bad_loss = 0.0
 
     def start(
         self, resume: bool, lr_scales: Mapping[str, float] | None, meta: Mapping[str, Any] | None
     ) -> None:
         """The optimizer and schedule, fresh or as the checkpoint left them."""
         config, model = self.config, self.model
-        torch.manual_seed(config.seed)
+        torch.manual_seed(config.seed + current().rank)  # dropout differs between ranks
         self.meta = meta
         self.named = trainable_parameters(model)  # gradual unfreezing may switch some off below
         self.params = list(self.named.values())
@@ -324,6 +192,7 @@ class _Loop:
         model.eval()
         with torch.no_grad(), autocast(config.precision, self.device):
             metrics = dict(self.evaluate(model))
+        settle(model)
         model.train()
         if config.metric not in metrics:
             raise LeantuneError(f"metric {config.metric!r} not among {sorted(metrics)}")
@@ -355,7 +224,9 @@ class _Loop:
     def run(self) -> TrainResult:
         p, config = self.p, self.config
         self.model.train()
-        with _stop_on_sigint() as stop_requested:
+        with _stop_on_sigint(also_sigterm=self.parallel is not None) as local_stop:
+            self.local_stop = local_stop
+            stop_requested = local_stop if self.parallel is None else lambda: self.stop_everywhere
             while p.epoch < config.epochs and p.step < self.limit:
                 ended = self.run_epoch(stop_requested)
                 if ended is not None:
@@ -402,32 +273,46 @@ class _Loop:
     def backward(self, cpu_batch: Batch) -> float:
         """One batch forward and backward (gradients accumulate); returns its task loss."""
         p, hooks, model = self.p, self.hooks, self.model
+        rows, weight, share = len(cpu_batch["labels"]), 1.0, 1.0
+        if self.parallel is not None:  # this rank's slice; its share of the global mean loss
+            cpu_batch, weight = self.parallel.split(cpu_batch)
+            share = weight / self.parallel.world.size
         batch = {k: v.to(self.device) for k, v in cpu_batch.items()}
         with autocast(self.config.precision, self.device):
             loss = (hooks.forward(model, batch) if hooks.forward else model(**batch)).loss
-        total_loss = loss = loss.float()  # penalties (fp32 adapters) outside autocast
+        loss = loss.float()  # penalties (fp32 adapters) outside autocast
+        total_loss = loss * weight if weight != 1.0 else loss
         if hooks.penalty is not None:
             for key, term in hooks.penalty(model).items():
+                if is_dtensor(term):  # FSDP: a sum over shards, completed over the ranks
+                    term = term.full_tensor()  # type: ignore[attr-defined]
                 total_loss = total_loss + term
                 p.penalties[key] = p.penalties.get(key, 0.0) + float(term.detach())
         value = float(total_loss.detach())
         if not math.isfinite(value):
-            # Stop before the update: the weights are those of the last good step.
-            raise Diverged(p.step + 1, f"the training loss is {value}")
+            if self.parallel is None:  # stop before the update: the last good step's weights
+                raise Diverged(p.step + 1, f"the training loss is {value}")
+            self.bad_loss = 1.0  # said by every rank after the gradient average
         self.scaler.backward(total_loss / self.config.grad_accum)
         p.batch += 1
-        p.examples += len(batch["labels"])
-        return float(loss.item())
+        p.examples += rows
+        return float(loss.item()) * share
 
     def optimizer_step(self, step_loss: float, step_batches: int) -> None:
         """Clip, step, and record the step's mean loss. Under fp16 an overflowing gradient
         skips the step (the scaler lowers its scale); only MAX_SKIPS in a row diverge."""
         p, config, hooks, scaler = self.p, self.config, self.hooks, self.scaler
+        if self.parallel is not None:
+            flags = [step_loss, self.bad_loss, float(self.local_stop())]
+            step_loss, bad, stop = self.parallel.reduce(self.params, flags)
+            self.stop_everywhere, self.bad_loss = stop > 0, 0.0
+            if bad > 0:
+                raise Diverged(p.step + 1, f"the training loss is {step_loss}")
         scaler.unscale(self.opt)
         finite = True
         if config.max_grad_norm or scaler.enabled:
             clip = config.max_grad_norm or math.inf  # fp16 only needs to see the norm
-            norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
+            norm = clip_gradients(self.params, clip)
             finite = math.isfinite(norm)
             if not finite and not scaler.enabled:
                 raise Diverged(p.step + 1, f"the gradient norm is {norm}")

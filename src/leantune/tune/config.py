@@ -178,6 +178,13 @@ class TuneConfig(
                 f"--quantize {self.quantize} freezes the base in {self.quantize}: it takes plain "
                 "LoRA, BitFit or LayerNorm tuning, not full tuning, DoRA or PiSSA"
             )
+        if self.fsdp and (self.quantize or self.adapt > 1):
+            raise LeantuneError(
+                "--fsdp shards fixed shapes in full or half precision: drop --quantize and "
+                "--adapt, or run data parallel without --fsdp"
+            )
+        if not self.dist_timeout > 0:
+            raise LeantuneError(f"--dist-timeout must be positive seconds, got {self.dist_timeout}")
         if self.quantize and (self.select or self.plan):
             raise LeantuneError(
                 "--quantize with --select/--plan is not supported: selection scores the full "

@@ -26,6 +26,13 @@ class RunOptions:
     track: str | None = None
     """Experiment tracking, off by default: tensorboard (<run>/tensorboard), mlflow (local
     SQLite store <runs_dir>/mlflow.db) or tensorboard,mlflow; each an optional extra of leantune."""
+    fsdp: bool = False
+    """Under torchrun / accelerate launch: shard each transformer block of the frozen base and
+    its adapters over the processes with FSDP2, for bases that do not fit on one device (the
+    default is data parallel: every process holds the whole model)."""
+    dist_timeout: float = 600.0
+    """Under torchrun: seconds a process waits for the others in a collective before it stops
+    (a process died or hangs)."""
 
 
 @dataclass

@@ -4,6 +4,7 @@ their token ids; :func:`prepare` loads and checks them all and writes nothing.""
 from __future__ import annotations
 
 import random
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from leantune.data import (
     stratified_split,
     too_few_rows,
 )
+from leantune.distributed import broadcast_bytes, current, launched, shard_blocks, together
 from leantune.errors import LeantuneError
 from leantune.evaluate import Encoded, Evaluation, evaluate, make_batch
 from leantune.generate import Sampling, evaluate_by_generation, sample_examples
@@ -36,7 +38,7 @@ from leantune.instruct import (
     tokenize_chats,
 )
 from leantune.models import load_model, load_tokenizer, max_positions, model_dir
-from leantune.plan import Plan
+from leantune.plan import Plan, masks_path
 from leantune.precision import (
     autocast,
     cast_base,
@@ -227,7 +229,18 @@ class Prepared:
     forward: Forward | None = None
     """instruct: the loss with the output head on the answer tokens only (train/answer.py),
     when it equals the model's own."""
+    sharded: list[nn.Module] = field(default_factory=list)
+    """--fsdp: the transformer blocks FSDP2 shards."""
+    batch_rows: int | None = None
+    """Rows of each training batch: --batch-size, or under several processes the global
+    batch (--batch-size × processes) that the loop cuts into one slice per process."""
     _cache: dict[int, list[dict[str, torch.Tensor]]] = field(default_factory=dict)
+
+    def use_batch_rows(self, rows: int) -> None:
+        """Training batches of ``rows`` rows from now on (the global batch)."""
+        if rows != (self.batch_rows or self.config.batch_size):
+            self.batch_rows = rows
+            self._cache.clear()  # batches made for the old size
 
     def evaluate(self, enc: Encoded) -> Evaluation:
         with autocast(self.config.precision, self.device):
@@ -268,7 +281,7 @@ class Prepared:
         rows = pack(TokenizedChats(self.train.ids, self.train.targets), length)
         order = list(range(len(rows)))
         random.Random(self.config.seed * 100_003 + epoch).shuffle(order)
-        size, pad = self.config.batch_size, self.tok.pad_token_id
+        size, pad = self.batch_rows or self.config.batch_size, self.tok.pad_token_id
         return [
             packed_batch([rows[i] for i in order[k : k + size]], pad)
             for k in range(0, len(order), size)
@@ -280,7 +293,7 @@ class Prepared:
             return self._cache[epoch]
         rows = length_buckets(
             [len(x) for x in self.train.ids],
-            self.config.batch_size,
+            self.batch_rows or self.config.batch_size,
             seed=self.config.seed * 100_003 + epoch,
         )
         pad = self.tok.pad_token_id
@@ -296,7 +309,9 @@ class Prepared:
 
 def pick_device(spec: str) -> torch.device:
     if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", current().local_rank) if launched() else torch.device("cuda")
     try:
         device = torch.device(spec)
     except RuntimeError:
@@ -342,7 +357,7 @@ def prepare(config: TuneConfig, with_method: bool = True) -> Prepared:
         notes.append(f"--quantize {config.quantize}: {len(done)} linear layers of the base")
     plan, scores = None, None
     if with_method and uses_plan(config):
-        plan, scores = make_plan(model, config, train_enc, tok.pad_token_id)
+        plan, scores = shared_plan(model, config, train_enc, tok.pad_token_id)
         apply_plan(model, plan)
     elif with_method:
         apply_method(model, config)
@@ -352,13 +367,44 @@ def prepare(config: TuneConfig, with_method: bool = True) -> Prepared:
     if config.gradient_checkpointing:
         enable_checkpointing(model)
     model.to(device)
+    sharded = shard_blocks(model) if config.fsdp else []
+    if sharded:
+        notes.append(f"--fsdp: {len(sharded)} transformer blocks sharded over the processes")
     prep = Prepared(
         config, model, tok, splits, train_enc, val_enc, test_enc, device, plan, scores, notes
     )
+    prep.sharded = sharded
     if config.instruct and not config.cache_prefix:
         with autocast(config.precision, device):
             prep.forward = answer_forward_for(model, prep.batches(0)[0])
     return prep
+
+
+def shared_plan(
+    model: nn.Module, config: TuneConfig, train: Encoded, pad_id: int
+) -> tuple[Plan, Scores | None]:
+    """The run's plan; under several processes rank 0 selects and the others receive its plan
+    (the selection scores are computed once)."""
+    if not current().parallel:
+        return make_plan(model, config, train, pad_id)
+    with tempfile.TemporaryDirectory(prefix="leantune-plan-") as tmp:
+        path = Path(tmp) / "plan.json"
+        made: list[tuple[Plan, Scores | None]] = []
+
+        def select() -> None:
+            if current().main:
+                made.append(make_plan(model, config, train, pad_id))
+                made[0][0].save(path)
+
+        together(select, "selection")
+        masks = masks_path(path)
+        texts = [broadcast_bytes(f.read_bytes() if f.exists() else b"") for f in (path, masks)]
+        if made:
+            return made[0]
+        path.write_bytes(texts[0])
+        if texts[1]:
+            masks.write_bytes(texts[1])
+        return Plan.load(path), None
 
 
 def use_template(tok: Any, template: str | None) -> None:

@@ -23,30 +23,30 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load
 from torch import nn
 
-from leantune import runfolder
+from leantune import distributed, runfolder
+from leantune.distributed import Parallel, together
 from leantune.errors import LeantuneError
-from leantune.evaluate import Evaluation
-from leantune.files import atomic_write, folder_bytes, load_into, unique_tensors
+from leantune.files import atomic_write, load_into, unique_tensors
 from leantune.generate import general_answers, general_table
 from leantune.inject import ParameterReport, parameter_report
 from leantune.knowledge import (
     Reference,
     cache_root,
-    knowledge_kept,
     prepare_reference,
     reference_texts,
 )
-from leantune.memory import peak_memory_mb, reset_peak_memory
-from leantune.models import max_positions, model_dir, num_layers
+from leantune.memory import reset_peak_memory
+from leantune.methods.base import METHODS
+from leantune.models import max_positions, num_layers
 from leantune.precision import autocast
 from leantune.runfolder import RunFolder
 from leantune.track import Tracker, check_backends
 from leantune.train.adapt import RankPruner
 from leantune.train.interface import Diverged, Progress, TrainHooks, TrainResult
-from leantune.train.loop import latest_checkpoint, train, trainable_parameters
+from leantune.train.loop import checkpoint_meta, latest_checkpoint, train, trainable_parameters
 from leantune.train.prefix import PrefixCache
 from leantune.train.schedule import Unfreezer, adapter_lr_scales, lr_scales
 from leantune.tune.config import (
@@ -65,11 +65,10 @@ from leantune.tune.saved import (
     paired,
     reference_fingerprint,
     save_trained,
-    side_by_side,
-    task_key,
     validation_line,
     write_run_report,
 )
+from leantune.tune.summary import summarize
 
 STATE = runfolder.STATE
 
@@ -96,18 +95,30 @@ def run_tune(
     an exception it raises (a sweep's pruning) ends the run there, checkpoint kept."""
     l2_given = config.l2 is not None
     config = config.resolved()
+    use_cuda = pick_device(config.device).type == "cuda"
+    world = distributed.join(use_cuda, config.dist_timeout)  # under torchrun: the others
     folder = RunFolder(config.runs_dir, str(config.name))
-    if folder.root.is_dir():  # finish what a killed process left half-way
-        with folder.lock():
-            folder.recover()
-    folder.check(resume, overwrite)  # fails fast; checked again under the lock
+
+    def check_folder() -> None:
+        if not world.main:
+            return  # rank 0 alone touches the run folder
+        if folder.root.is_dir():  # finish what a killed process left half-way
+            with folder.lock():
+                folder.recover()
+        folder.check(resume, overwrite)  # fails fast; checked again under the lock
+
+    together(check_folder, "checking the run folder")
     recipe = TuneRecipe(config, folder, resume, overwrite, log, on_step, on_validation)
     recipe.l2_given = l2_given  # the plan's adapter may have another L2 default
-    with contextlib.ExitStack() as stack:
-        recipe.setup_training()
-        recipe.write_start(stack)
-        recipe.baseline()
-        return recipe.finish(recipe.train())
+    try:
+        with contextlib.ExitStack() as stack:
+            together(recipe.setup_training, "setup")
+            recipe.join_world()
+            together(lambda: recipe.write_start(stack), "writing the run folder")
+            recipe.baseline()
+            return recipe.finish(recipe.train())
+    except torch.distributed.DistError as e:  # a process died, hangs or cannot be reached
+        raise distributed.lost_contact(e, folder.work) from None
 
 
 class TuneRecipe:
@@ -170,9 +181,10 @@ class TuneRecipe:
         config = penalties_for_the_adapter(config, self.prep.model, self.l2_given)
         self.config = self.prep.config = config
         self.fingerprint = data_fingerprint(config)
-        if self.resume:
+        if self.resume and distributed.current().main:
             check_same_start(config, folder, self.fingerprint)
         model, prep = self.prep.model, self.prep
+        self.use_global_batch(config.batch_size * distributed.current().size)
         total_steps = math.ceil(len(prep.batches(0)) / config.grad_accum) * config.epochs
         if config.adapt > 1:
             self.pruner = self.grow_ranks(total_steps)
@@ -181,7 +193,8 @@ class TuneRecipe:
             if config.reference_examples
             else ([], "")
         )
-        self.report = report = parameter_report(model)
+        with distributed.whole(prep.sharded):
+            self.report = report = parameter_report(model)
         self.say(
             f"{config.method} on {config.model or DEFAULT_MODEL_TITLES[config.task]}: "
             f"{report.trainable:,} of {report.total:,} parameters trainable "
@@ -203,11 +216,33 @@ class TuneRecipe:
         self.penalty = make_penalty(model, config, prep)
         check_backends(config.track)
 
+    def join_world(self) -> None:
+        """Under several processes: stop when they were started differently, and fix the
+        global batch (--batch-size × processes; a resumed run keeps the one it started with,
+        so a resume with another number of processes gives the same steps)."""
+        config = self.config
+        distributed.agree([self.fingerprint, started_with(config)], "the data or the options")
+        world = distributed.current()
+        if self.resume:
+            meta = checkpoint_meta(self.state) if world.main else {}
+            self.use_global_batch(distributed.broadcast_json(meta.get("global_batch")))
+        rows = self.prep.batch_rows or config.batch_size
+        if rows != config.batch_size or world.parallel:
+            self.say(f"{world.size} process(es): {rows} rows per step, {rows / world.size:g} each")
+
+    def use_global_batch(self, rows: int | None) -> None:
+        if rows:
+            self.prep.use_batch_rows(rows)
+
     def write_start(self, stack: contextlib.ExitStack) -> None:
         """Under the run's lock (held until the run ends): the partial folder's first files."""
         from leantune.report import write_heatmap
 
         config, folder, prep = self.config, self.folder, self.prep
+        self.run = folder.work
+        self.tracker = Tracker(None, folder.work, {}, name=folder.name)  # off on ranks > 0
+        if not distributed.current().main:
+            return
         stack.enter_context(folder.lock())
         folder.recover()
         folder.check(self.resume, self.overwrite)
@@ -225,14 +260,23 @@ class TuneRecipe:
                 f"{prep.scores.seconds:.1f} s on {prep.scores.examples} examples"
             )
         self.tracker = Tracker(config.track, run, asdict(config), name=folder.name)
-        if self.resume:
-            best_file = latest_checkpoint(self.state)
-            if best_file is not None and (best_file / BEST).is_file():
-                self.best_weights = load_file(str(best_file / BEST))
+
+    def read_best(self) -> None:
+        """--resume: the best weights so far, from the checkpoint (rank 0 reads, all get them)."""
+        data = b""
+        if distributed.current().main:
+            unit = latest_checkpoint(self.state)
+            if unit is not None and (unit / BEST).is_file():
+                data = (unit / BEST).read_bytes()
+        data = distributed.broadcast_bytes(data)
+        if data:
+            self.best_weights = load(data)
 
     def baseline(self) -> None:
         """The original model's behaviour, before any step (adapters start as the identity)."""
         config, prep, model = self.config, self.prep, self.prep.model
+        if self.resume:
+            self.read_best()
         if self.texts:
             fingerprint = reference_fingerprint(config)
             with autocast(config.precision, prep.device):
@@ -266,6 +310,7 @@ class TuneRecipe:
     def train(self) -> TrainResult:
         """The one loop with the run's hooks; a divergence or an error closes the tracker."""
         prep, pruner, unfreezer = self.prep, self.pruner, self.unfreezer
+        world = distributed.current()
         hooks = TrainHooks(
             on_best=self.on_best,
             log=self.on_eval,
@@ -290,7 +335,9 @@ class TuneRecipe:
                 checkpoint_meta={
                     "data_sha256": self.fingerprint,
                     "config": started_with(self.config),
+                    "global_batch": self.prep.batch_rows,
                 },
+                parallel=Parallel(world) if world.parallel else None,
             )
         except Diverged as e:
             self.tracker.close("FAILED")
@@ -322,6 +369,7 @@ class TuneRecipe:
                 self.best_weights = unique_tensors(self.named)
                 self.saved_best.update(result.history[-1] if result.history else {})
             best = self.saved_best
+        distributed.settle(model)
         if self.best_weights is not None:
             load_into(model, self.best_weights, self.state / BEST)
         adapt_info: dict[str, Any] = {}
@@ -330,9 +378,11 @@ class TuneRecipe:
             ranks = self.pruner.finalize()
             adapt_info = {"adapt_start_params": report.trainable, "adapt_ranks": ranks}
             report = parameter_report(model)
-        saved = save_trained(model, run, config)
+        saved = self.save_trained()
         test = self.prep.evaluate_test()
-        summary = self.summarize(result, best, report, saved, test, adapt_info)
+        summary = summarize(self, result, best, report, saved, test, adapt_info)
+        if not distributed.current().main:
+            return summary  # rank 0 writes the rest
         extra: dict[str, Any] = {"curve": result.curve, "confusion": test.confusion}
         if test.samples:
             extra["samples"] = paired(self.samples_before, test.samples)
@@ -365,6 +415,13 @@ class TuneRecipe:
         )
         return pruner
 
+    def save_trained(self) -> Path:
+        """The trained adapter or weights, written by rank 0 (FSDP: from whole blocks)."""
+        with distributed.whole(self.prep.sharded):
+            if distributed.current().main:
+                return save_trained(self.prep.model, self.run, self.config)
+        return self.run / ("adapter" if self.config.method in METHODS else "trained")
+
     def general_after(self, model: nn.Module) -> list[str]:
         return general_answers(model, self.prep.tok, self.config.precision)
 
@@ -383,64 +440,11 @@ class TuneRecipe:
         return files
 
     def on_eval(self, row: dict[str, float], history: list[dict[str, float]]) -> None:
+        if not distributed.current().main:
+            return
         self.say(validation_line(row))
         # Rewritten whole from the loop's history, so a resumed run's file stays complete.
         atomic_write(self.run / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
         self.tracker.log(row, int(row["step"]))
         if self.on_validation is not None:
             self.on_validation(row)
-
-    # ------------------------------------------------------------------------ the summary
-
-    def summarize(
-        self,
-        result: TrainResult,
-        best: dict[str, float],
-        report: ParameterReport,
-        saved: Path,
-        test: Evaluation,
-        adapt_info: dict[str, Any],
-    ) -> dict[str, Any]:
-        """summary.json's contents (and the one line it says: task gained, knowledge kept)."""
-        config, prep, final = self.config, self.prep, self.folder.final
-        summary: dict[str, Any] = {
-            "run": str(final),
-            "model": str(model_dir(config.model, config.task)),
-            "task": config.task,
-            "method": config.method,
-            **{f"test_{k}": v for k, v in test.metrics.items()},
-            **report.as_dict(),
-            "adapter_bytes": folder_bytes(saved),
-            "adapter_path": str(final / saved.relative_to(self.run)),
-            "peak_memory_mb": round(peak_memory_mb(prep.device), 1),
-            "train_seconds": round(result.train_seconds, 2),
-            "examples_per_s": round(result.examples_per_s, 2),
-            "steps": result.steps,
-            "stopped_early": result.stopped_early,
-            "best_step": int(best.get("step", 0)),
-            f"best_val_{config.metric}": best.get(f"val_{config.metric}"),
-            "train_examples": len(prep.train),
-            "val_examples": len(prep.val),
-            "test_examples": len(prep.test),
-            "device": str(prep.device),
-            **adapt_info,
-        }
-        key = task_key(config, test.metrics)
-        for metric, value in self.task_before.items():
-            if metric in test.metrics:
-                summary[f"test_{metric}_before"] = value
-        summary["task_gain"] = test.metrics[key] - self.task_before[key]
-        if self.ref is not None:
-            with autocast(config.precision, prep.device):
-                kept = knowledge_kept(prep.model, self.ref)
-            summary |= kept | {"reference_source": self.ref.source}
-            summary["knowledge_share_of_wall"] = round(
-                kept["knowledge_seconds"] / (time.perf_counter() - self.wall), 4
-            )
-        self.say(side_by_side(summary, key))
-        if prep.scores is not None:
-            summary["select_seconds"] = round(prep.scores.seconds, 2)
-            summary["select_share_of_wall"] = round(
-                prep.scores.seconds / (time.perf_counter() - self.wall), 4
-            )
-        return summary
