@@ -150,6 +150,11 @@ def test_pareto_front_and_recommendation() -> None:
     ]
     assert recommend(rows, "accuracy", True, 0.005).startswith("lora: accuracy 0.9480, within")
     assert recommend(rows, "accuracy", True, 0.0).startswith("full: best accuracy")
+    # A probe within the slack of the best: said plainly, adapters add nothing over it.
+    probe = {"strategy": "probe", "method": "probe", "trainable_params": 5, "test_accuracy": 0.947}
+    said = recommend([*rows, probe], "accuracy", True, 0.005)
+    assert said.startswith("probe: the frozen model already separates these classes")
+    assert recommend([*rows, probe], "accuracy", True, 0.001).startswith("full: best")
     # Lower is better for perplexity: the front flips.
     ppl = [{**r, "test_perplexity": 1 / r["test_accuracy"]} for r in rows]
     assert pareto(ppl, "trainable_params", "test_perplexity", False) == ["full", "lora", "head"]
@@ -158,7 +163,9 @@ def test_pareto_front_and_recommendation() -> None:
 def test_strategy_lists_and_bad_input(tmp_path: Path) -> None:
     assert builtin_strategy("auto-0.3%").options == {"select": "auto", "budget": "0.3%"}
     strategies, common_opts = load_strategies("default")
-    assert [s.name for s in strategies][:2] == ["full", "head"]
+    assert [s.name for s in strategies][:3] == ["probe", "full", "head"]
+    causal, _ = load_strategies("default", "causal-lm")  # no classifier to fit a probe on
+    assert [s.name for s in causal][:2] == ["full", "head"]
     assert "train_examples" in common_opts
     with pytest.raises(LeantuneError, match="unknown strategy 'lora-xyz'"):
         parse_strategies(["lora-xyz"])

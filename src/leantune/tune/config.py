@@ -22,6 +22,7 @@ from leantune.files import atomic_write, read_yaml
 from leantune.methods.base import METHODS
 from leantune.models import CAUSAL_TASKS, TASKS
 from leantune.plan import parse_methods
+from leantune.pooling import POOLINGS
 from leantune.precision import PRECISIONS, QUANTIZE_KINDS, fast_bf16
 from leantune.track import parse_track
 from leantune.train.interface import TrainConfig
@@ -36,7 +37,7 @@ from leantune.tune.options import (
     RunOptions,
 )
 
-OWN_PARAMETER_LR = {"full": 5e-5, "head": 5e-3}
+OWN_PARAMETER_LR = {"full": 5e-5, "head": 5e-3, "probe": 5e-3}
 """The methods that train the model's own parameters (all, or the task heads) and their peak
 rates; every other method is a registered adapter method with its own ``default_lr``."""
 DEFAULT_LORA_L2 = METHODS["lora"]().default_l2()
@@ -183,6 +184,13 @@ class TuneConfig(
                 "--fsdp shards fixed shapes in full or half precision: drop --quantize and "
                 "--adapt, or run data parallel without --fsdp"
             )
+        if (self.method == "probe" or self.warm_head) and self.causal:
+            raise LeantuneError(
+                f"--method probe / --warm-head fit a classification head; --task {self.task} "
+                "has none (use --task classify, or drop them)"
+            )
+        if self.pooling not in POOLINGS:
+            raise LeantuneError(f"--pooling {self.pooling!r} is unknown; use one of {POOLINGS}")
         if not self.dist_timeout > 0:
             raise LeantuneError(f"--dist-timeout must be positive seconds, got {self.dist_timeout}")
         if self.quantize and (self.select or self.plan):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +21,10 @@ from leantune.inject import adapter_layers, inject, name_matches, output_head_na
 from leantune.methods.base import METHODS, AdapterConfig
 from leantune.models import num_layers
 from leantune.plan import Plan, allocate, apply_options, parse_budget, parse_methods
+from leantune.probe import Probe, fit_probe
 from leantune.select import SPARSE_CHUNK, Scores, score
+from leantune.train.adapt import RankPruner
+from leantune.train.interface import TrainResult
 from leantune.train.regularize import Penalty, find_changes, fisher_diagonal
 from leantune.tune.config import TuneConfig, parse_targets
 
@@ -61,8 +65,9 @@ def head_modules(model: nn.Module, causal: bool) -> list[str]:
     return [n for n in names if not any(n.startswith(o + ".") for o in names)]
 
 
-FULL, HEAD = "full", "head"
-"""The methods that train the model's own parameters: all of them, or the task heads."""
+FULL, HEAD, PROBE = "full", "head", "probe"
+"""The methods that train the model's own parameters: all of them, or the task heads (a
+probe fits them on the frozen features instead of training them)."""
 
 
 def adapter_method(config: TuneConfig) -> type[AdapterConfig] | None:
@@ -223,3 +228,43 @@ def make_penalty(model: nn.Module, config: TuneConfig, prep: Prepared) -> Penalt
     return Penalty(
         model, l2=config.l2 or 0.0, l1=config.l1, ewc=config.ewc, fisher=fisher, skip=heads
     )
+
+
+def warm_start(prep: Any) -> Probe | None:
+    """--method probe and --warm-head: the head fitted on the frozen model's features (the
+    features cached per model folder, pooling and data). None for other runs."""
+    config = prep.config
+    if config.method != PROBE and not config.warm_head:
+        return None
+    from leantune.knowledge import folder_fingerprint
+    from leantune.models import model_dir
+
+    key = f"{folder_fingerprint(model_dir(config.model, config.task))}|{config.pooling}"
+    return fit_probe(
+        prep.model, prep.train, prep.tok.pad_token_id, len(prep.splits.label_names), key
+    )
+
+
+def probe_result(prep: Any, probe: Probe) -> TrainResult:
+    """A probe run's "training": no step, one validation of the fitted head."""
+    row = {"step": 0.0, "epoch": 0.0, "train_seconds": probe.seconds}
+    row |= {f"val_{k}": v for k, v in prep.evaluate(prep.val).metrics.items()}
+    return TrainResult(row, 0, False, probe.seconds, len(prep.train), [row], [], False)
+
+
+def grow_ranks(
+    model: nn.Module, config: TuneConfig, total_steps: int, say: Callable[[str], None]
+) -> RankPruner:
+    """--adapt: LoRA grown now, pruned back to its size from warmup to 70% of the steps."""
+    pruner = RankPruner(
+        model,
+        config.adapt,
+        total_steps,
+        start=round(total_steps * config.warmup_ratio),
+        end=round(total_steps * 0.7),
+    )
+    say(
+        f"adaptive budget: LoRA grown to {pruner.initial:,} parameters, pruned to "
+        f"{pruner.target:,} by step {pruner.end}"
+    )
+    return pruner

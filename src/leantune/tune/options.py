@@ -42,13 +42,21 @@ class DataOptions:
     model: str | None = None
     """Local transformers model folder, or an embedded model: minilm (MiniLM-L6, the default)
     or smollm2 (SmolLM2-135M-Instruct, the default of --task instruct)."""
+    pooling: str = "pooler"
+    """classify: what the head sits on. pooler: the model's own pooler (BERT's CLS pooler; what
+    transformers and peft use); auto: the model's sentence embedding where its folder declares
+    one (sentence-transformers' 1_Pooling: MiniLM's normalised mean of the token states), else
+    its pooler; mean or cls: that pooling of the last hidden states. Not pooler: peft alone
+    reproduces the run only with the same pooling (leantune's own commands apply it)."""
     task: str = "classify"
     """classify (sequence classification), causal-lm (language modelling; metric perplexity)
     or instruct (chat / instruction tuning of a causal LM: the loss counts the assistant's
     tokens only; default model SmolLM2-135M-Instruct, default data BBC headline and topic
     instructions)."""
     data: str | None = None
-    """Training data: .csv, .jsonl or a datasets save_to_disk folder (default: BBC News)."""
+    """Training data: .csv, .jsonl or a datasets save_to_disk folder, or an embedded set: bbc
+    (BBC News articles → topic, the default) or bbc-headlines (only each article's headline: a
+    harder task where the frozen model's features are not enough)."""
     eval_data: str | None = None
     """Validation data file; default: a split of --data."""
     test_data: str | None = None
@@ -94,7 +102,11 @@ class MethodOptions:
     method: str = "lora"
     """lora; bitfit (biases) or layernorm (norm scales and shifts) within --layers; sparse (the
     top-Fisher weight entries within --budget and --layers, a FISH mask); full (every
-    parameter) or head (the task head only)."""
+    parameter) or head (the task head only); probe (the head alone, fitted to convergence on
+    the frozen model's features: a logistic regression in seconds, no training loop)."""
+    warm_head: bool = False
+    """classify: start from the probe's head (fitted on the frozen model's features) instead
+    of a random one, then train the method (LP-FT)."""
     # LoRA's own options: their help is LoraConfig's field docstrings (see option_docs).
     r: int = 8
     alpha: float = 16.0

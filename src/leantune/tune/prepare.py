@@ -22,6 +22,7 @@ from leantune.data import (
     stratified_split,
     too_few_rows,
 )
+from leantune.defaults import builtin_data
 from leantune.distributed import broadcast_bytes, current, launched, shard_blocks, together
 from leantune.errors import LeantuneError
 from leantune.evaluate import Encoded, Evaluation, evaluate, make_batch
@@ -81,14 +82,15 @@ def _sample(table: TextTable, n: int | None, seed: int) -> TextTable:
 
 def load_splits(config: TuneConfig) -> Splits:
     label_column = None if config.causal else config.label_column
-    if config.data is None:
+    embedded = builtin_data(config.data)
+    if config.data is not None and embedded is None:
+        data = load_table(config.data, config.text_column, label_column)
+    else:
         from leantune.defaults import bbc_news
 
-        bbc = bbc_news()
+        bbc = bbc_news(headlines=embedded == "bbc-headlines")
         labels = [] if config.causal else [bbc.label_names[y] for y in bbc.labels]
         data = TextTable(bbc.texts, labels)
-    else:
-        data = load_table(config.data, config.text_column, label_column)
 
     def side(path: str | None) -> TextTable | None:
         return None if path is None else load_table(path, config.text_column, label_column)
@@ -332,7 +334,7 @@ def prepare(config: TuneConfig, with_method: bool = True) -> Prepared:
         use_template(tok, config.template)
     random.seed(config.seed)
     torch.manual_seed(config.seed)
-    model = load_model(folder, config.task, splits.label_names, tok.pad_token_id)
+    model = load_model(folder, config.task, splits.label_names, tok.pad_token_id, config.pooling)
     if config.packing:  # a KV cache switches off the detection of packed segments
         model.config.use_cache = False  # type: ignore[union-attr]
     length = min(config.max_length, max_positions(model) or config.max_length)

@@ -56,7 +56,14 @@ from leantune.tune.config import (
     train_config,
     write_config,
 )
-from leantune.tune.method import make_penalty, penalties_for_the_adapter
+from leantune.tune.method import (
+    PROBE,
+    grow_ranks,
+    make_penalty,
+    penalties_for_the_adapter,
+    probe_result,
+    warm_start,
+)
 from leantune.tune.prepare import Prepared, pick_device, prepare
 from leantune.tune.saved import (
     BEST,
@@ -187,7 +194,7 @@ class TuneRecipe:
         self.use_global_batch(config.batch_size * distributed.current().size)
         total_steps = math.ceil(len(prep.batches(0)) / config.grad_accum) * config.epochs
         if config.adapt > 1:
-            self.pruner = self.grow_ranks(total_steps)
+            self.pruner = grow_ranks(model, config, total_steps, self.say)
         self.texts, self.source = (
             reference_texts(config.reference_text, config.reference_examples, config.seed)
             if config.reference_examples
@@ -215,6 +222,10 @@ class TuneRecipe:
             self.unfreezer = Unfreezer(named, n_layers, config.unfreeze_every, total_steps)
         self.penalty = make_penalty(model, config, prep)
         check_backends(config.track)
+        self.probe = warm_start(prep)  # --method probe, --warm-head: the fitted head
+        if self.probe is not None:
+            how = "read from the cache" if self.probe.cached else "computed"
+            self.say(f"probe: head fitted in {self.probe.seconds:.1f} s (features {how})")
 
     def join_world(self) -> None:
         """Under several processes: stop when they were started differently, and fix the
@@ -311,6 +322,10 @@ class TuneRecipe:
         """The one loop with the run's hooks; a divergence or an error closes the tracker."""
         prep, pruner, unfreezer = self.prep, self.pruner, self.unfreezer
         world = distributed.current()
+        if self.config.method == PROBE and self.probe is not None:
+            result = probe_result(prep, self.probe)
+            self.on_eval(result.history[0], result.history)
+            return result
         hooks = TrainHooks(
             on_best=self.on_best,
             log=self.on_eval,
@@ -398,22 +413,6 @@ class TuneRecipe:
         return summary
 
     # ------------------------------------------------------------------------ hooks
-
-    def grow_ranks(self, total_steps: int) -> RankPruner:
-        """--adapt: LoRA grown now, pruned back to its size from warmup to 70% of the steps."""
-        config = self.config
-        pruner = RankPruner(
-            self.prep.model,
-            config.adapt,
-            total_steps,
-            start=round(total_steps * config.warmup_ratio),
-            end=round(total_steps * 0.7),
-        )
-        self.say(
-            f"adaptive budget: LoRA grown to {pruner.initial:,} parameters, pruned to "
-            f"{pruner.target:,} by step {pruner.end}"
-        )
-        return pruner
 
     def save_trained(self) -> Path:
         """The trained adapter or weights, written by rank 0 (FSDP: from whole blocks)."""

@@ -28,6 +28,7 @@ from leantune.knowledge import folder_fingerprint
 from leantune.methods.base import METHODS
 from leantune.models import load_model, load_tokenizer, max_positions, model_dir
 from leantune.plan import Plan
+from leantune.pooling import copy_pooling_files, native_pooling
 from leantune.runfolder import RunFolder
 from leantune.select import Scores
 from leantune.train.loop import checkpoint_meta, trainable_parameters
@@ -139,7 +140,7 @@ def load_run(run: Path) -> SavedRun:
     if config.instruct:
         use_template(tok, config.template)
     torch.manual_seed(config.seed)
-    model = load_model(folder, config.task, names, tok.pad_token_id)
+    model = load_model(folder, config.task, names, tok.pad_token_id, config.pooling)
     if config.method in METHODS:
         load_adapter(model, run / "adapter")
     else:
@@ -286,13 +287,16 @@ def merge_run(run: Path, out: Path, overwrite: bool = False) -> Path:
     if not (run / "config.yaml").is_file():
         raise LeantuneError(f"{run} is not a leantune run folder (no config.yaml)")
     config = make_config(read_config(run / "config.yaml"))
-    check_merge_out(out, overwrite, run, model_dir(config.model, config.task))
+    base = model_dir(config.model, config.task)
+    check_merge_out(out, overwrite, run, base)
     saved = load_run(run)
     model = unload(saved.model, merge_active=True).cpu()
 
     def fill(folder: Path) -> None:
         model.save_pretrained(folder)  # type: ignore[operator]
         saved.tok.save_pretrained(folder)
+        if native_pooling(base) is not None and config.pooling == "auto":
+            copy_pooling_files(base, folder)  # leantune and sentence-transformers pool alike
 
     return write_merged_folder(out, fill, run=str(run.resolve()))
 
