@@ -189,6 +189,10 @@ class TuneConfig(
                 f"--method probe / --warm-head fit a classification head; --task {self.task} "
                 "has none (use --task classify, or drop them)"
             )
+        if not (math.isfinite(self.keep) and self.keep >= 0):
+            raise LeantuneError(f"--keep must be 0 (off) or a positive weight, got {self.keep}")
+        if self.keep_examples <= 0:
+            raise LeantuneError("--keep-examples must be positive")
         if self.pooling not in POOLINGS:
             raise LeantuneError(f"--pooling {self.pooling!r} is unknown; use one of {POOLINGS}")
         if not self.dist_timeout > 0:

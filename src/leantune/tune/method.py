@@ -25,6 +25,7 @@ from leantune.probe import Probe, fit_probe
 from leantune.select import SPARSE_CHUNK, Scores, score
 from leantune.train.adapt import RankPruner
 from leantune.train.interface import TrainResult
+from leantune.train.keep import KeepLoss
 from leantune.train.regularize import Penalty, find_changes, fisher_diagonal
 from leantune.tune.config import TuneConfig, parse_targets
 
@@ -208,7 +209,36 @@ def penalties_for_the_adapter(config: TuneConfig, model: nn.Module, l2_given: bo
     return config
 
 
-def make_penalty(model: nn.Module, config: TuneConfig, prep: Prepared) -> Penalty | None:
+PenaltyTerms = Callable[[nn.Module], dict[str, torch.Tensor]]
+
+
+def make_penalty(model: nn.Module, config: TuneConfig, prep: Prepared) -> PenaltyTerms | None:
+    """The run's regularizers and keep loss (None when every weight is 0)."""
+    penalty = make_regularizers(model, config, prep)
+    keep = make_keep(model, config, prep)
+    if keep is None or penalty is None:
+        return keep or penalty
+    return lambda m: penalty(m) | keep(m)
+
+
+def make_keep(model: nn.Module, config: TuneConfig, prep: Prepared) -> KeepLoss | None:
+    """--keep: the keep loss on reference texts disjoint from those that measure knowledge
+    kept (the original's side computed here, before any step)."""
+    if not config.keep:
+        return None
+    from leantune.knowledge import reference_texts
+    from leantune.models import max_positions
+
+    n = config.reference_examples
+    texts, _ = reference_texts(config.reference_text, n + config.keep_examples, config.seed)
+    length = min(64, max_positions(model) or 64)
+    ids = prep.tok(texts[n:], truncation=True, max_length=length)["input_ids"] if texts[n:] else []
+    ids = [x for x in ids if len(x) > (1 if config.causal else 0)]
+    pad = prep.tok.pad_token_id if prep.tok.pad_token_id is not None else 0
+    return KeepLoss(model, ids, pad, config.keep, config.causal)
+
+
+def make_regularizers(model: nn.Module, config: TuneConfig, prep: Prepared) -> Penalty | None:
     """The run's regularizers (None when every weight is 0); EWC measures its Fisher here."""
     if not (config.l2 or config.l1 or config.ewc):
         return None

@@ -210,6 +210,13 @@ class KnowledgeOptions:
     blank lines or newlines (default: the fortunes of fortunes-min when installed, else skip)."""
     reference_examples: int = 256
     """Reference texts used to measure knowledge kept (0 turns the measurement off)."""
+    keep: float = 0.0
+    """Weight of the keep loss: each batch also pulls the model's outputs on general reference
+    text (not the texts that measure knowledge kept) toward the original model's — the pooled
+    embedding's cosine for encoders, KL to the original's top-16 next-token probabilities for
+    causal LMs. 0 is off."""
+    keep_examples: int = 256
+    """Reference texts the keep loss cycles through (beyond the --reference-examples ones)."""
 
 
 @dataclass

@@ -1,0 +1,108 @@
+"""The keep loss (``--keep W``): while the task trains, pull the model's behaviour on general
+reference text back toward the original model's.
+
+The original's side is computed once, before the first step, from the same model (adapters at
+their identity start, so it *is* the original; no second copy is held): for an encoder the
+mean-pooled last hidden state of each reference text, for a causal LM the top-``k``
+next-token probabilities at every position. Each training batch then adds, for the next
+``batch_size`` reference texts in turn,
+
+- encoder: ``W · mean(1 − cos(e, e₀))``, the distance the "knowledge kept" cosine measures;
+- causal LM: ``W · mean KL(p₀ᵏ ‖ p)`` over positions, p₀ᵏ the original's top-k probabilities
+  renormalised, p the model's probabilities at those tokens.
+
+The texts are reference texts *not* among those that measure knowledge kept (the two sets are
+disjoint), never the task's data. Cost: one forward and backward of ``batch_size`` short texts
+per training batch; ``train_keep`` is logged like the other terms.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from leantune.data import pad_batch
+from leantune.errors import LeantuneError
+
+TOP_K = 16
+
+
+def pooled(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean of the body's last hidden states under the attention mask (float32)."""
+    body: Any = getattr(model, "base_model", model)
+    out = body(**batch)
+    hidden = (out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]).float()
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)
+
+
+def cosine_keep(now: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
+    """mean(1 − cos(now, before)) over rows."""
+    return (1 - F.cosine_similarity(now, before, dim=-1)).mean()
+
+
+def topk_keep(logits: torch.Tensor, top: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """mean over the rows of KL(p₀ ‖ p) on the original's top-k tokens: p₀ (``probs``, summing to 1
+    over ``top``) against the model's probabilities at ``top`` renormalised over them."""
+    logp = logits.float().log_softmax(-1).gather(-1, top)
+    logq = logp - logp.logsumexp(-1, keepdim=True)
+    return (probs * (probs.clamp_min(1e-12).log() - logq)).sum(-1).mean()
+
+
+class KeepLoss:
+    """The ``keep`` penalty term; call it with the model for this batch's term."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        ids: list[list[int]],
+        pad_id: int,
+        weight: float,
+        causal: bool,
+        batch_size: int = 8,
+    ) -> None:
+        if not weight > 0:
+            raise LeantuneError(f"--keep must be a positive weight, got {weight}")
+        if not ids:
+            raise LeantuneError(
+                "--keep needs reference text: install fortunes-min or give --reference-text"
+            )
+        self.weight, self.causal, self.pad_id = weight, causal, pad_id
+        self.batches = [
+            pad_batch(ids[i : i + batch_size], pad_id) for i in range(0, len(ids), batch_size)
+        ]
+        self.next = 0
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        self.targets: list[tuple[torch.Tensor, ...]] = []
+        with torch.no_grad():
+            for batch in self.batches:
+                on = {k: v.to(device) for k, v in batch.items()}
+                if causal:
+                    logits = model(**on).logits[:, :-1].float()
+                    p = logits.softmax(-1).topk(min(TOP_K, logits.shape[-1]), dim=-1)
+                    keep = on["attention_mask"][:, 1:].bool()
+                    self.targets.append(
+                        (p.indices[keep], p.values[keep] / p.values[keep].sum(-1, True))
+                    )
+                else:
+                    self.targets.append((pooled(model, on),))
+        model.train(was_training)
+
+    def __call__(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        i = self.next
+        self.next = (i + 1) % len(self.batches)
+        device = next(model.parameters()).device
+        on = {k: v.to(device) for k, v in self.batches[i].items()}
+        if self.causal:
+            top, probs = self.targets[i]
+            logits = model(**on).logits[:, :-1]
+            keep = on["attention_mask"][:, 1:].bool()
+            term = topk_keep(logits[keep], top, probs)
+        else:
+            term = cosine_keep(pooled(model, on), self.targets[i][0])
+        return {"keep": self.weight * term}
