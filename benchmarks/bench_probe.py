@@ -1,0 +1,90 @@
+"""Issue 17's table: the probe against tuning, with native pooling, a warm head and the keep
+loss, on BBC articles and BBC headlines (MiniLM-L6, the embedded defaults otherwise).
+
+    python benchmarks/bench_probe.py --json benchmarks/bench_probe.json [--seeds 0 1 2]
+    python benchmarks/bench_probe.py --json ... --train-examples 100 --seeds 0 1 2 3 4
+
+Each (data, recipe, seed) is one ``leantune tune`` run in its own process; finished runs are
+read back from the JSON, so an interrupted benchmark goes on where it stopped. Reported per
+run: test accuracy, knowledge kept (embedding cosine, 10-NN overlap on fortunes), trainable %,
+training seconds, peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+BIN = Path(sys.executable).parent
+RECIPES: dict[str, list[str]] = {
+    "probe": ["--method", "probe", "--pooling", "auto"],
+    "lora (default)": [],
+    "+ native pooling": ["--pooling", "auto"],
+    "+ warm head": ["--pooling", "auto", "--warm-head"],
+    "+ keep 1": ["--pooling", "auto", "--warm-head", "--keep", "1"],
+    "+ keep 10": ["--pooling", "auto", "--warm-head", "--keep", "10"],
+}
+KEYS = (
+    "test_accuracy",
+    "knowledge_cosine",
+    "knowledge_knn_overlap",
+    "trainable_percent",
+    "train_seconds",
+    "peak_memory_mb",
+)
+
+
+def run(data: str, recipe: str, seed: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    cmd = [
+        str(BIN / "leantune"), "tune", "--data", data, "--seed", str(seed), "--name", "r",
+        "--runs-dir", str(tmp), "--overwrite", "--quiet", *RECIPES[recipe],
+    ]  # fmt: skip
+    if args.train_examples:
+        cmd += ["--train-examples", str(args.train_examples)]
+    env = os.environ | {"HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        return {"error": (done.stderr.strip().splitlines() or ["?"])[-1]}
+    summary = json.loads((tmp / "r" / "summary.json").read_text())
+    return {k: summary.get(k) for k in KEYS}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, required=True)
+    parser.add_argument("--data", nargs="+", default=["bbc", "bbc-headlines"])
+    parser.add_argument("--recipes", nargs="+", default=list(RECIPES))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--train-examples", type=int)
+    args = parser.parse_args()
+    results: dict[str, Any] = json.loads(args.json.read_text()) if args.json.exists() else {}
+    with tempfile.TemporaryDirectory(prefix="bench-probe-") as tmp:
+        for seed in args.seeds:
+            for data in args.data:
+                for recipe in args.recipes:
+                    key = f"{data}|{recipe}|{seed}|{args.train_examples or 'all'}"
+                    if key in results:
+                        continue
+                    results[key] = run(data, recipe, seed, args, Path(tmp))
+                    print(key, json.dumps(results[key]), flush=True)
+                    args.json.write_text(json.dumps(results, indent=1) + "\n")
+    for data in args.data:
+        for recipe in args.recipes:
+            rows = [v for k, v in results.items() if k.startswith(f"{data}|{recipe}|")]
+            accs = [r["test_accuracy"] for r in rows if r.get("test_accuracy") is not None]
+            if accs:
+                spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
+                print(
+                    f"{data:14} {recipe:18} {statistics.mean(accs):.4f} ± {spread:.4f} (n={len(accs)})"
+                )
+
+
+if __name__ == "__main__":
+    main()
