@@ -30,6 +30,8 @@ RECIPES: dict[str, list[str]] = {
     "+ warm head": ["--pooling", "auto", "--warm-head"],
     "+ keep 1": ["--pooling", "auto", "--warm-head", "--keep", "1"],
     "+ keep 10": ["--pooling", "auto", "--warm-head", "--keep", "10"],
+    "full": ["--method", "full"],
+    "full + keep 1": ["--method", "full", "--pooling", "auto", "--warm-head", "--keep", "1"],
 }
 KEYS = (
     "test_accuracy",
