@@ -183,3 +183,18 @@ def test_bbc_headlines_are_the_first_line_of_each_article() -> None:
     for article, headline in zip(articles.texts[:50], headlines.texts[:50], strict=True):
         assert "\n" not in headline and article.startswith(headline)
     assert sum(len(t) for t in headlines.texts) < sum(len(t) for t in articles.texts) / 20
+
+
+def test_min_steps_gives_a_small_set_more_epochs(tmp_path: Path, data_file: Path) -> None:
+    import yaml
+
+    folder = tiny_model_folder(tmp_path / "bert")
+    config = probe_config(tmp_path, folder, data_file, method="lora", name="few", epochs=1)
+    plain = run_tune(config)
+    more = run_tune(config.__class__(**{**config.__dict__, "name": "more", "min_steps": 12}))
+    per_epoch = plain["steps"]
+    assert per_epoch < 12 and more["steps"] == per_epoch * -(-12 // per_epoch)
+    saved = yaml.safe_load((tmp_path / "runs" / "more" / "config.yaml").read_text())
+    assert saved["epochs"] == -(-12 // per_epoch) and saved["min_steps"] == 12
+    with pytest.raises(LeantuneError, match=r"^--min-steps must be 0 \(off\) or more"):
+        make_config({"min_steps": -1})

@@ -38,9 +38,10 @@ from leantune.tune.method import (
     scoring_batches,
 )
 from leantune.tune.prepare import Prepared, Splits, encode, load_splits, pick_device, prepare
-from leantune.tune.run import TuneRecipe, check_run_folder, run_tune
+from leantune.tune.run import TuneRecipe, run_tune
 from leantune.tune.saved import (
     SavedRun,
+    check_run_folder,
     evaluate_run,
     generate_run,
     load_run,

@@ -298,3 +298,14 @@ def grow_ranks(
         f"{pruner.target:,} by step {pruner.end}"
     )
     return pruner
+
+
+def at_least(config: TuneConfig, batches: int, say: Callable[[str], None]) -> TuneConfig:
+    """--min-steps: a small training set gets the epochs that make that many optimizer steps
+    (the run's config.yaml records them, so a resume agrees)."""
+    per_epoch = -(-batches // config.grad_accum)
+    if not config.min_steps or per_epoch * config.epochs >= config.min_steps:
+        return config
+    epochs = -(-config.min_steps // per_epoch)
+    say(f"{per_epoch} steps per epoch: {epochs} epochs to reach --min-steps {config.min_steps}")
+    return replace(config, epochs=epochs)

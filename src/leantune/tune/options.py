@@ -146,6 +146,8 @@ class OptimOptions:
 
     epochs: int = 2
     """Passes over the training data."""
+    min_steps: int = 0
+    """At least this many optimizer steps: a small training set gets more epochs (0: off)."""
     lr: float | None = None
     """Peak learning rate (default per method: lora 2e-3, full 5e-5, head 5e-3)."""
     weight_decay: float = 0.0

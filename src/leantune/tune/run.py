@@ -58,6 +58,7 @@ from leantune.tune.config import (
 )
 from leantune.tune.method import (
     PROBE,
+    at_least,
     grow_ranks,
     make_penalty,
     penalties_for_the_adapter,
@@ -78,11 +79,6 @@ from leantune.tune.saved import (
 from leantune.tune.summary import summarize
 
 STATE = runfolder.STATE
-
-
-def check_run_folder(run: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse a start that would lose or clash with something in ``run``; touches nothing."""
-    RunFolder(run.parent, run.name).check(resume, overwrite)
 
 
 def run_tune(
@@ -192,6 +188,7 @@ class TuneRecipe:
             check_same_start(config, folder, self.fingerprint)
         model, prep = self.prep.model, self.prep
         self.use_global_batch(config.batch_size * distributed.current().size)
+        config = self.config = prep.config = at_least(config, len(prep.batches(0)), self.say)
         total_steps = math.ceil(len(prep.batches(0)) / config.grad_accum) * config.epochs
         if config.adapt > 1:
             self.pruner = grow_ranks(model, config, total_steps, self.say)

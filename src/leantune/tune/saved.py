@@ -118,6 +118,11 @@ class SavedRun:
     max_length: int
 
 
+def check_run_folder(run: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse a start that would lose or clash with something in ``run``; touches nothing."""
+    RunFolder(run.parent, run.name).check(resume, overwrite)
+
+
 def load_run(run: Path) -> SavedRun:
     """The base model with the run's trained weights (adapter/ or trained/) put back."""
     from leantune.formats import load_adapter
