@@ -30,6 +30,15 @@ RECIPES: dict[str, list[str]] = {
     "+ warm head": ["--pooling", "auto", "--warm-head"],
     "+ keep 1": ["--pooling", "auto", "--warm-head", "--keep", "1"],
     "+ keep 10": ["--pooling", "auto", "--warm-head", "--keep", "10"],
+    "+ keep 1, 100 steps": [
+        "--pooling",
+        "auto",
+        "--warm-head",
+        "--keep",
+        "1",
+        "--min-steps",
+        "100",
+    ],
     "full": ["--method", "full"],
     "full + keep 1": ["--method", "full", "--pooling", "auto", "--warm-head", "--keep", "1"],
 }
@@ -77,15 +86,41 @@ def main() -> None:
                     results[key] = run(data, recipe, seed, args, Path(tmp))
                     print(key, json.dumps(results[key]), flush=True)
                     args.json.write_text(json.dumps(results, indent=1) + "\n")
+    summarize(results, args)
+
+
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+"""Two-sided 95 % Student t quantiles by degrees of freedom (paired differences over seeds)."""
+
+
+def summarize(results: dict[str, Any], args: argparse.Namespace) -> None:
+    """Mean ± sd of test accuracy per recipe, and each recipe's paired difference from the
+    probe over the same seeds with a 95 % confidence interval."""
+    size = str(args.train_examples or "all")
     for data in args.data:
-        for recipe in args.recipes:
-            rows = [v for k, v in results.items() if k.startswith(f"{data}|{recipe}|")]
-            accs = [r["test_accuracy"] for r in rows if r.get("test_accuracy") is not None]
-            if accs:
-                spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
-                print(
-                    f"{data:14} {recipe:18} {statistics.mean(accs):.4f} ± {spread:.4f} (n={len(accs)})"
-                )
+        acc = {
+            recipe: {
+                int(k.split("|")[2]): v["test_accuracy"]
+                for k, v in results.items()
+                if k.split("|")[:2] == [data, recipe]
+                and k.split("|")[3] == size
+                and v.get("test_accuracy") is not None
+            }
+            for recipe in args.recipes
+        }
+        for recipe, by_seed in acc.items():
+            if not by_seed:
+                continue
+            values = list(by_seed.values())
+            spread = statistics.stdev(values) if len(values) > 1 else 0.0
+            line = f"{data:14} {size:>4} {recipe:18} {statistics.mean(values):.4f} ± {spread:.4f}"
+            seeds = sorted(set(by_seed) & set(acc.get("probe", {})))
+            if recipe != "probe" and len(seeds) > 1:
+                diff = [by_seed[s] - acc["probe"][s] for s in seeds]
+                half = T975.get(len(diff) - 1, 1.96) * statistics.stdev(diff) / len(diff) ** 0.5
+                mean = statistics.mean(diff)
+                line += f"  vs probe {mean:+.4f} [{mean - half:+.4f}, {mean + half:+.4f}]"
+            print(line + f" (n={len(values)})")
 
 
 if __name__ == "__main__":
