@@ -100,3 +100,22 @@ def test_bad_keep_input_is_one_line(tmp_path: Path, bert_dir: Path, data_file: P
         run_tune(config)  # type: ignore[arg-type]
     assert "\n" not in str(e.value)
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_keep_every_k_batches_pulls_as_hard_at_a_kth_of_the_cost() -> None:
+    from helpers import tiny_bert
+
+    model = tiny_bert()
+    ids = [[2, 5 + i, 6 + i, 3] for i in range(8)]  # one reference batch
+    every_batch = KeepLoss(model, ids, 0, 0.5, causal=False)
+    third = KeepLoss(model, ids, 0, 0.5, causal=False, every=3)
+    with torch.no_grad():
+        for p in model.parameters():  # move away from the original so the term is not 0
+            p.add_(0.05 * torch.randn_like(p))
+    model.eval()  # no dropout: the same forward each time
+    terms = [third(model) for _ in range(6)]
+    assert [bool(t) for t in terms] == [True, False, False, True, False, False]
+    expected = 3 * every_batch(model)["keep"]
+    assert float(expected.detach()) > 0 and torch.allclose(terms[0]["keep"], expected)
+    with pytest.raises(LeantuneError, match=r"^--keep-every must be a positive number"):
+        make_config({"keep_every": 0})

@@ -13,7 +13,8 @@ next-token probabilities at every position. Each training batch then adds, for t
 
 The texts are reference texts *not* among those that measure knowledge kept (the two sets are
 disjoint), never the task's data. Cost: one forward and backward of ``batch_size`` short texts
-per training batch; ``train_keep`` is logged like the other terms.
+per training batch (``--keep-every k``: every k-th batch at k times the weight);
+``train_keep`` is logged like the other terms.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class KeepLoss:
         weight: float,
         causal: bool,
         batch_size: int = 8,
+        every: int = 1,
     ) -> None:
         if not weight > 0:
             raise LeantuneError(f"--keep must be a positive weight, got {weight}")
@@ -71,6 +73,7 @@ class KeepLoss:
                 "--keep needs reference text: install fortunes-min or give --reference-text"
             )
         self.weight, self.causal, self.pad_id = weight, causal, pad_id
+        self.every, self.calls = every, 0
         self.batches = [
             pad_batch(ids[i : i + batch_size], pad_id) for i in range(0, len(ids), batch_size)
         ]
@@ -94,6 +97,11 @@ class KeepLoss:
         model.train(was_training)
 
     def __call__(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The term for this batch: every ``every``-th batch, at ``every`` times the weight
+        (the same pull on average, a ``every``-th of the cost); {} in between."""
+        self.calls += 1
+        if (self.calls - 1) % self.every:
+            return {}
         i = self.next
         self.next = (i + 1) % len(self.batches)
         device = next(model.parameters()).device
@@ -105,4 +113,4 @@ class KeepLoss:
             term = topk_keep(logits[keep], top, probs)
         else:
             term = cosine_keep(pooled(model, on), self.targets[i][0])
-        return {"keep": self.weight * term}
+        return {"keep": self.weight * self.every * term}

@@ -193,6 +193,10 @@ class TuneConfig(
             raise LeantuneError(f"--keep must be 0 (off) or a positive weight, got {self.keep}")
         if self.min_steps < 0:
             raise LeantuneError(f"--min-steps must be 0 (off) or more, got {self.min_steps}")
+        if self.keep_every <= 0:
+            raise LeantuneError(
+                f"--keep-every must be a positive number of batches, got {self.keep_every}"
+            )
         if self.keep_examples <= 0:
             raise LeantuneError("--keep-examples must be positive")
         if self.pooling not in POOLINGS:

@@ -235,7 +235,7 @@ def make_keep(model: nn.Module, config: TuneConfig, prep: Prepared) -> KeepLoss 
     ids = prep.tok(texts[n:], truncation=True, max_length=length)["input_ids"] if texts[n:] else []
     ids = [x for x in ids if len(x) > (1 if config.causal else 0)]
     pad = prep.tok.pad_token_id if prep.tok.pad_token_id is not None else 0
-    return KeepLoss(model, ids, pad, config.keep, config.causal)
+    return KeepLoss(model, ids, pad, config.keep, config.causal, every=config.keep_every)
 
 
 def make_regularizers(model: nn.Module, config: TuneConfig, prep: Prepared) -> Penalty | None:

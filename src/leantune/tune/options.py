@@ -217,6 +217,9 @@ class KnowledgeOptions:
     text (not the texts that measure knowledge kept) toward the original model's — the pooled
     embedding's cosine for encoders, KL to the original's top-16 next-token probabilities for
     causal LMs. 0 is off."""
+    keep_every: int = 1
+    """The keep loss on every k-th batch only, at k times the weight: the same pull for a k-th
+    of its cost (short task texts make the keep batch the larger part of a step)."""
     keep_examples: int = 256
     """Reference texts the keep loss cycles through (beyond the --reference-examples ones)."""
 
