@@ -30,6 +30,7 @@ RECIPES: dict[str, list[str]] = {
     "+ warm head": ["--pooling", "auto", "--warm-head"],
     "+ keep 1": ["--pooling", "auto", "--warm-head", "--keep", "1"],
     "+ keep 10": ["--pooling", "auto", "--warm-head", "--keep", "10"],
+    "+ keep 1 every 4": ["--pooling", "auto", "--warm-head", "--keep", "1", "--keep-every", "4"],
     "+ keep 1, 100 steps": [
         "--pooling",
         "auto",
