@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from leantune.distributed import leave
 from leantune.errors import LeantuneError
 from leantune.tune import make_config, run_tune
 
@@ -40,8 +41,10 @@ def main(spec_path: str) -> int:
         summary = run_tune(make_config(options), resume=spec.get("resume", False), on_step=on_step)
     except LeantuneError as e:
         out.write_text(json.dumps({"error": str(e)}))
+        leave(together=False)
         return 2
     out.write_text(json.dumps(summary, default=str))
+    leave()
     return 0
 
 

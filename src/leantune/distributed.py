@@ -103,8 +103,13 @@ def join(use_cuda: bool, timeout_s: float) -> World:
     return current()
 
 
-def leave() -> None:
+def leave(together: bool = True) -> None:
+    """Leave the process group. ``together`` (after a run that ended well on every rank): wait
+    for the others first, so no rank tears its connections down while a peer still uses them
+    (gloo can abort the process at exit otherwise)."""
     if dist.is_available() and dist.is_initialized():
+        if together:
+            dist.barrier()
         dist.destroy_process_group()
 
 

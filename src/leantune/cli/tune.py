@@ -41,11 +41,11 @@ def _tune(config: Path | None, resume: bool, overwrite: bool, quiet: bool, **opt
         cfg: TuneConfig = make_config(values)
         summary = run_with_progress(cfg, resume, overwrite, quiet or not speaks())
     except LeantuneError as e:
+        leave(together=False)
         if not speaks(e):
             raise typer.Exit(2) from None  # rank 0 says it
         fail(str(e))
-    finally:
-        leave()
+    leave()
     if not speaks():
         return
     if summary.get("interrupted"):

@@ -22,7 +22,6 @@ from leantune.files import atomic_write, read_yaml
 from leantune.methods.base import METHODS
 from leantune.models import CAUSAL_TASKS, TASKS
 from leantune.plan import parse_methods
-from leantune.pooling import POOLINGS
 from leantune.precision import PRECISIONS, QUANTIZE_KINDS, fast_bf16
 from leantune.track import parse_track
 from leantune.train.interface import TrainConfig
@@ -35,6 +34,7 @@ from leantune.tune.options import (
     OptimOptions,
     PrecisionOptions,
     RunOptions,
+    check_new_options,
 )
 
 OWN_PARAMETER_LR = {"full": 5e-5, "head": 5e-3, "probe": 5e-3}
@@ -179,30 +179,7 @@ class TuneConfig(
                 f"--quantize {self.quantize} freezes the base in {self.quantize}: it takes plain "
                 "LoRA, BitFit or LayerNorm tuning, not full tuning, DoRA or PiSSA"
             )
-        if self.fsdp and (self.quantize or self.adapt > 1):
-            raise LeantuneError(
-                "--fsdp shards fixed shapes in full or half precision: drop --quantize and "
-                "--adapt, or run data parallel without --fsdp"
-            )
-        if (self.method == "probe" or self.warm_head) and self.causal:
-            raise LeantuneError(
-                f"--method probe / --warm-head fit a classification head; --task {self.task} "
-                "has none (use --task classify, or drop them)"
-            )
-        if not (math.isfinite(self.keep) and self.keep >= 0):
-            raise LeantuneError(f"--keep must be 0 (off) or a positive weight, got {self.keep}")
-        if self.min_steps < 0:
-            raise LeantuneError(f"--min-steps must be 0 (off) or more, got {self.min_steps}")
-        if self.keep_every <= 0:
-            raise LeantuneError(
-                f"--keep-every must be a positive number of batches, got {self.keep_every}"
-            )
-        if self.keep_examples <= 0:
-            raise LeantuneError("--keep-examples must be positive")
-        if self.pooling not in POOLINGS:
-            raise LeantuneError(f"--pooling {self.pooling!r} is unknown; use one of {POOLINGS}")
-        if not self.dist_timeout > 0:
-            raise LeantuneError(f"--dist-timeout must be positive seconds, got {self.dist_timeout}")
+        check_new_options(self)
         if self.quantize and (self.select or self.plan):
             raise LeantuneError(
                 "--quantize with --select/--plan is not supported: selection scores the full "

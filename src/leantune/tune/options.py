@@ -8,7 +8,12 @@ field's docstring is its help text and its comment in config.yaml.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
+
+from leantune.errors import LeantuneError
+from leantune.pooling import POOLINGS
 
 
 @dataclass
@@ -242,3 +247,31 @@ class PrecisionOptions:
     LayerNorm tuning; merging into a quantized base is refused."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward instead of keeping them (less memory, slower)."""
+
+
+def check_new_options(c: Any) -> None:
+    """The checks of the scale-out, probe and keep options (``c``: a TuneConfig)."""
+    if c.fsdp and (c.quantize or c.adapt > 1):
+        raise LeantuneError(
+            "--fsdp shards fixed shapes in full or half precision: drop --quantize and "
+            "--adapt, or run data parallel without --fsdp"
+        )
+    if (c.method == "probe" or c.warm_head) and c.causal:
+        raise LeantuneError(
+            f"--method probe / --warm-head fit a classification head; --task {c.task} "
+            "has none (use --task classify, or drop them)"
+        )
+    if not (math.isfinite(c.keep) and c.keep >= 0):
+        raise LeantuneError(f"--keep must be 0 (off) or a positive weight, got {c.keep}")
+    if c.min_steps < 0:
+        raise LeantuneError(f"--min-steps must be 0 (off) or more, got {c.min_steps}")
+    if c.keep_every <= 0:
+        raise LeantuneError(
+            f"--keep-every must be a positive number of batches, got {c.keep_every}"
+        )
+    if c.keep_examples <= 0:
+        raise LeantuneError("--keep-examples must be positive")
+    if c.pooling not in POOLINGS:
+        raise LeantuneError(f"--pooling {c.pooling!r} is unknown; use one of {POOLINGS}")
+    if not c.dist_timeout > 0:
+        raise LeantuneError(f"--dist-timeout must be positive seconds, got {c.dist_timeout}")
