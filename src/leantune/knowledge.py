@@ -26,7 +26,7 @@ import os
 import random
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -165,11 +165,22 @@ def _inner(model: nn.Module) -> nn.Module:
     return base if isinstance(base, nn.Module) else model
 
 
+def mean_pool(out: Any, mask: torch.Tensor) -> torch.Tensor:
+    """The mean of a body output's last hidden states under ``mask`` (float32)."""
+    hidden = (out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]).float()
+    weights = mask.unsqueeze(-1).float()
+    return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1)
+
+
 @torch.no_grad()
-def pooled_embeddings(
-    model: nn.Module, enc: Encoded, pad_id: int, batch_size: int = 64
+def body_rows(
+    model: nn.Module,
+    enc: Encoded,
+    pad_id: int,
+    pick: Callable[[Any, dict[str, torch.Tensor]], torch.Tensor],
+    batch_size: int = 64,
 ) -> torch.Tensor:
-    """Mean-pooled last hidden states, one row per text (eval mode, float32, on CPU).
+    """``pick(body output, batch)`` for every text: one row each (eval mode, on CPU).
 
     Texts run in batches of similar length (less padding), rows come back in input order."""
     was_training = model.training
@@ -182,15 +193,20 @@ def pooled_embeddings(
         for i in range(0, len(order), batch_size):
             batch = pad_batch([enc.ids[j] for j in order[i : i + batch_size]], pad_id)
             batch = {k: v.to(device) for k, v in batch.items()}
-            out: Any = body(**batch)
-            hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-            hidden = hidden.float()
-            mask = batch["attention_mask"].unsqueeze(-1).float()
-            rows.append(((hidden * mask).sum(1) / mask.sum(1).clamp_min(1)).cpu())
+            rows.append(pick(body(**batch), batch).float().cpu())
     finally:
         model.train(was_training)
     pooled = torch.cat(rows)
     return pooled[torch.argsort(torch.tensor(order))] if order else pooled
+
+
+def pooled_embeddings(
+    model: nn.Module, enc: Encoded, pad_id: int, batch_size: int = 64
+) -> torch.Tensor:
+    """Mean-pooled last hidden states, one row per text (float32), in input order."""
+    return body_rows(
+        model, enc, pad_id, lambda out, b: mean_pool(out, b["attention_mask"]), batch_size
+    )
 
 
 def knn_overlap(before: torch.Tensor, after: torch.Tensor, k: int = 10) -> float:

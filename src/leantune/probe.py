@@ -22,10 +22,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from leantune.data import pad_batch
 from leantune.errors import LeantuneError
 from leantune.evaluate import Encoded
 from leantune.files import save_tensors
+from leantune.knowledge import body_rows
 
 PROBE_C = 10.0
 """Inverse L2 strength of the probe's logistic regression (scikit-learn's default is 1; 10
@@ -65,21 +65,7 @@ def features(model: nn.Module, enc: Encoded, pad_id: int, batch_size: int = 64) 
         raise LeantuneError(
             "--method probe / --warm-head need an encoder with a pooled output (BERT-like)"
         )
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    order = sorted(range(len(enc.ids)), key=lambda i: len(enc.ids[i]))
-    rows = []
-    try:
-        with torch.no_grad():
-            for i in range(0, len(order), batch_size):
-                batch = pad_batch([enc.ids[j] for j in order[i : i + batch_size]], pad_id)
-                out = body(**{k: v.to(device) for k, v in batch.items()})
-                rows.append(out.pooler_output.float().cpu())
-    finally:
-        model.train(was_training)
-    pooled = torch.cat(rows)
-    return pooled[torch.argsort(torch.tensor(order))]
+    return body_rows(model, enc, pad_id, lambda out, batch: out.pooler_output, batch_size)
 
 
 def fit_logistic(

@@ -27,6 +27,7 @@ from torch import nn
 
 from leantune.data import pad_batch
 from leantune.errors import LeantuneError
+from leantune.knowledge import mean_pool
 
 TOP_K = 16
 
@@ -34,10 +35,7 @@ TOP_K = 16
 def pooled(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean of the body's last hidden states under the attention mask (float32)."""
     body: Any = getattr(model, "base_model", model)
-    out = body(**batch)
-    hidden = (out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]).float()
-    mask = batch["attention_mask"].unsqueeze(-1).float()
-    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)
+    return mean_pool(body(**batch), batch["attention_mask"])
 
 
 def cosine_keep(now: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
