@@ -6,7 +6,8 @@ loss, on BBC articles and BBC headlines (MiniLM-L6, the embedded defaults otherw
 
 Each (data, recipe, seed) is one ``leantune tune`` run in its own process; finished runs are
 read back from the JSON, so an interrupted benchmark goes on where it stopped. Reported per
-run: test accuracy, knowledge kept (embedding cosine, 10-NN overlap on fortunes), trainable %,
+run: test accuracy, knowledge kept (embedding cosine, 10-NN overlap, paraphrase retrieval top-1
+on fortunes), trainable %,
 training seconds, peak memory.
 """
 
@@ -30,6 +31,8 @@ RECIPES: dict[str, list[str]] = {
     "+ warm head": ["--pooling", "auto", "--warm-head"],
     "+ keep 1": ["--pooling", "auto", "--warm-head", "--keep", "1"],
     "+ keep 10": ["--pooling", "auto", "--warm-head", "--keep", "10"],
+    "+ warm head, pooler": ["--warm-head"],
+    "+ keep 1, pooler": ["--warm-head", "--keep", "1"],
     "+ keep 1 every 4": ["--pooling", "auto", "--warm-head", "--keep", "1", "--keep-every", "4"],
     "+ keep 1, 100 steps": [
         "--pooling",
@@ -47,6 +50,8 @@ KEYS = (
     "test_accuracy",
     "knowledge_cosine",
     "knowledge_knn_overlap",
+    "paraphrase_top1",
+    "paraphrase_top1_before",
     "trainable_percent",
     "train_seconds",
     "peak_memory_mb",

@@ -21,6 +21,8 @@ from leantune.knowledge import (
     folder_fingerprint,
     knn_overlap,
     knowledge_kept,
+    near_paraphrase,
+    paraphrase_top1,
     pooled_embeddings,
     prepare_reference,
     reference_texts,
@@ -65,6 +67,34 @@ def test_kept_is_one_unchanged_and_falls_with_the_change(kind: str, tmp_path: Pa
         assert same["reference_perplexity_ratio"] == pytest.approx(1.0, abs=1e-6)
         assert large["reference_perplexity_ratio"] != pytest.approx(1.0, abs=1e-3)
     assert same["reference_texts"] == len(TEXTS)
+
+
+def test_near_paraphrases_are_seeded_edits_of_their_source() -> None:
+    text = "the quick brown fox jumps over the lazy dog near the old river bank today"
+    para = near_paraphrase(text, 7)
+    assert para == near_paraphrase(text, 7) and para != text
+    assert set(para.split()) <= set(text.split()) and len(para.split()) < len(text.split())
+    assert near_paraphrase("two words", 1) == "two words"  # too short to edit
+
+
+def test_paraphrase_top1_counts_paraphrases_nearest_their_source() -> None:
+    texts = torch.eye(4)
+    assert paraphrase_top1(texts, texts + 0.1) == 1.0
+    swapped = texts[[1, 0, 2, 3]]  # paraphrases 0 and 1 now nearest the other's source
+    assert paraphrase_top1(texts, swapped) == 0.5
+
+
+def test_paraphrase_retrieval_is_kept_unchanged_and_falls_when_the_model_is_scrambled(
+    tmp_path: Path,
+) -> None:
+    tok = AutoTokenizer.from_pretrained(tiny_model_folder(tmp_path / "bert"))
+    model = build("bert")
+    ref = prepare_reference(model, tok, TEXTS, "test", causal=False)
+    same = knowledge_kept(model, ref)
+    assert same["paraphrase_top1"] == same["paraphrase_top1_before"] > 0.5
+    with torch.no_grad():  # every token the same embedding: no text is told from another
+        model.bert.embeddings.word_embeddings.weight.fill_(0.1)
+    assert knowledge_kept(model, ref)["paraphrase_top1"] < same["paraphrase_top1"]
 
 
 def test_pooled_rows_come_back_in_input_order(tmp_path: Path) -> None:
@@ -203,7 +233,7 @@ def test_the_original_side_is_cached_per_model_folder_and_texts(
         model, tok, TEXTS, "t", causal=causal, fingerprint=folder_fingerprint(folder)
     )
     assert not (other.cached or shorter.cached or rewritten.cached)
-    assert len(calls) == 3
+    assert len(calls) == 3 * (1 if causal else 2)  # encoders: the texts and their paraphrases
 
 
 def test_a_damaged_cache_file_is_recomputed(tmp_path: Path) -> None:

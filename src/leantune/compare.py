@@ -219,6 +219,7 @@ ROW_KEYS = (
     "peak_memory_mb",
     "knowledge_cosine",
     "knowledge_knn_overlap",
+    "paraphrase_top1",
 )
 
 
@@ -274,9 +275,9 @@ def recommend(rows: Sequence[Mapping[str, Any]], metric: str, higher: bool, slac
 def markdown_table(rows: Sequence[Mapping[str, Any]], metric: str) -> str:
     head = (
         f"| strategy | test {metric} | trainable % | adapter MB | train s | peak MB | "
-        "knowledge cosine | 10-NN overlap |"
+        "knowledge cosine | 10-NN overlap | paraphrase top-1 |"
     )
-    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
 
     def num(value: Any, fmt: str) -> str:
         return "-" if value is None else format(value, fmt)
@@ -284,14 +285,15 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], metric: str) -> str:
     for r in rows:
         if r.get("error"):
             error = str(r["error"]).replace("|", "/")
-            lines.append(f"| {r['strategy']} | failed: {error} |" + " - |" * 6)
+            lines.append(f"| {r['strategy']} | failed: {error} |" + " - |" * 7)
             continue
         lines.append(
             f"| {r['strategy']} | {num(r.get(f'test_{metric}'), '.4f')} | "
             f"{num(r.get('trainable_percent'), '.3f')} | "
             f"{num(None if r.get('adapter_bytes') is None else r['adapter_bytes'] / 1e6, '.2f')} | "
             f"{num(r.get('train_seconds'), '.0f')} | {num(r.get('peak_memory_mb'), ',.0f')} | "
-            f"{num(r.get('knowledge_cosine'), '.3f')} | {num(r.get('knowledge_knn_overlap'), '.3f')} |"
+            f"{num(r.get('knowledge_cosine'), '.3f')} | {num(r.get('knowledge_knn_overlap'), '.3f')} | "
+            f"{num(r.get('paraphrase_top1'), '.3f')} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -3,8 +3,12 @@
 Encoders: the mean-pooled last hidden states of reference texts, before and after tuning.
 ``cosine`` is the mean cosine similarity of each text's two embeddings (1.0: unchanged);
 ``knn_overlap`` the mean fraction of each text's k nearest neighbours (by cosine, among the
-reference texts) that are the same before and after (1.0: the geometry is intact). Causal LMs:
-perplexity on the reference text before and after, and their ratio.
+reference texts) that are the same before and after (1.0: the geometry is intact); and one
+ability a user relies on, paraphrase retrieval: each text gets a near-paraphrase (a quarter of its
+words dropped, two neighbours swapped; seeded, so the same for every run), and
+``paraphrase_top1`` is the share of paraphrases whose nearest reference text is their own source,
+for the original (``_before``) and the tuned model. Causal LMs: perplexity on the reference text
+before and after, and their ratio.
 
 Reference text: a user file (entries separated by lines holding ``%``, else by blank lines,
 else one per line), else the fortunes of the Debian packages ``fortunes-min`` / ``fortunes``
@@ -88,6 +92,28 @@ def reference_texts(path: str | None, limit: int = 256, seed: int = 0) -> tuple[
     return entries[:limit], source
 
 
+def near_paraphrase(text: str, seed: int) -> str:
+    """``text`` with about a quarter of its words dropped and two neighbours swapped."""
+    rng = random.Random(seed)
+    words = text.split()
+    kept = [w for w in words if rng.random() >= 0.25]
+    if len(kept) < max(3, len(words) // 2):
+        kept = words[:]
+    if len(kept) > 2:
+        i = rng.randrange(len(kept) - 1)
+        kept[i], kept[i + 1] = kept[i + 1], kept[i]
+    return " ".join(kept)
+
+
+def paraphrase_top1(texts: torch.Tensor, paraphrases: torch.Tensor) -> float:
+    """Share of paraphrases (row i of ``paraphrases``) whose nearest text by cosine is row i."""
+    if texts.shape[0] == 0:
+        return 1.0
+    sim = F.normalize(paraphrases, dim=1) @ F.normalize(texts, dim=1).T
+    hits = sim.argmax(dim=1) == torch.arange(texts.shape[0])
+    return float(hits.float().mean())
+
+
 @dataclass
 class Reference:
     """Tokenized reference texts and what the original model made of them."""
@@ -97,6 +123,9 @@ class Reference:
     pad_id: int
     causal: bool
     embeddings: torch.Tensor | None = None
+    paraphrases: Encoded | None = None
+    """Encoders: a near-paraphrase of each reference text, in the same order."""
+    paraphrase_embeddings: torch.Tensor | None = None
     perplexity: float | None = None
     seconds: float = 0.0
     cached: bool = False
@@ -124,7 +153,7 @@ def folder_fingerprint(folder: Path) -> str:
 def _cache_file(model: nn.Module, enc: Encoded, causal: bool, fingerprint: str) -> Path:
     p = next(model.parameters())
     key = json.dumps(
-        [1, fingerprint, causal, str(p.dtype), p.device.type, enc.ids], separators=(",", ":")
+        [2, fingerprint, causal, str(p.dtype), p.device.type, enc.ids], separators=(",", ":")
     )
     return cache_root() / "reference" / f"{hashlib.sha256(key.encode()).hexdigest()}.safetensors"
 
@@ -137,9 +166,12 @@ def _read_cache(file: Path, ref: Reference) -> bool:
     if ref.causal and saved.get("perplexity") is not None and saved["perplexity"].numel() == 1:
         ref.perplexity = float(saved["perplexity"])
         return True
-    emb = saved.get("embeddings")
-    if not ref.causal and emb is not None and emb.ndim == 2 and emb.shape[0] == len(ref.enc):
-        ref.embeddings = emb.float()
+    emb, para = saved.get("embeddings"), saved.get("paraphrases")
+    n = len(ref.enc)
+    if ref.causal or emb is None or para is None:
+        return False
+    if emb.ndim == 2 and emb.shape[0] == n and para.shape == emb.shape:
+        ref.embeddings, ref.paraphrase_embeddings = emb.float(), para.float()
         return True
     return False
 
@@ -148,8 +180,11 @@ def _write_cache(file: Path, ref: Reference) -> None:
     if ref.causal:
         tensors = {"perplexity": torch.tensor([ref.perplexity], dtype=torch.float64)}
     else:
-        assert ref.embeddings is not None
-        tensors = {"embeddings": ref.embeddings.contiguous()}
+        assert ref.embeddings is not None and ref.paraphrase_embeddings is not None
+        tensors = {
+            "embeddings": ref.embeddings.contiguous(),
+            "paraphrases": ref.paraphrase_embeddings.contiguous(),
+        }
     tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
     try:
         file.parent.mkdir(parents=True, exist_ok=True)
@@ -243,10 +278,15 @@ def prepare_reference(
     the result is read from / written to the cache; the model must be the folder's, unchanged
     (adapters at their identity start)."""
     start = time.perf_counter()
-    ids = tok(list(texts), truncation=True, max_length=max_length)["input_ids"]
-    enc = Encoded([x for x in ids if len(x) > (1 if causal else 0)])
+    texts = list(texts)
+    ids = tok(texts, truncation=True, max_length=max_length)["input_ids"]
+    kept = [i for i, x in enumerate(ids) if len(x) > (1 if causal else 0)]
+    enc = Encoded([ids[i] for i in kept])
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     ref = Reference(enc, source, pad_id, causal)
+    if not causal:
+        para = [near_paraphrase(texts[i], i) for i in kept]
+        ref.paraphrases = Encoded(tok(para, truncation=True, max_length=max_length)["input_ids"])
     # Under several processes every rank measures (a cache one rank has and another lacks
     # would leave the others waiting in the sharded evaluation).
     cached = fingerprint and not current().parallel
@@ -257,7 +297,9 @@ def prepare_reference(
         if causal:
             ref.perplexity = evaluate(model, enc, causal=True, pad_id=pad_id).metrics["perplexity"]
         else:
+            assert ref.paraphrases is not None
             ref.embeddings = pooled_embeddings(model, enc, pad_id)
+            ref.paraphrase_embeddings = pooled_embeddings(model, ref.paraphrases, pad_id)
         if file is not None:
             _write_cache(file, ref)
     ref.seconds = time.perf_counter() - start
@@ -277,11 +319,15 @@ def knowledge_kept(model: nn.Module, ref: Reference) -> dict[str, float]:
             "reference_perplexity_ratio": after / ref.perplexity,
         }
     else:
-        assert ref.embeddings is not None
+        assert ref.embeddings is not None and ref.paraphrase_embeddings is not None
+        assert ref.paraphrases is not None
         now = pooled_embeddings(model, ref.enc, ref.pad_id)
+        para_now = pooled_embeddings(model, ref.paraphrases, ref.pad_id)
         out |= {
             "knowledge_cosine": float(F.cosine_similarity(ref.embeddings, now, dim=1).mean()),
             "knowledge_knn_overlap": knn_overlap(ref.embeddings, now),
+            "paraphrase_top1_before": paraphrase_top1(ref.embeddings, ref.paraphrase_embeddings),
+            "paraphrase_top1": paraphrase_top1(now, para_now),
         }
     out["knowledge_seconds"] = ref.seconds + time.perf_counter() - start
     return out

@@ -390,6 +390,11 @@ def side_by_side(summary: dict[str, Any], key: str) -> str:
             f"knowledge kept: embedding cosine {summary['knowledge_cosine']:.3f}, 10-NN overlap "
             f"{summary['knowledge_knn_overlap']:.3f} on {int(summary['reference_texts'])} texts"
         )
+        if "paraphrase_top1" in summary:
+            kept += (
+                f", paraphrase retrieval {summary['paraphrase_top1_before']:.3f}"
+                f" -> {summary['paraphrase_top1']:.3f}"
+            )
     elif "reference_perplexity_after" in summary:
         kept = (
             f"knowledge kept: reference perplexity {summary['reference_perplexity_before']:.4g}"
