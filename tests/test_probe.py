@@ -156,8 +156,24 @@ def test_warm_head_starts_lora_from_the_probe(tmp_path: Path, data_file: Path) -
     probe = warm_start(prep)
     assert probe is not None
     assert torch.equal(prep.model.classifier.weight.detach(), probe.weight)
-    summary = run_tune(config.__class__(**{**config.__dict__, "name": "warm", "epochs": 1}))
+    lines: list[str] = []
+    summary = run_tune(
+        config.__class__(**{**config.__dict__, "name": "warm", "epochs": 1}), log=lines.append
+    )
     assert summary["steps"] > 0
+    # The probe is the bar: its scores stand beside the tuned ones.
+    assert summary["probe_test_accuracy"] == summary["test_accuracy_before"]
+    assert summary["probe_val_accuracy"] == pytest.approx(
+        prep.evaluate(prep.val).metrics["accuracy"]
+    )
+    assert any("(the probe)" in line for line in lines)
+    # Steps that change nothing (rate 1e-12): the run says the probe was enough.
+    lines.clear()
+    flat = run_tune(
+        config.__class__(**{**config.__dict__, "name": "flat", "lr": 1e-12}), log=lines.append
+    )
+    assert flat["best_val_accuracy"] == pytest.approx(flat["probe_val_accuracy"])
+    assert any("added nothing over the probe" in line for line in lines)
 
 
 @pytest.mark.parametrize(

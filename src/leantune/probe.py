@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,8 @@ class Probe:
     """Features (when not cached) and the fit."""
     cached: bool
     train_accuracy: float
+    val: dict[str, float] = field(default_factory=dict)
+    """The validation metrics of the frozen model with this head (set by the run)."""
 
 
 def head_module(model: nn.Module) -> nn.Linear:

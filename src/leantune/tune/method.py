@@ -270,15 +270,17 @@ def warm_start(prep: Any) -> Probe | None:
     from leantune.models import model_dir
 
     key = f"{folder_fingerprint(model_dir(config.model, config.task))}|{config.pooling}"
-    return fit_probe(
+    probe = fit_probe(
         prep.model, prep.train, prep.tok.pad_token_id, len(prep.splits.label_names), key
     )
+    probe.val = prep.evaluate(prep.val).metrics  # the adapters are still the identity
+    return probe
 
 
 def probe_result(prep: Any, probe: Probe) -> TrainResult:
     """A probe run's "training": no step, one validation of the fitted head."""
     row = {"step": 0.0, "epoch": 0.0, "train_seconds": probe.seconds}
-    row |= {f"val_{k}": v for k, v in prep.evaluate(prep.val).metrics.items()}
+    row |= {f"val_{k}": v for k, v in probe.val.items()}
     return TrainResult(row, 0, False, probe.seconds, len(prep.train), [row], [], False)
 
 

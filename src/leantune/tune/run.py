@@ -222,7 +222,10 @@ class TuneRecipe:
         self.probe = warm_start(prep)  # --method probe, --warm-head: the fitted head
         if self.probe is not None:
             how = "read from the cache" if self.probe.cached else "computed"
-            self.say(f"probe: head fitted in {self.probe.seconds:.1f} s (features {how})")
+            val = ", ".join(f"{k} {v:.4f}" for k, v in self.probe.val.items())
+            self.say(
+                f"probe: head fitted in {self.probe.seconds:.1f} s (features {how}); val {val}"
+            )
 
     def join_world(self) -> None:
         """Under several processes: stop when they were started differently, and fix the

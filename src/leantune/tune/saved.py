@@ -377,11 +377,30 @@ def paired(before: list[dict[str, str]], after: list[dict[str, str]]) -> list[di
     return [a | {"base_answer": b["answer"]} for b, a in zip(before, after, strict=True)]
 
 
+PROBE_MARGIN = 0.005
+"""Validation gain over the probe below which tuning "added nothing" (half a point)."""
+
+
+def probe_verdict(summary: dict[str, Any], metric: str) -> str | None:
+    """One line when a run started from the probe's head (--warm-head) did not beat the probe
+    on validation by PROBE_MARGIN; None otherwise."""
+    probe, tuned = summary.get(f"probe_val_{metric}"), summary.get(f"best_val_{metric}")
+    if probe is None or tuned is None or tuned - probe >= PROBE_MARGIN:
+        return None
+    return (
+        f"the adapters added nothing over the probe (validation {metric} {tuned:.4f} vs "
+        f"{probe:.4f}): the frozen model already separates these classes; --method probe "
+        "gives this in seconds"
+    )
+
+
 def side_by_side(summary: dict[str, Any], key: str) -> str:
     """One line: what the task gained and what the model kept."""
     keys = [key] + [k for k in ("exact_match",) if k != key and f"test_{k}_before" in summary]
+    probe = " (the probe)" if f"probe_test_{key}" in summary else ""
     task = "task: " + ", ".join(
-        f"test {k} {summary[f'test_{k}_before']:.4g} -> {summary[f'test_{k}']:.4g} "
+        f"test {k}{probe if k == key else ''} {summary[f'test_{k}_before']:.4g} -> "
+        f"{summary[f'test_{k}']:.4g} "
         f"({summary[f'test_{k}'] - summary[f'test_{k}_before']:+.4g})"
         for k in keys
     )

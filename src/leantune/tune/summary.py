@@ -15,7 +15,8 @@ from leantune.memory import peak_memory_mb
 from leantune.models import model_dir
 from leantune.precision import autocast
 from leantune.train.interface import TrainResult
-from leantune.tune.saved import side_by_side, task_key
+from leantune.tune.method import PROBE
+from leantune.tune.saved import probe_verdict, side_by_side, task_key
 
 if TYPE_CHECKING:
     from leantune.tune.run import TuneRecipe
@@ -59,6 +60,10 @@ def summarize(
         if metric in test.metrics:
             summary[f"test_{metric}_before"] = value
     summary["task_gain"] = test.metrics[key] - recipe.task_before[key]
+    if recipe.probe is not None and config.method != PROBE:
+        # --warm-head: "before" is the frozen model with the probe's head, the bar to beat.
+        summary[f"probe_test_{key}"] = recipe.task_before[key]
+        summary |= {f"probe_val_{k}": v for k, v in recipe.probe.val.items()}
     if recipe.ref is not None:
         with autocast(config.precision, prep.device):
             kept = knowledge_kept(prep.model, recipe.ref)
@@ -67,6 +72,8 @@ def summarize(
             kept["knowledge_seconds"] / (time.perf_counter() - recipe.wall), 4
         )
     recipe.say(side_by_side(summary, key))
+    if (verdict := probe_verdict(summary, config.metric or key)) is not None:
+        recipe.say(verdict)
     if prep.scores is not None:
         summary["select_seconds"] = round(prep.scores.seconds, 2)
         summary["select_share_of_wall"] = round(
