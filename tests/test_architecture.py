@@ -24,6 +24,14 @@ CONCRETE_METHODS = (
     "layernorm",
     "sparse",
     "mixed",
+    "ia3",
+    "vera",
+    "bottleneck",
+    "lora_conv",
+    "lora_arith",
+    "virtual",
+    "prompt",
+    "prefix_tuning",
 )
 
 

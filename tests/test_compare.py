@@ -160,6 +160,17 @@ def test_pareto_front_and_recommendation() -> None:
     assert pareto(ppl, "trainable_params", "test_perplexity", False) == ["full", "lora", "head"]
 
 
+def test_the_methods_preset_builds_a_config_for_every_registered_family() -> None:
+    from leantune.methods.base import METHODS
+    from leantune.tune import make_config
+
+    strategies, common_opts = load_strategies("methods")
+    methods = {make_config(common_opts | s.options).method for s in strategies}
+    families = {"ia3", "vera", "prompt", "prefix", "bottleneck", "bitfit", "sparse", "full"}
+    assert families <= methods and {"lora", "probe"} <= methods
+    assert families - {"full"} <= set(METHODS)  # each one registered, so a run can build it
+
+
 def test_strategy_lists_and_bad_input(tmp_path: Path) -> None:
     assert builtin_strategy("auto-0.3%").options == {"select": "auto", "budget": "0.3%"}
     strategies, common_opts = load_strategies("default")

@@ -176,7 +176,7 @@ def test_unsupported_peft_configs(saved: Path) -> None:
     cfg_path = saved / formats.CONFIG_NAME
     good = json.loads(cfg_path.read_text())
     for change, message in [
-        ({"peft_type": "IA3"}, "peft_type 'IA3' is not supported"),
+        ({"peft_type": "LOHA"}, "peft_type 'LOHA' is not supported"),
         ({"bias": "all"}, "bias training"),
         ({"init_lora_weights": "pissa"}, "rewritten base model"),
         ({"target_modules": []}, "no target_modules"),

@@ -2,8 +2,10 @@
 
 from leantune import _quiet  # noqa: F401  (first: quiets torchao before transformers loads it)
 from leantune.accounting import ParameterReport, parameter_report
+from leantune.combine import combine
 from leantune.errors import AdapterFileError, LeantuneError, TargetError
 from leantune.formats import adapter_config, adapter_state_dict, load_adapter, save_adapter
+from leantune.hotswap import hotswap, prepare_hotswap
 from leantune.inject import (
     BASE,
     METHODS,
@@ -40,13 +42,16 @@ __all__ = [
     "adapter_config",
     "adapter_parameters",
     "adapter_state_dict",
+    "combine",
     "disable",
+    "hotswap",
     "inject",
     "load_adapter",
     "mark_trainable",
     "merge",
     "mixed_batch",
     "parameter_report",
+    "prepare_hotswap",
     "register",
     "remove_adapter",
     "save_adapter",

@@ -45,6 +45,12 @@ BUILTIN: dict[str, dict[str, Any]] = {
     "lora-qv": {"targets": "query,value", "layers": "all"},
     "lora-all": {"targets": "all-linear", "layers": "all"},
     "dora": {"targets": "all-linear", "layers": "all", "dora": True},
+    "ia3": {"method": "ia3", "layers": "all"},
+    "vera": {"method": "vera", "layers": "all", "r": 256},
+    "prompt": {"method": "prompt"},
+    "prefix": {"method": "prefix"},
+    "bottleneck": {"method": "bottleneck", "layers": "all"},
+    "sparse": {"method": "sparse", "layers": "all"},
 }
 """Named strategies; ``auto-<budget>`` (auto-0.3%, auto-68000) is a Plan at that budget."""
 
@@ -69,6 +75,23 @@ PRESETS: dict[str, dict[str, Any]] = {
     "lora": {
         "strategies": ["probe", "lora-qv", "lora-all", "dora", "auto-0.3%", "auto-1%"],
         "common": {},
+    },
+    # The method families at the defaults each documents (its own rate, its own placement).
+    "methods": {
+        "strategies": [
+            "probe",
+            "lora-all",
+            "dora",
+            "ia3",
+            "vera",
+            "prompt",
+            "prefix",
+            "bottleneck",
+            "bitfit",
+            "sparse",
+            "full",
+        ],
+        "common": {"train_examples": 500, "reference_examples": 128},
     },
 }
 

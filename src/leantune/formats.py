@@ -45,7 +45,7 @@ from leantune.inject import (
     set_active,
 )
 from leantune.methods.base import METHODS, PEFT_FORMATS, AdapterConfig, peft_format
-from leantune.methods.config import MixedConfig
+from leantune.methods.config import FileKeys, MixedConfig
 from leantune.targets import infer_task_type, match_targets, name_matches, resolve_modules_to_save
 
 CONFIG_NAME = "adapter_config.json"
@@ -70,6 +70,9 @@ def adapter_state_dict(model: nn.Module, name: str | None = None) -> dict[str, t
     for mod_name in rec.modules_to_save:  # this adapter's own copy of the head
         for key, t in saved_module(model, mod_name, name).state_dict().items():
             out[f"{PREFIX}{mod_name}.{key}"] = t
+    fmt = peft_format(rec.config)
+    if isinstance(fmt, FileKeys):  # peft's prompt learning keys its files its own way
+        out = fmt.keys_to_file(model, out)
     # safetensors wants contiguous tensors that share no memory.
     return {k: v.detach().contiguous().clone() for k, v in out.items()}
 
@@ -306,12 +309,14 @@ def load_adapter(
     are left trainable.
     """
     raw, tensors = read_adapter_files(directory)
+    fmt = PEFT_FORMATS.get(str(raw.get("peft_type")))
+    if isinstance(fmt, FileKeys):
+        tensors = fmt.keys_from_file(model, tensors)
     bad = [k for k in tensors if not k.startswith(PREFIX)]
     if bad:
         raise AdapterFileError(f"tensor {bad[0]!r} lacks the {PREFIX!r} prefix peft files have")
     tensors = {k.removeprefix(PREFIX): v for k, v in tensors.items()}
     config: AdapterConfig
-    fmt = PEFT_FORMATS.get(str(raw.get("peft_type")))
     if raw.get("peft_type") == LEANTUNE_TYPE:
         config = config_from_leantune(raw, tensors)
     elif fmt is not None:

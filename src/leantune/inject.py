@@ -243,6 +243,7 @@ def inject(
             if new is not module:
                 _replace(model, name, new)
             done.append(name)
+        config.attach(model, adapter_name, names)
     except Exception:
         for name in done:  # leave the model as it was
             layer = model.get_submodule(name)
@@ -374,7 +375,9 @@ def mixed_batch(model: nn.Module, names: Sequence[str]) -> Iterator[nn.Module]:
 
 def merge(model: nn.Module, name: str | None = None) -> nn.Module:
     """Fold adapter ``name`` (default: the active one) into the base weights. Idempotent."""
-    name, _ = _record(model, name)
+    name, rec = _record(model, name)
+    if (refusal := rec.config.merge_refusal()) is not None:
+        raise LeantuneError(refusal)
     kind = quantized_kind(model)
     if kind is not None:
         raise LeantuneError(MERGE_REFUSAL.format(kind=kind))

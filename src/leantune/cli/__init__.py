@@ -9,8 +9,11 @@ from __future__ import annotations
 import sys
 
 # Importing them adds their commands, in this order: tune, select (runs imports tune first),
-# compare, sweep, then the saved-run commands.
+# compare, sweep, then the saved-run commands, then combine.
 from leantune.cli import runs, saved, tune  # noqa: F401
+
+# isort: split
+from leantune.cli import combine  # noqa: F401
 from leantune.cli.common import app, fail
 from leantune.errors import LeantuneError
 

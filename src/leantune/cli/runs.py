@@ -176,7 +176,7 @@ app.command("compare")(
                     Annotated[
                         str,
                         typer.Option(
-                            help="A preset (default, lora) or a YAML file: a list of strategy "
+                            help="A preset (default, lora, methods) or a YAML file: a list of strategy "
                             "names (full, head, bitfit, layernorm, lora-qv, lora-all, dora, "
                             "auto-<budget>) or {name: ..., use: <name>, <option>: ...} mappings; "
                             "or {strategies: [...], common: {...}}."

@@ -8,12 +8,22 @@ the same way (``register(name, ConfigClass)``), from its own module or a test. `
 
 from leantune.methods.base import register
 from leantune.methods.bitfit import BitFitConfig
+from leantune.methods.bottleneck import BottleneckConfig
+from leantune.methods.ia3 import IA3_FORMAT, IA3Config
 from leantune.methods.layernorm import LayerNormConfig
 from leantune.methods.lora import LoraConfig
 from leantune.methods.lora_peft import LORA_FORMAT
+from leantune.methods.prefix_tuning import PREFIX_FORMAT, PrefixConfig
+from leantune.methods.prompt import PROMPT_FORMAT, PromptConfig
 from leantune.methods.sparse import SparseConfig
+from leantune.methods.vera import VERA_FORMAT, VeraConfig
 
 register("lora", LoraConfig, peft=LORA_FORMAT)
 register("bitfit", BitFitConfig)
 register("layernorm", LayerNormConfig)
 register("sparse", SparseConfig)
+register("prompt", PromptConfig, peft=PROMPT_FORMAT)
+register("prefix", PrefixConfig, peft=PREFIX_FORMAT)
+register("bottleneck", BottleneckConfig)
+register("ia3", IA3Config, peft=IA3_FORMAT)
+register("vera", VeraConfig, peft=VERA_FORMAT)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Protocol, Self
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Protocol, Self, runtime_checkable
 
 import torch
 from torch import nn
@@ -20,6 +20,8 @@ from torch import nn
 from leantune.errors import LeantuneError, TargetError
 
 if TYPE_CHECKING:  # the planner's types; plan and select import this module, not the reverse
+    from leantune.combine import Combiner
+    from leantune.hotswap import Swapper
     from leantune.plan import PlanEntry
     from leantune.select import Scores
 
@@ -99,6 +101,12 @@ class AdapterConfig:
         """Add adapter ``adapter_name`` to ``module``; return the layer to put in its place."""
         raise NotImplementedError
 
+    def attach(self, model: nn.Module, adapter_name: str, modules: list[str]) -> None:
+        """Called by ``inject`` once the adapter's layers (``modules``) are in ``model``: a
+        method that acts on the model's inputs rather than in a layer (virtual tokens) hooks the
+        model's forward here, and its layers' ``unwrap`` removes the hook. Raising undoes the
+        injection."""
+
     def part_for(self, module_name: str) -> AdapterConfig:
         """The config that adapts ``module_name`` (a config made of parts says which)."""
         return self
@@ -110,6 +118,18 @@ class AdapterConfig:
     def penalty_refusal(self) -> str | None:
         """Why penalties on this adapter's change would be wrong (the change it trains is not
         the change from the pretrained weights), or None."""
+        return None
+
+    def merge_refusal(self) -> str | None:
+        """Why this adapter cannot be folded into the base weights (``merge``), or None."""
+        return None
+
+    def combiner(self) -> Combiner | None:
+        """How ``leantune.combine`` makes weighted combinations of this method's adapters."""
+        return None
+
+    def swapper(self) -> Swapper | None:
+        """How ``leantune.hotswap`` replaces this method's adapters in place."""
         return None
 
     # --- runs: building the config from a run's options
@@ -230,6 +250,24 @@ class PeftFormat(Protocol):
         ...
 
 
+@runtime_checkable
+class FileKeys(Protocol):
+    """A peft format whose tensor keys are not ``base_model.model.<module>.<key>`` (peft's
+    prompt learning: ``prompt_embeddings``, and heads as ``base_model.<head>.<param>``)."""
+
+    def keys_to_file(
+        self, model: nn.Module, tensors: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Tensors keyed as leantune keys them, keyed as the format's files do."""
+        ...
+
+    def keys_from_file(
+        self, model: nn.Module, tensors: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """A file's tensors keyed as leantune keys them (for ``model``)."""
+        ...
+
+
 PEFT_FORMATS: dict[str, PeftFormat] = {}
 """peft's formats by peft_type ("LORA"); a method without one is saved as ``LEANTUNE``."""
 _PEFT_OF: dict[str, PeftFormat] = {}
@@ -336,6 +374,9 @@ class MixedConfig(AdapterConfig):
 
     def penalty_refusal(self) -> str | None:
         return next((r for p in self.parts if (r := p.penalty_refusal())), None)
+
+    def merge_refusal(self) -> str | None:
+        return next((r for p in self.parts if (r := p.merge_refusal())), None)
 
     def default_l2(self) -> float:
         """The parts' largest default, none when a part's change cannot be penalized."""

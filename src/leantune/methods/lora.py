@@ -19,6 +19,7 @@ from torch import nn
 
 from leantune.errors import LeantuneError
 from leantune.methods.base import LINEAR_TYPES, AdapterConfig, PlanSize
+from leantune.methods.lora_conv import CONV_TYPES, conv_layer_class
 
 # ``X as X``: the adapters and layers live in lora_layers.py; re-exported here.
 from leantune.methods.lora_layers import DORA as DORA
@@ -33,6 +34,7 @@ from leantune.methods.lora_layers import layer_class_for
 from leantune.methods.lora_layers import lora_scaling as lora_scaling
 
 if TYPE_CHECKING:
+    from leantune.methods.lora_arith import LoraArithmetic
     from leantune.plan import PlanEntry
     from leantune.select import Scores
 
@@ -105,6 +107,16 @@ class LoraConfig(AdapterConfig):
     def rewrites_base_weight(self) -> bool:
         return self.init == "pissa"
 
+    def combiner(self) -> LoraArithmetic:
+        from leantune.methods.lora_arith import LORA_ARITHMETIC
+
+        return LORA_ARITHMETIC
+
+    def swapper(self) -> LoraArithmetic:
+        from leantune.methods.lora_arith import LORA_ARITHMETIC
+
+        return LORA_ARITHMETIC
+
     def rank_for(self, module_name: str) -> int:
         return next(
             (r for k, r in self.rank_pattern.items() if _matches_pattern(k, module_name)), self.r
@@ -117,10 +129,11 @@ class LoraConfig(AdapterConfig):
         )
 
     def supported_types(self) -> tuple[type[nn.Module], ...]:
-        return (*LINEAR_TYPES, nn.Embedding)
+        return (*LINEAR_TYPES, nn.Embedding, *CONV_TYPES)  # "all-linear" takes no conv
 
     def adapt(self, module: nn.Module, adapter_name: str, module_name: str) -> nn.Module:
-        layer = layer_class_for(module).wrap(module, module_name)
+        cls = conv_layer_class(module, module_name, self) or layer_class_for(module)
+        layer = cls.wrap(module, module_name)
         layer.add_adapter(
             adapter_name, self.rank_for(module_name), self.alpha_for(module_name), self
         )

@@ -210,6 +210,12 @@ class LoraLayer(AdapterLayer):
             nn.init.kaiming_uniform_(adapter.A, a=math.sqrt(5))
         nn.init.zeros_(adapter.B)
 
+    def new_adapter(
+        self, inp: int, out: int, r: int, alpha: float, config: LoraConfig
+    ) -> LoraAdapter:
+        """A new adapter of this layer type, not yet initialized."""
+        return LoraAdapter(inp, out, r, alpha, config)
+
     def adapter(self, name: str) -> LoraAdapter:
         return cast(LoraAdapter, self.lora[name])
 
@@ -217,7 +223,7 @@ class LoraLayer(AdapterLayer):
         if name in self.lora:
             raise LeantuneError(f"adapter {name!r} is already on this layer")
         inp, out = self.dims()
-        adapter = LoraAdapter(inp, out, r, alpha, config)
+        adapter = self.new_adapter(inp, out, r, alpha, config)
         adapter.to(device=self.weight.device, dtype=self.weight.dtype)
         with torch.no_grad():
             if config.init == "pissa":

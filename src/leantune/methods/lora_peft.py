@@ -223,7 +223,7 @@ def check_factors(
             "targets; the file and adapter_config.json do not belong together"
         )
     rank = config.rank_for(module_name)
-    if tensors[key].ndim != 2 or tensors[key].shape[0] != rank:
+    if tensors[key].ndim < 2 or tensors[key].shape[0] != rank:  # convs: (r, in, *kernel)
         raise AdapterFileError(
             f"adapter tensor {key!r} has shape {tuple(tensors[key].shape)} but "
             f"adapter_config.json gives {module_name} rank {rank}; the file and the config "
