@@ -80,8 +80,12 @@ def main() -> None:
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--train-examples", type=int)
+    parser.add_argument("--table", action="store_true", help="print the table of --json; run none")
     args = parser.parse_args()
     results: dict[str, Any] = json.loads(args.json.read_text()) if args.json.exists() else {}
+    if args.table:
+        print(markdown(results, args))
+        return
     with tempfile.TemporaryDirectory(prefix="bench-probe-") as tmp:
         for seed in args.seeds:
             for data in args.data:
@@ -127,6 +131,48 @@ def summarize(results: dict[str, Any], args: argparse.Namespace) -> None:
                 mean = statistics.mean(diff)
                 line += f"  vs probe {mean:+.4f} [{mean - half:+.4f}, {mean + half:+.4f}]"
             print(line + f" (n={len(values)})")
+
+
+COLUMNS = (
+    ("test_accuracy", "test acc", ".4f"),
+    ("knowledge_cosine", "cosine", ".3f"),
+    ("knowledge_knn_overlap", "10-NN", ".3f"),
+    ("paraphrase_top1", "paraphrase top-1", ".3f"),
+    ("train_seconds", "train s", ".0f"),
+    ("peak_memory_mb", "peak MB", ",.0f"),
+)
+
+
+def markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
+    """Per data and size, one row per recipe: the mean (± sd over seeds, n seeds) of each
+    column; the paraphrase column counts only the runs that measured it."""
+    size = str(args.train_examples or "all")
+    head = "| recipe | seeds | " + " | ".join(c[1] for c in COLUMNS) + " |"
+    out = []
+    for data in args.data:
+        out += [f"\n{data}, {size} training examples\n", head, "|---" * (len(COLUMNS) + 2) + "|"]
+        for recipe in args.recipes:
+            runs = [
+                v
+                for k, v in results.items()
+                if k.split("|")[:2] == [data, recipe]
+                and k.split("|")[3] == size
+                and "error" not in v
+            ]
+            if not runs:
+                continue
+            cells = []
+            for key, _, fmt in COLUMNS:
+                values = [r[key] for r in runs if r.get(key) is not None]
+                if not values:
+                    cells.append("-")
+                    continue
+                cell = format(statistics.mean(values), fmt)
+                if len(values) > 1 and key == "test_accuracy":
+                    cell += f" ± {statistics.stdev(values):.4f}"
+                cells.append(cell + (f" (n={len(values)})" if len(values) != len(runs) else ""))
+            out.append(f"| {recipe} | {len(runs)} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

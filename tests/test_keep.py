@@ -66,7 +66,8 @@ def test_a_huge_weight_keeps_the_original_and_the_term_is_logged(
     tmp_path: Path, bert_dir: Path, data_file: Path
 ) -> None:
     free = run_tune(keep_config(tmp_path, bert_dir, data_file, name="free"))
-    kept = run_tune(keep_config(tmp_path, bert_dir, data_file, name="kept", keep=1e4))
+    # On every batch: with --keep-every k > 1 the k - 1 steps between pulls move freely.
+    kept = run_tune(keep_config(tmp_path, bert_dir, data_file, name="kept", keep=1e4, keep_every=1))
     assert kept["knowledge_cosine"] > 0.999
     assert kept["knowledge_cosine"] > free["knowledge_cosine"]
     rows = (tmp_path / "runs" / "kept" / "metrics.jsonl").read_text().splitlines()
@@ -117,5 +118,17 @@ def test_keep_every_k_batches_pulls_as_hard_at_a_kth_of_the_cost() -> None:
     assert [bool(t) for t in terms] == [True, False, False, True, False, False]
     expected = 3 * every_batch(model)["keep"]
     assert float(expected.detach()) > 0 and torch.allclose(terms[0]["keep"], expected)
-    with pytest.raises(LeantuneError, match=r"^--keep-every must be a positive number"):
-        make_config({"keep_every": 0})
+    with pytest.raises(LeantuneError, match=r"^--keep-every must be a number of batches"):
+        make_config({"keep_every": -1})
+
+
+def test_keep_every_auto_keeps_the_keep_tokens_under_a_quarter_of_the_task() -> None:
+    from leantune.evaluate import Encoded
+    from leantune.tune.method import keep_every
+
+    keep = [[1] * 40] * 10  # keep batches of 8 x 40 = 320 tokens
+    short = Encoded([[1] * 14] * 50, [0] * 50)  # batches of 16 x 14 = 224 tokens
+    long = Encoded([[1] * 128] * 50, [0] * 50)  # 16 x 128 = 2048
+    k = keep_every(keep, short, 16)
+    assert k == 6 and 320 / k <= 0.25 * 224 < 320 / (k - 1)
+    assert keep_every(keep, long, 16) == 1 and keep_every([], short, 16) == 1

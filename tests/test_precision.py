@@ -348,7 +348,7 @@ def overflow_at(steps: set[int], state: dict[str, int]) -> TrainHooks:
     """A penalty of value 0 whose gradient is not finite (√ at 0), during the given steps
     (1-based): what an fp16 loss-scale overflow looks like to the loop."""
 
-    def penalty(model: nn.Module) -> dict[str, torch.Tensor]:
+    def penalty(model: nn.Module, batch: int) -> dict[str, torch.Tensor]:
         if state["done"] + 1 not in steps:
             return {}
         a = next(p for n, p in lt.adapter_parameters(model).items() if n.endswith(".A"))

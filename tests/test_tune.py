@@ -72,7 +72,23 @@ def test_run_folder_holds_everything_promised(
 def test_interrupted_run_resumes_to_the_same_result(
     tmp_path: Path, bert_dir: Path, data_file: Path
 ) -> None:
-    base = dict(eval_every=4, dropout=0.1)
+    # The keep loss (on by default for classification) cycles through its own reference
+    # batches: a resumed run must take the same ones. Every 3rd batch, so the cut is mid-cycle.
+    ref = tmp_path / "ref.txt"
+    ref.write_text(
+        "\n%\n".join(
+            f"money sport tech {w} text number {i}"
+            for i, w in enumerate("abcdefghijklmnopqrstuvwx")
+        )
+    )
+    base = dict(
+        eval_every=4,
+        dropout=0.1,
+        reference_text=str(ref),
+        reference_examples=8,
+        keep=0.5,
+        keep_every=3,
+    )
     straight = run_tune(config(tmp_path, bert_dir, data_file, name="straight", **base))
 
     def interrupt(progress: Progress, total: int) -> None:
@@ -93,6 +109,7 @@ def test_interrupted_run_resumes_to_the_same_result(
         return [{k: v for k, v in json.loads(x).items() if k != "train_seconds"} for x in lines]
 
     assert history("cut") == history("straight")
+    assert any(row.get("train_keep", 0) > 0 for row in history("straight"))
 
 
 def test_early_stopping_keeps_the_best(tmp_path: Path, bert_dir: Path, data_file: Path) -> None:

@@ -59,6 +59,15 @@ def head_module(model: nn.Module) -> nn.Linear:
     )
 
 
+def probe_fits(model: nn.Module) -> bool:
+    """Whether ``model`` has the one-linear-layer head a probe fits (``head_module``)."""
+    try:
+        head_module(model)
+    except LeantuneError:
+        return False
+    return True
+
+
 def features(model: nn.Module, enc: Encoded, pad_id: int, batch_size: int = 64) -> torch.Tensor:
     """What the head sees, one float32 row per example (eval mode, in input order): the
     model's pooled output (its own pooler or the native pooling)."""

@@ -80,6 +80,9 @@ class Progress:
     """(optimizer step, mean loss of its batches) for every step."""
     penalties: dict[str, float] = field(default_factory=dict)
     """Sums of each regularization term since the last evaluation."""
+    batches: int = 0
+    """Training batches consumed in all (what a penalty that cycles through its own batches,
+    the keep loss, is told, so a resumed run takes the same ones)."""
 
 
 class Diverged(LeantuneError):
@@ -124,7 +127,7 @@ class TrainHooks:
     """Replaces ``model(**batch)`` (the frozen-prefix cache uses it)."""
     unfreeze: Callable[[int], Any] | None = None
     """Runs before each optimizer step's first batch (gradual unfreezing)."""
-    penalty: Callable[[nn.Module], dict[str, torch.Tensor]] | None = None
+    penalty: Callable[[nn.Module, int], dict[str, torch.Tensor]] | None = None
     """Named regularization terms (already weighted) added to each batch's loss and logged
     apart from it."""
     on_grads: Callable[[int], None] | None = None

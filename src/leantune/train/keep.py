@@ -30,6 +30,8 @@ from leantune.errors import LeantuneError
 from leantune.knowledge import mean_pool
 
 TOP_K = 16
+KEEP_BATCH = 8
+"""Reference texts in each keep batch."""
 
 
 def pooled(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -61,7 +63,7 @@ class KeepLoss:
         pad_id: int,
         weight: float,
         causal: bool,
-        batch_size: int = 8,
+        batch_size: int = KEEP_BATCH,
         every: int = 1,
     ) -> None:
         if not weight > 0:
@@ -75,7 +77,6 @@ class KeepLoss:
         self.batches = [
             pad_batch(ids[i : i + batch_size], pad_id) for i in range(0, len(ids), batch_size)
         ]
-        self.next = 0
         device = next(model.parameters()).device
         was_training = model.training
         model.eval()
@@ -94,14 +95,16 @@ class KeepLoss:
                     self.targets.append((pooled(model, on),))
         model.train(was_training)
 
-    def __call__(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """The term for this batch: every ``every``-th batch, at ``every`` times the weight
-        (the same pull on average, a ``every``-th of the cost); {} in between."""
-        self.calls += 1
-        if (self.calls - 1) % self.every:
+    def __call__(self, model: nn.Module, batch: int | None = None) -> dict[str, torch.Tensor]:
+        """The term for training batch ``batch`` (its index from 0; default: the calls so far):
+        every ``every``-th batch, at ``every`` times the weight (the same pull on average, a
+        ``every``-th of the cost); {} in between. The reference batch follows from the index,
+        so a resumed run takes the same ones."""
+        index = self.calls if batch is None else batch
+        self.calls = index + 1
+        if index % self.every:
             return {}
-        i = self.next
-        self.next = (i + 1) % len(self.batches)
+        i = (index // self.every) % len(self.batches)
         device = next(model.parameters()).device
         on = {k: v.to(device) for k, v in self.batches[i].items()}
         if self.causal:

@@ -283,7 +283,7 @@ class _Loop:
         loss = loss.float()  # penalties (fp32 adapters) outside autocast
         total_loss = loss * weight if weight != 1.0 else loss
         if hooks.penalty is not None:
-            for key, term in hooks.penalty(model).items():
+            for key, term in hooks.penalty(model, p.batches).items():
                 if is_dtensor(term):  # FSDP: a sum over shards, completed over the ranks
                     term = term.full_tensor()  # type: ignore[attr-defined]
                 total_loss = total_loss + term
@@ -295,6 +295,7 @@ class _Loop:
             self.bad_loss = 1.0  # said by every rank after the gradient average
         self.scaler.backward(total_loss / self.config.grad_accum)
         p.batch += 1
+        p.batches += 1
         p.examples += rows
         return float(loss.item()) * share
 

@@ -77,8 +77,9 @@ class Penalty:
     def __bool__(self) -> bool:
         return any(self.weights.values())
 
-    def terms(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """Each nonzero-weight term, weighted, as a scalar tensor (differentiable)."""
+    def terms(self, model: nn.Module, batch: int = 0) -> dict[str, torch.Tensor]:
+        """Each nonzero-weight term, weighted, as a scalar tensor (differentiable); ``batch``
+        (the training batch's index) changes nothing here."""
         parts: dict[str, list[torch.Tensor]] = {k: [] for k, w in self.weights.items() if w}
         for module, layer in self.changes.layers:
             name = layer.active_name()

@@ -6,6 +6,7 @@ and ``head`` are not adapter methods (they train the model's own parameters)."""
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from collections.abc import Callable
@@ -21,11 +22,11 @@ from leantune.inject import adapter_layers, inject, name_matches, output_head_na
 from leantune.methods.base import METHODS, AdapterConfig
 from leantune.models import num_layers
 from leantune.plan import Plan, allocate, apply_options, parse_budget, parse_methods
-from leantune.probe import Probe, fit_probe
+from leantune.probe import Probe, fit_probe, probe_fits
 from leantune.select import SPARSE_CHUNK, Scores, score
 from leantune.train.adapt import RankPruner
 from leantune.train.interface import TrainResult
-from leantune.train.keep import KeepLoss
+from leantune.train.keep import KEEP_BATCH, KeepLoss
 from leantune.train.regularize import Penalty, find_changes, fisher_diagonal
 from leantune.tune.config import TuneConfig, parse_targets
 
@@ -209,7 +210,7 @@ def penalties_for_the_adapter(config: TuneConfig, model: nn.Module, l2_given: bo
     return config
 
 
-PenaltyTerms = Callable[[nn.Module], dict[str, torch.Tensor]]
+PenaltyTerms = Callable[[nn.Module, int], dict[str, torch.Tensor]]
 
 
 def make_penalty(model: nn.Module, config: TuneConfig, prep: Prepared) -> PenaltyTerms | None:
@@ -218,13 +219,15 @@ def make_penalty(model: nn.Module, config: TuneConfig, prep: Prepared) -> Penalt
     keep = make_keep(model, config, prep)
     if keep is None or penalty is None:
         return keep or penalty
-    return lambda m: penalty(m) | keep(m)
+    return lambda m, batch: penalty(m, batch) | keep(m, batch)
 
 
 def make_keep(model: nn.Module, config: TuneConfig, prep: Prepared) -> KeepLoss | None:
     """--keep: the keep loss on reference texts disjoint from those that measure knowledge
-    kept (the original's side computed here, before any step)."""
-    if not config.keep:
+    kept (the original's side computed here, before any step). Left out (None): the task's
+    default weight (DEFAULT_KEEP), off with a note when there is no reference text."""
+    weight = config.keep if config.keep is not None else DEFAULT_KEEP[config.causal]
+    if not weight:
         return None
     from leantune.knowledge import reference_texts
     from leantune.models import max_positions
@@ -235,7 +238,39 @@ def make_keep(model: nn.Module, config: TuneConfig, prep: Prepared) -> KeepLoss 
     ids = prep.tok(texts[n:], truncation=True, max_length=length)["input_ids"] if texts[n:] else []
     ids = [x for x in ids if len(x) > (1 if config.causal else 0)]
     pad = prep.tok.pad_token_id if prep.tok.pad_token_id is not None else 0
-    return KeepLoss(model, ids, pad, config.keep, config.causal, every=config.keep_every)
+    if not ids and config.keep is None:
+        prep.notes.append(
+            "keep loss: off (no reference text: install fortunes-min or give --reference-text)"
+        )
+        return None
+    every = config.keep_every or keep_every(ids, prep.train, config.batch_size)
+    if not config.keep_every and ids:
+        prep.notes.append(
+            f"keep loss: on every {every} batch(es) at {every}x the weight (its batches are "
+            "longer than the task's; --keep-every 1 for every batch)"
+            if every > 1
+            else "keep loss: on every batch"
+        )
+    return KeepLoss(model, ids, pad, weight, config.causal, every=every)
+
+
+DEFAULT_KEEP = {False: 1.0, True: 0.0}
+"""The keep loss's weight when --keep is left out, for encoders (False) and causal LMs (True):
+issue 17's tables in docs/BENCHMARKS.md."""
+
+
+KEEP_SHARE = 0.25
+"""--keep-every 0 (auto): the keep loss's tokens at most this share of the task's, on average."""
+
+
+def keep_every(keep_ids: list[list[int]], train: Encoded, batch_size: int) -> int:
+    """--keep-every 0: the smallest k whose keep batches (every k-th training batch) hold at
+    most KEEP_SHARE of the training batches' tokens, on average."""
+    if not keep_ids or not train.ids:
+        return 1
+    keep_tokens = KEEP_BATCH * sum(map(len, keep_ids)) / len(keep_ids)
+    task_tokens = batch_size * sum(map(len, train.ids)) / len(train.ids)
+    return max(1, math.ceil(keep_tokens / (KEEP_SHARE * task_tokens)))
 
 
 def make_regularizers(model: nn.Module, config: TuneConfig, prep: Prepared) -> Penalty | None:
@@ -264,7 +299,13 @@ def warm_start(prep: Any) -> Probe | None:
     """--method probe and --warm-head: the head fitted on the frozen model's features (the
     features cached per model folder, pooling and data). None for other runs."""
     config = prep.config
-    if config.method != PROBE and not config.warm_head:
+    auto = config.warm_head is None and config.method != PROBE and not config.causal
+    if config.method != PROBE and not (config.warm_head or auto):
+        return None
+    if auto and not probe_fits(prep.model):
+        prep.notes.append(
+            "warm head: off (the head is not one linear layer on the pooled features)"
+        )
         return None
     from leantune.knowledge import folder_fingerprint
     from leantune.models import model_dir

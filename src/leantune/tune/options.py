@@ -105,13 +105,17 @@ class MethodOptions:
     """What trains: a method and its options, or a plan of methods under a budget."""
 
     method: str = "lora"
-    """lora; bitfit (biases) or layernorm (norm scales and shifts) within --layers; sparse (the
+    """lora; ia3 (learned scales of keys, values and feed-forward inputs); vera (shared frozen
+    random projections, trained scaling vectors); bottleneck (Houlsby/Pfeiffer adapters);
+    prompt or prefix (trained virtual tokens / per-layer key-value prefixes); bitfit (biases)
+    or layernorm (norm scales and shifts) within --layers; sparse (the
     top-Fisher weight entries within --budget and --layers, a FISH mask); full (every
     parameter) or head (the task head only); probe (the head alone, fitted to convergence on
     the frozen model's features: a logistic regression in seconds, no training loop)."""
-    warm_head: bool = False
+    warm_head: bool | None = None
     """classify: start from the probe's head (fitted on the frozen model's features) instead
-    of a random one, then train the method (LP-FT)."""
+    of a random one, then train the method (LP-FT). Left out: on for classification where the
+    head is one linear layer on the pooled features; --no-warm-head: a random head."""
     # LoRA's own options: their help is LoraConfig's field docstrings (see option_docs).
     r: int = 8
     alpha: float = 16.0
@@ -121,6 +125,16 @@ class MethodOptions:
     init: str = "standard"
     targets: str = "all-linear"
     """LoRA targets: all-linear, a comma list of module names, or a regex."""
+    num_virtual_tokens: int = 20
+    """prompt / prefix: virtual tokens prepended to every input (or key/value prefixes)."""
+    prefix_projection: bool = True
+    """prefix: train the prefixes through a two-layer MLP (Li & Liang's reparametrization);
+    the saved adapter holds the prefixes it makes, as peft saves them."""
+    variant: str = "houlsby"
+    """bottleneck: houlsby (after the attention and the feed-forward outputs) or pfeiffer
+    (after the feed-forward output only)."""
+    reduction_factor: int = 16
+    """bottleneck: hidden size / bottleneck width."""
     layers: str = "upper-half"
     """Layers adapted (and where --select auto may spend): upper-half, all, a range 3-5 or a
     list 3,4,5."""
@@ -217,14 +231,16 @@ class KnowledgeOptions:
     blank lines or newlines (default: the fortunes of fortunes-min when installed, else skip)."""
     reference_examples: int = 256
     """Reference texts used to measure knowledge kept (0 turns the measurement off)."""
-    keep: float = 0.0
+    keep: float | None = None
     """Weight of the keep loss: each batch also pulls the model's outputs on general reference
     text (not the texts that measure knowledge kept) toward the original model's — the pooled
     embedding's cosine for encoders, KL to the original's top-16 next-token probabilities for
-    causal LMs. 0 is off."""
-    keep_every: int = 1
+    causal LMs. 0 is off. Left out: 1 for classification (off when there is no reference
+    text), 0 for causal LMs."""
+    keep_every: int = 0
     """The keep loss on every k-th batch only, at k times the weight: the same pull for a k-th
-    of its cost (short task texts make the keep batch the larger part of a step)."""
+    of its cost (short task texts make the keep batch the larger part of a step). 0: the
+    smallest k that keeps its tokens under a quarter of the task's (1 for long texts)."""
     keep_examples: int = 256
     """Reference texts the keep loss cycles through (beyond the --reference-examples ones)."""
 
@@ -261,13 +277,14 @@ def check_new_options(c: Any) -> None:
             f"--method probe / --warm-head fit a classification head; --task {c.task} "
             "has none (use --task classify, or drop them)"
         )
-    if not (math.isfinite(c.keep) and c.keep >= 0):
+    if c.keep is not None and not (math.isfinite(c.keep) and c.keep >= 0):
         raise LeantuneError(f"--keep must be 0 (off) or a positive weight, got {c.keep}")
     if c.min_steps < 0:
         raise LeantuneError(f"--min-steps must be 0 (off) or more, got {c.min_steps}")
-    if c.keep_every <= 0:
+    if c.keep_every < 0:
         raise LeantuneError(
-            f"--keep-every must be a positive number of batches, got {c.keep_every}"
+            f"--keep-every must be a number of batches (0: chosen from the lengths), got "
+            f"{c.keep_every}"
         )
     if c.keep_examples <= 0:
         raise LeantuneError("--keep-examples must be positive")

@@ -179,8 +179,6 @@ class TuneRecipe:
             self.prep.config = config
         else:
             self.prep = prepare(config)
-        for note in self.prep.notes:
-            self.say(note)
         config = penalties_for_the_adapter(config, self.prep.model, self.l2_given)
         self.config = self.prep.config = config
         self.fingerprint = data_fingerprint(config)
@@ -218,6 +216,8 @@ class TuneRecipe:
         if config.unfreeze_every:
             self.unfreezer = Unfreezer(named, n_layers, config.unfreeze_every, total_steps)
         self.penalty = make_penalty(model, config, prep)
+        for note in prep.notes:
+            self.say(note)
         check_backends(config.track)
         self.probe = warm_start(prep)  # --method probe, --warm-head: the fitted head
         if self.probe is not None:

@@ -29,6 +29,7 @@ from leantune.methods.base import METHODS
 from leantune.models import load_model, load_tokenizer, max_positions, model_dir
 from leantune.plan import Plan
 from leantune.pooling import copy_pooling_files, native_pooling
+from leantune.precision import autocast
 from leantune.runfolder import RunFolder
 from leantune.select import Scores
 from leantune.train.loop import checkpoint_meta, trainable_parameters
@@ -176,14 +177,15 @@ def evaluate_run(run: Path, data: Path | None = None, split: str = "test") -> di
     enc = encode(saved.tok, table, saved.label_names, saved.max_length, where)
     if cfg.causal:
         enc.ids = [x for x in enc.ids if len(x) > 1]
-    result = evaluate(
-        saved.model,
-        enc,
-        causal=cfg.causal,
-        num_labels=len(saved.label_names),
-        pad_id=saved.tok.pad_token_id,
-        batch_size=cfg.eval_batch_size,
-    )
+    with autocast(cfg.precision, run_device(saved)):  # as the run measured its test split
+        result = evaluate(
+            saved.model,
+            enc,
+            causal=cfg.causal,
+            num_labels=len(saved.label_names),
+            pad_id=saved.tok.pad_token_id,
+            batch_size=cfg.eval_batch_size,
+        )
     out: dict[str, Any] = {"data": where, "examples": len(enc), **result.metrics}
     if result.confusion is not None:
         out["confusion"] = result.confusion
@@ -206,18 +208,28 @@ def evaluate_chats(saved: SavedRun, data: Path | None, split: str) -> dict[str, 
         examples = chats.test if split == "test" else chats.validation
         where = f"the {split} split"
     enc = encode_chats(saved.tok, examples, saved.max_length, [], where)
-    result = evaluate(
-        saved.model, enc, causal=True, pad_id=saved.tok.pad_token_id, batch_size=cfg.eval_batch_size
-    )
-    out: dict[str, Any] = {"data": where, "examples": len(enc), **result.metrics}
-    if cfg.gen_examples:
-        picked = sample_examples(examples, cfg.gen_examples, cfg.seed)
-        sampling = Sampling(max_new_tokens=cfg.max_new_tokens)
-        metrics, _ = evaluate_by_generation(
-            saved.model, saved.tok, picked, sampling, batch_size=cfg.eval_batch_size
+    with autocast(cfg.precision, run_device(saved)):  # as the run measured its test split
+        result = evaluate(
+            saved.model,
+            enc,
+            causal=True,
+            pad_id=saved.tok.pad_token_id,
+            batch_size=cfg.eval_batch_size,
         )
-        out |= metrics | {"generated": len(picked)}
+        out: dict[str, Any] = {"data": where, "examples": len(enc), **result.metrics}
+        if cfg.gen_examples:
+            picked = sample_examples(examples, cfg.gen_examples, cfg.seed)
+            sampling = Sampling(max_new_tokens=cfg.max_new_tokens)
+            metrics, _ = evaluate_by_generation(
+                saved.model, saved.tok, picked, sampling, batch_size=cfg.eval_batch_size
+            )
+            out |= metrics | {"generated": len(picked)}
     return out
+
+
+def run_device(saved: SavedRun) -> torch.device:
+    """The device a loaded run's model is on."""
+    return next(saved.model.parameters()).device
 
 
 def generate_run(
