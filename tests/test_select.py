@@ -159,6 +159,9 @@ def test_select_command_prints_the_ranking_and_writes_the_plan(tmp_path: Path) -
         "plan",
     ]
     assert f"{plan.params:,} of {plan.budget:,} budgeted" in res.stdout
+    # The probe's validation score stands beside the plan: the bar its adapters must clear.
+    line = next(x for x in res.stdout.splitlines() if x.startswith("probe ("))
+    assert 0.0 <= float(line.split(" accuracy ")[1].split(",")[0]) <= 1.0
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     before = out.read_bytes()
     res = CliRunner().invoke(app, [*args[:-1], "0", "--out", str(out), "--overwrite"])

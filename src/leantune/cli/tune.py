@@ -175,7 +175,7 @@ def select(**kwargs: Any) -> None:
     given = {k: v for k, v in kwargs.items() if v is not None}
     try:
         cfg = make_config((read_config(config) if config else {}) | given)
-        plan, scores = run_select(cfg, out, overwrite=overwrite)
+        plan, scores, probe = run_select(cfg, out, overwrite=overwrite)
     except LeantuneError as e:
         fail(str(e))
     planned = {e.module: entry_label(e) for e in plan.entries}
@@ -205,6 +205,11 @@ def select(**kwargs: Any) -> None:
         f"{plan.budget:,} budgeted parameters ({100 * plan.params / plan.base_params:.3f}% of "
         f"{plan.base_params:,}); scored {scores.examples} examples in {scores.seconds:.1f} s"
     )
+    if probe:
+        typer.echo(
+            "probe (the frozen model with a fitted head; the score to beat): validation "
+            + ", ".join(f"{k} {v:.4f}" for k, v in probe.items())
+        )
     typer.echo(f"wrote {out} and {Path(out).with_suffix('.png')}")
 
 

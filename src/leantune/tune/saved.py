@@ -34,7 +34,7 @@ from leantune.runfolder import RunFolder
 from leantune.select import Scores
 from leantune.train.loop import checkpoint_meta, trainable_parameters
 from leantune.tune.config import TuneConfig, make_config, read_config, started_with
-from leantune.tune.method import make_plan
+from leantune.tune.method import make_plan, warm_start
 from leantune.tune.prepare import (
     encode,
     encode_chats,
@@ -320,9 +320,11 @@ def merge_run(run: Path, out: Path, overwrite: bool = False) -> Path:
 
 def run_select(
     config: TuneConfig, out: str | os.PathLike[str], overwrite: bool = False
-) -> tuple[Plan, Scores]:
+) -> tuple[Plan, Scores, dict[str, float] | None]:
     """Score and allocate without training: writes the plan and its heatmap beside it. An
-    existing plan (maybe edited by hand) is replaced only with ``overwrite``."""
+    existing plan (maybe edited by hand) is replaced only with ``overwrite``. The third item
+    is the probe's validation metrics (classification with a probe-able head; else None): the
+    score a plan's adapters must beat."""
     from leantune.outputs import check_parent
     from leantune.report import write_heatmap
 
@@ -337,10 +339,11 @@ def run_select(
     prep = prepare(replace(config.resolved(), select="auto", plan=None, method="lora"), False)
     plan, scores = make_plan(prep.model, prep.config, prep.train, prep.tok.pad_token_id)
     assert scores is not None
+    probe = warm_start(replace(prep, config=replace(prep.config, warm_head=None)))
     out.parent.mkdir(parents=True, exist_ok=True)  # as tune makes its runs folder
     plan.save(out)
     write_heatmap(out.with_suffix(".png"), scores.by_layer_and_kind("fisher"), "Fisher")
-    return plan, scores
+    return plan, scores, None if probe is None else probe.val
 
 
 def check_same_start(config: TuneConfig, folder: RunFolder, fingerprint: dict[str, Any]) -> None:
