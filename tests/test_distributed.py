@@ -42,6 +42,10 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "epochs": 2,
         "lr": 1e-2,
         "reference_examples": 0,
+        # The loop's data parallelism is under test: no keep loss, and a random head (the
+        # probe's L-BFGS fit is not bit-equal across process counts; steps then differ ~1e-3).
+        "keep": 0.0,
+        "warm_head": False,
         "eval_batch_size": 5,
     }
     return {"root": root, "options": options}
@@ -201,7 +205,10 @@ def test_a_killed_rank_stops_the_other_with_one_line(
 def test_the_cli_under_torchrun_prints_once(setup: dict[str, Any]) -> None:
     """The ordinary command under torchrun: rank 0 prints the summary, rank 1 stays quiet."""
     root = setup["root"]
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in setup["options"].items()]
+    flags = [
+        (f"--{k}" if v else f"--no-{k}") if isinstance(v, bool) else f"--{k}={v}"
+        for k, v in ((k.replace("_", "-"), v) for k, v in setup["options"].items())
+    ]
     env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     head = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
     cmd = [*head, "-m", "leantune.cli", "tune", "--name", "cli", "--batch-size", "4", *flags]

@@ -294,7 +294,7 @@ def fake_runner(log: list[str], refuse: Any = lambda cfg: None) -> Any:
         ({"lr": {"low": 1e-3, "high": float("inf")}}, "lr"),
         ({"r": {"low": 2.0, "high": 8.5}}, "r: 8.5 is not a whole number"),
         ({"schedule": {"choices": ["linear", "wavy"]}}, "'wavy'"),
-        ({"method": {"choices": ["lora", "prefix"]}}, "'prefix'"),
+        ({"method": {"choices": ["lora", "adalora"]}}, "'adalora'"),
     ],
 )
 def test_item10_space_refuses_values_the_config_refuses(

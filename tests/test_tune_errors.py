@@ -63,7 +63,7 @@ CASES = {
     ),
     "missing model folder": (["--model", "{root}/nowhere"], "does not exist"),
     "existing run folder": (["--name", "existing"], "exists; pass --overwrite"),
-    "unknown method": (["--method", "prefix"], "--method 'prefix' is unknown"),
+    "unknown method": (["--method", "adalora"], "--method 'adalora' is unknown"),
     "bad split": (["--split", "0.5,0.5"], "three fractions"),
     "bad layers": (["--layers", "7-9"], "the model has layers 0-2"),
 }

@@ -254,6 +254,10 @@ def fail_stale(study: Any) -> None:
         optuna.storages.fail_stale_trials(study)
 
 
+RECHECK_SECONDS = 1.0
+"""How long a worker waits before it checks its draw again against earlier running trials."""
+
+
 def duplicate_of(trials: list[Any], trial: Any, params: Mapping[str, Any]) -> int | None:
     """The number of a finished, running or earlier waiting trial with the same parameters."""
     for t in trials:
@@ -321,6 +325,11 @@ def next_trial(
             continue
         params = params_of(trial)
         twin = duplicate_of(trials, trial, params)
+        if twin is None and any(_pending(t) and t.number < trial.number for t in trials):
+            # An earlier trial asked by another worker may not have written its parameters
+            # yet (workers started together draw alike): look again once it has.
+            time.sleep(RECHECK_SECONDS)
+            twin = duplicate_of(study.get_trials(deepcopy=False), trial, params)
         if twin is None:
             trial.set_user_attr("worker", worker_id())
             return trial, params, done
