@@ -147,10 +147,15 @@ def markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
     """Per data and size, one row per recipe: the mean (± sd over seeds, n seeds) of each
     column; the paraphrase column counts only the runs that measured it."""
     size = str(args.train_examples or "all")
-    head = "| recipe | seeds | " + " | ".join(c[1] for c in COLUMNS) + " |"
+    head = "| recipe | seeds | " + " | ".join(c[1] for c in COLUMNS) + " | vs probe (points) |"
     out = []
     for data in args.data:
-        out += [f"\n{data}, {size} training examples\n", head, "|---" * (len(COLUMNS) + 2) + "|"]
+        out += [f"\n{data}, {size} training examples\n", head, "|---" * (len(COLUMNS) + 3) + "|"]
+        probe = {
+            k.split("|")[2]: v["test_accuracy"]
+            for k, v in results.items()
+            if k.split("|")[:2] == [data, "probe"] and k.split("|")[3] == size and "error" not in v
+        }
         for recipe in args.recipes:
             runs = [
                 v
@@ -171,7 +176,22 @@ def markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
                 if len(values) > 1 and key == "test_accuracy":
                     cell += f" ± {statistics.stdev(values):.4f}"
                 cells.append(cell + (f" (n={len(values)})" if len(values) != len(runs) else ""))
-            out.append(f"| {recipe} | {len(runs)} | " + " | ".join(cells) + " |")
+            by_seed = {
+                k.split("|")[2]: v["test_accuracy"]
+                for k, v in results.items()
+                if k.split("|")[:2] == [data, recipe]
+                and k.split("|")[3] == size
+                and "error" not in v
+            }
+            diff = [100 * (by_seed[s] - probe[s]) for s in by_seed if s in probe]
+            paired = "-"
+            if recipe != "probe" and len(diff) > 1:
+                half = T975.get(len(diff) - 1, 1.96) * statistics.stdev(diff) / len(diff) ** 0.5
+                mean = statistics.mean(diff)
+                paired = f"{mean:+.1f} [{mean - half:+.1f}, {mean + half:+.1f}]"
+            elif recipe != "probe" and diff:
+                paired = f"{diff[0]:+.1f}"
+            out.append(f"| {recipe} | {len(runs)} | " + " | ".join(cells) + f" | {paired} |")
     return "\n".join(out)
 
 
