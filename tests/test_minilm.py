@@ -74,7 +74,11 @@ def test_tune_on_the_real_defaults_end_to_end(tmp_path: Path) -> None:
     # peft reads the adapter folder and reproduces the run's predictions on a few test texts.
     from peft import PeftModel
 
-    peft_model = PeftModel.from_pretrained(minilm(), run / "adapter").eval()
+    from leantune.pooling import use_pooling
+
+    base = minilm()  # the run's head sits on MiniLM's own mean pooling (--pooling auto)
+    use_pooling(base, minilm_dir(), "auto")
+    peft_model = PeftModel.from_pretrained(base, run / "adapter").eval()
     texts = ["Shares in the bank rose after profits beat forecasts.", "The striker scored twice."]
     from leantune.tune import predict_run
 

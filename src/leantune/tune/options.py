@@ -47,12 +47,13 @@ class DataOptions:
     model: str | None = None
     """Local transformers model folder, or an embedded model: minilm (MiniLM-L6, the default)
     or smollm2 (SmolLM2-135M-Instruct, the default of --task instruct)."""
-    pooling: str = "pooler"
-    """classify: what the head sits on. pooler: the model's own pooler (BERT's CLS pooler; what
-    transformers and peft use); auto: the model's sentence embedding where its folder declares
-    one (sentence-transformers' 1_Pooling: MiniLM's normalised mean of the token states), else
-    its pooler; mean or cls: that pooling of the last hidden states. Not pooler: peft alone
-    reproduces the run only with the same pooling (leantune's own commands apply it)."""
+    pooling: str = "auto"
+    """classify: what the head sits on. auto: the model's sentence embedding where its folder
+    declares one (sentence-transformers' 1_Pooling: MiniLM's normalised mean of the token
+    states), else its pooler; pooler: the model's own pooler (BERT's CLS pooler; what
+    transformers and peft use); mean or cls: that pooling of the last hidden states. Not
+    pooler: peft alone reproduces the run only with the same pooling (leantune's commands apply
+    it; ``leantune.pooling.use_pooling`` does it for a plain model)."""
     task: str = "classify"
     """classify (sequence classification), causal-lm (language modelling; metric perplexity)
     or instruct (chat / instruction tuning of a causal LM: the loss counts the assistant's
