@@ -38,6 +38,7 @@ def tech_articles(path: Path) -> Path:
 RECIPES: dict[str, dict[str, Any]] = {
     "lora": {"method": "lora"},
     "lora + keep 1": {"method": "lora", "keep": 1.0},
+    "lora + keep 3": {"method": "lora", "keep": 3.0},
     "lora + keep 10": {"method": "lora", "keep": 10.0},
     "lora + keep 100": {"method": "lora", "keep": 100.0},
     "full": {"method": "full"},
