@@ -393,7 +393,7 @@ def paired(before: list[dict[str, str]], after: list[dict[str, str]]) -> list[di
 
 
 PROBE_MARGIN = 0.005
-"""Validation gain over the probe below which tuning "added nothing" (half a point)."""
+"""Validation gain over the probe below which the run says the probe is enough (half a point)."""
 
 
 def probe_verdict(summary: dict[str, Any], metric: str) -> str | None:
@@ -403,9 +403,9 @@ def probe_verdict(summary: dict[str, Any], metric: str) -> str | None:
     if probe is None or tuned is None or tuned - probe >= PROBE_MARGIN:
         return None
     return (
-        f"the adapters added nothing over the probe (validation {metric} {tuned:.4f} vs "
-        f"{probe:.4f}): the frozen model already separates these classes; --method probe "
-        "gives this in seconds"
+        f"the adapters gained less than half a point over the probe (validation {metric} "
+        f"{tuned:.4f} vs {probe:.4f}): the frozen model already separates these classes "
+        "nearly as well; --method probe gives its score in seconds"
     )
 
 
