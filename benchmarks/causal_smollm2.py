@@ -36,12 +36,13 @@ def tech_articles(path: Path) -> Path:
 
 
 RECIPES: dict[str, dict[str, Any]] = {
-    "lora": {"method": "lora"},
+    "lora": {"method": "lora", "keep": 0.0},
     "lora + keep 1": {"method": "lora", "keep": 1.0},
+    "lora + keep 1, every 3": {"method": "lora", "keep": 1.0, "keep_every": 3},
     "lora + keep 3": {"method": "lora", "keep": 3.0},
     "lora + keep 10": {"method": "lora", "keep": 10.0},
     "lora + keep 100": {"method": "lora", "keep": 100.0},
-    "full": {"method": "full"},
+    "full": {"method": "full", "keep": 0.0},
 }
 
 
