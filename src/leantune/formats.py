@@ -26,12 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save, save_file
+from safetensors.torch import save, save_file
 from torch import nn
 
 from leantune import config_checks as checks
 from leantune.errors import AdapterFileError, LeantuneError
+from leantune.files import check_tensors, read_tensors, refuse_pickle
 from leantune.inject import (
     _all_parameters,
     _record,
@@ -168,25 +168,13 @@ def save_adapter(
 # ---------------------------------------------------------------------------- reading
 
 
-def _check_safe(path: Path) -> None:
-    """Refuse pickles before any parser sees them."""
-    with path.open("rb") as f:
-        head = f.read(9)
-    if head[:1] == b"\x80" or head[:4] == b"PK\x03\x04":
-        raise AdapterFileError(
-            f"{path} is a pickle/torch.save file; leantune never unpickles files, since loading one "
-            "can run arbitrary code. Convert it where you trust it: load it with peft, then "
-            "save_pretrained(..., safe_serialization=True)"
-        )
-
-
 def read_adapter_files(
     directory: str | os.PathLike[str],
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """adapter_config.json and the tensors of an adapter folder, checked for safety and damage."""
     path = Path(directory)
     if path.is_file():
-        _check_safe(path)
+        refuse_pickle(path, AdapterFileError)
         raise AdapterFileError(f"{path} is a file; give the adapter folder (with {CONFIG_NAME})")
     if not path.is_dir():
         raise AdapterFileError(f"adapter folder {path} does not exist")
@@ -194,13 +182,13 @@ def read_adapter_files(
     if not weights.exists():
         pickled = [p for p in _PICKLE_NAMES if (path / p).exists()]
         if pickled:
-            _check_safe(path / pickled[0])
+            refuse_pickle(path / pickled[0], AdapterFileError)
             raise AdapterFileError(
                 f"{path / pickled[0]} is a pickle file; leantune reads only safetensors. Convert "
                 "it where you trust it: load with peft, then save_pretrained(safe_serialization=True)"
             )
         raise AdapterFileError(f"{path} has no {WEIGHTS_NAME}; is it an adapter folder?")
-    _check_safe(weights)
+    check_tensors(weights, error=AdapterFileError)
     try:
         config = json.loads((path / CONFIG_NAME).read_text())
     except FileNotFoundError:
@@ -211,12 +199,7 @@ def read_adapter_files(
         ) from None
     if not isinstance(config, dict):
         raise AdapterFileError(f"{path / CONFIG_NAME} must hold a JSON object")
-    try:
-        tensors = load_file(weights)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise AdapterFileError(
-            f"{weights} is truncated or corrupt ({e}); re-save or re-copy the adapter"
-        ) from None
+    tensors = read_tensors(weights, error=AdapterFileError)
     check_finite(tensors, str(weights), "leantune does not load it", AdapterFileError)
     return config, tensors
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from leantune.errors import LeantuneError
 from leantune.instruct import ChatExample, Message, prompt_and_reference
+from leantune.models import model_inputs
 from leantune.precision import autocast
 
 SHORT_WORDS = 3
@@ -103,6 +104,7 @@ def generate(
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
             enc = tok([texts[i] for i in rows], return_tensors="pt", padding=True).to(device)
+            enc = model_inputs(model, enc)  # not token_type_ids to a model that takes none
             ids = model.generate(  # type: ignore[operator]
                 **enc, pad_token_id=pad, streamer=streamer, **sampling.kwargs()
             )

@@ -37,14 +37,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from leantune.data import pad_batch
 from leantune.distributed import current
 from leantune.errors import LeantuneError
 from leantune.evaluate import Encoded, evaluate
+from leantune.files import read_tensors
 
 FORTUNES = Path("/usr/share/games/fortunes")
 
@@ -160,8 +160,8 @@ def _cache_file(model: nn.Module, enc: Encoded, causal: bool, fingerprint: str) 
 
 def _read_cache(file: Path, ref: Reference) -> bool:
     try:
-        saved = load_file(file)
-    except (OSError, SafetensorError):
+        saved = read_tensors(file)
+    except LeantuneError:
         return False
     if ref.causal and saved.get("perplexity") is not None and saved["perplexity"].numel() == 1:
         ref.perplexity = float(saved["perplexity"])

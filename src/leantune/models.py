@@ -3,10 +3,11 @@ sequence-classification head or as a causal language model. Nothing is fetched."
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -14,9 +15,26 @@ from typing import Any
 from torch import nn
 
 from leantune.errors import LeantuneError
+from leantune.files import check_tensors
 
 TASKS = ("classify", "causal-lm", "instruct")
 CAUSAL_TASKS = ("causal-lm", "instruct")
+
+
+def model_inputs(model: nn.Module, inputs: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of ``inputs`` that ``model``'s forward names: a tokenizer may return more
+    than the model takes (``token_type_ids`` from a BERT-style tokenizer beside a causal LM,
+    which transformers' generate refuses). A forward that names none (``**kwargs`` only, a
+    wrapper) gets them all."""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return dict(inputs)
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    named = {p.name for p in params if p.kind in kinds}
+    if not named:
+        return dict(inputs)
+    return {k: v for k, v in inputs.items() if k in named}
 
 
 def model_dir(path: str | Path | None, task: str = "classify") -> Path:
@@ -141,8 +159,12 @@ _PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
 def check_weights(folder: Path) -> None:
-    """Only safetensors weights are loaded: leantune never unpickles a file."""
-    if any(folder.glob("*.safetensors")):
+    """Only safetensors weights are loaded, each checked by its structure first
+    (:func:`leantune.files.check_tensors`): leantune never unpickles a file."""
+    weights = sorted(folder.glob("*.safetensors"))
+    for file in weights:
+        check_tensors(file)
+    if weights:
         return
     pickled = sorted(
         p.name

@@ -34,11 +34,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from leantune.errors import LeantuneError
+from leantune.files import read_tensors
 from leantune.methods.base import METHODS, AdapterConfig, method_config
 from leantune.methods.config import MixedConfig
 from leantune.select import Scores
@@ -152,11 +152,11 @@ class Plan:
         if sparse:
             masks = masks_path(Path(path))
             try:
-                plan.masks = load_file(str(masks))
-            except (OSError, SafetensorError) as e:
+                plan.masks = read_tensors(masks)
+            except LeantuneError as e:
                 raise LeantuneError(
-                    f"plan {path} has {sparse[0].method} entries but its masks file {masks} "
-                    f"cannot be read ({e}); rerun leantune select"
+                    f"plan {path} has {sparse[0].method} entries but its masks file cannot be "
+                    f"used ({e}); rerun leantune select"
                 ) from None
             for entry in sparse:
                 mask = plan.masks.get(entry.module)

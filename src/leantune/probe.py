@@ -19,12 +19,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
 
 from leantune.errors import LeantuneError
 from leantune.evaluate import Encoded
-from leantune.files import save_tensors
+from leantune.files import read_tensors, save_tensors
 from leantune.knowledge import body_rows
 
 PROBE_C = 10.0
@@ -60,12 +59,13 @@ def head_module(model: nn.Module) -> nn.Linear:
 
 
 def probe_fits(model: nn.Module) -> bool:
-    """Whether ``model`` has the one-linear-layer head a probe fits (``head_module``)."""
+    """Whether ``model`` has the one-linear-layer head a probe fits (``head_module``) on a
+    pooled output (DistilBERT's classifier sits on a pre-classifier layer, not a pooler)."""
     try:
         head_module(model)
     except LeantuneError:
         return False
-    return True
+    return getattr(getattr(model, "base_model", None), "pooler", None) is not None
 
 
 def features(model: nn.Module, enc: Encoded, pad_id: int, batch_size: int = 64) -> torch.Tensor:
@@ -112,6 +112,15 @@ def _cache_file(folder_key: str, enc: Encoded) -> Path:
     return cache_root() / "probe" / f"{digest}.safetensors"
 
 
+def _read_cache(file: Path, rows: int) -> torch.Tensor | None:
+    """The cached features of ``rows`` texts, or None when the file is unusable (recomputed)."""
+    try:
+        x = read_tensors(file).get("features")
+    except LeantuneError:
+        return None
+    return x if x is not None and x.ndim == 2 and x.shape[0] == rows else None
+
+
 def fit_probe(
     model: nn.Module,
     train: Encoded,
@@ -126,7 +135,7 @@ def fit_probe(
     head = head_module(model)
     start = time.perf_counter()
     file = _cache_file(cache_key, train) if cache_key else None
-    x = load_file(str(file))["features"] if file is not None and file.is_file() else None
+    x = _read_cache(file, len(train)) if file is not None and file.is_file() else None
     cached = x is not None
     if x is None:
         x = features(model, train, pad_id)

@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from leantune.distributed import (
@@ -30,6 +29,7 @@ from leantune.distributed import (
     together,
 )
 from leantune.errors import LeantuneError
+from leantune.files import read_tensors
 from leantune.precision import LossScaler
 from leantune.train.interface import Progress
 
@@ -161,15 +161,15 @@ def _read_checkpoint(directory: Path) -> tuple[dict[str, Any], dict[str, torch.T
             raise LeantuneError(f"no checkpoint in {directory}; start the run without --resume")
         try:
             state, tensors = (unit / STATE_JSON).read_bytes(), (unit / STATE_TENSORS).read_bytes()
-            json.loads(state), load(tensors)
-        except (OSError, ValueError, SafetensorError) as e:
+            json.loads(state), read_tensors(tensors, unit / STATE_TENSORS)
+        except (OSError, ValueError) as e:
             raise LeantuneError(f"no usable checkpoint in {unit}: {e}") from None
         return state, tensors
 
     state, tensors = together(read, "reading the checkpoint")
     if world.parallel:
         state, tensors = broadcast_bytes(state), broadcast_bytes(tensors)
-    return json.loads(state), load(tensors)
+    return json.loads(state), read_tensors(tensors, "the checkpoint")
 
 
 def load_checkpoint(

@@ -15,6 +15,10 @@ The texts are reference texts *not* among those that measure knowledge kept (the
 disjoint), never the task's data. Cost: one forward and backward of ``batch_size`` short texts
 per training batch (``--keep-every k``: every k-th batch at k times the weight);
 ``train_keep`` is logged like the other terms.
+
+Under several processes the keep batch is split like the task's batch (:mod:`leantune.
+distributed`): each rank computes its rows' mean, weighted by its share of the batch's rows
+(tokens, for a causal LM) × processes, so the averaged gradient is the one-process gradient.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from leantune.data import pad_batch
+from leantune.distributed import current, rank_slice, settle
 from leantune.errors import LeantuneError
 from leantune.knowledge import mean_pool
 
@@ -88,30 +93,41 @@ class KeepLoss:
                     logits = model(**on).logits[:, :-1].float()
                     p = logits.softmax(-1).topk(min(TOP_K, logits.shape[-1]), dim=-1)
                     keep = on["attention_mask"][:, 1:].bool()
+                    ends = torch.cat([keep.new_zeros(1, dtype=torch.long), keep.sum(1).cumsum(0)])
                     self.targets.append(
-                        (p.indices[keep], p.values[keep] / p.values[keep].sum(-1, True))
+                        (p.indices[keep], p.values[keep] / p.values[keep].sum(-1, True), ends)
                     )
                 else:
                     self.targets.append((pooled(model, on),))
+        settle(model)  # FSDP: the blocks back in their sharded state
         model.train(was_training)
 
     def __call__(self, model: nn.Module, batch: int | None = None) -> dict[str, torch.Tensor]:
         """The term for training batch ``batch`` (its index from 0; default: the calls so far):
         every ``every``-th batch, at ``every`` times the weight (the same pull on average, a
         ``every``-th of the cost); {} in between. The reference batch follows from the index,
-        so a resumed run takes the same ones."""
+        so a resumed run takes the same ones. Under several processes, this rank's part."""
         index = self.calls if batch is None else batch
         self.calls = index + 1
         if index % self.every:
             return {}
         i = (index // self.every) % len(self.batches)
+        world = current()
+        rows = len(self.batches[i]["input_ids"])
+        start, end = rank_slice(rows, world)
+        empty = start == end  # a rank left without rows computes row 0 at weight 0
+        start, end = (0, 1) if empty else (start, end)
         device = next(model.parameters()).device
-        on = {k: v.to(device) for k, v in self.batches[i].items()}
+        on = {k: v[start:end].to(device) for k, v in self.batches[i].items()}
         if self.causal:
-            top, probs = self.targets[i]
+            top, probs, ends = self.targets[i]
+            lo, hi = int(ends[start]), int(ends[end])
             logits = model(**on).logits[:, :-1]
             keep = on["attention_mask"][:, 1:].bool()
-            term = topk_keep(logits[keep], top, probs)
+            term = topk_keep(logits[keep], top[lo:hi], probs[lo:hi])
+            mine, total = hi - lo, int(ends[-1])
         else:
-            term = cosine_keep(pooled(model, on), self.targets[i][0])
-        return {"keep": self.weight * self.every * term}
+            term = cosine_keep(pooled(model, on), self.targets[i][0][start:end])
+            mine, total = end - start, rows
+        share = 0.0 if empty else mine * world.size / total
+        return {"keep": self.weight * self.every * share * term}

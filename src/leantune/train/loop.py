@@ -137,6 +137,7 @@ class _Loop:
         self.stop_everywhere = False  # parallel: a stop asked for on any rank, agreed each step
         self.local_stop: Callable[[], bool] = lambda: False
         self.bad_loss = 0.0
+        self.step_terms: dict[str, float] = {}  # penalty terms of this step's batches
 
     def start(
         self, resume: bool, lr_scales: Mapping[str, float] | None, meta: Mapping[str, Any] | None
@@ -271,7 +272,12 @@ class _Loop:
         return None
 
     def backward(self, cpu_batch: Batch) -> float:
-        """One batch forward and backward (gradients accumulate); returns its task loss."""
+        """One batch forward and backward (gradients accumulate); returns its task loss.
+
+        The task loss goes backward before the penalties are computed: a penalty that runs
+        the model again (the keep loss) then has its own forward and backward, which FSDP
+        needs (a sharded block may not be used by two forwards before one backward) and which
+        frees the task's activations first."""
         p, hooks, model = self.p, self.hooks, self.model
         rows, weight, share = len(cpu_batch["labels"]), 1.0, 1.0
         if self.parallel is not None:  # this rank's slice; its share of the global mean loss
@@ -281,34 +287,55 @@ class _Loop:
         with autocast(self.config.precision, self.device):
             loss = (hooks.forward(model, batch) if hooks.forward else model(**batch)).loss
         loss = loss.float()  # penalties (fp32 adapters) outside autocast
-        total_loss = loss * weight if weight != 1.0 else loss
+        task_loss = loss * weight if weight != 1.0 else loss
+        value = float(task_loss.detach())
+        self.check_finite(value)
+        self.scaler.backward(task_loss / self.config.grad_accum)
         if hooks.penalty is not None:
-            for key, term in hooks.penalty(model, p.batches).items():
+            terms = hooks.penalty(model, p.batches)
+            total: torch.Tensor | None = None
+            for key, term in terms.items():
                 if is_dtensor(term):  # FSDP: a sum over shards, completed over the ranks
                     term = term.full_tensor()  # type: ignore[attr-defined]
-                total_loss = total_loss + term
-                p.penalties[key] = p.penalties.get(key, 0.0) + float(term.detach())
-        value = float(total_loss.detach())
-        if not math.isfinite(value):
-            if self.parallel is None:  # stop before the update: the last good step's weights
-                raise Diverged(p.step + 1, f"the training loss is {value}")
-            self.bad_loss = 1.0  # said by every rank after the gradient average
-        self.scaler.backward(total_loss / self.config.grad_accum)
+                total = term if total is None else total + term
+                # Each rank's part of the term's mean over the ranks (summed at the step).
+                self.step_terms[key] = self.step_terms.get(key, 0.0) + float(term.detach()) / (
+                    self.parallel.world.size if self.parallel is not None else 1
+                )
+            if total is not None:
+                value += float(total.detach())
+                self.check_finite(value)
+                if total.requires_grad:
+                    self.scaler.backward(total / self.config.grad_accum)
         p.batch += 1
         p.batches += 1
         p.examples += rows
         return float(loss.item()) * share
 
+    def check_finite(self, value: float) -> None:
+        """A non-finite loss: one process stops before the update (the last good step's
+        weights stay); under several, every rank still runs its backward (FSDP's collectives
+        wait for it) and all say it after the gradient average."""
+        if not math.isfinite(value):
+            if self.parallel is None:
+                raise Diverged(self.p.step + 1, f"the training loss is {value}")
+            self.bad_loss = 1.0
+
     def optimizer_step(self, step_loss: float, step_batches: int) -> None:
         """Clip, step, and record the step's mean loss. Under fp16 an overflowing gradient
         skips the step (the scaler lowers its scale); only MAX_SKIPS in a row diverge."""
         p, config, hooks, scaler = self.p, self.config, self.hooks, self.scaler
+        keys = sorted(self.step_terms)
+        terms = [self.step_terms[k] for k in keys]
         if self.parallel is not None:
-            flags = [step_loss, self.bad_loss, float(self.local_stop())]
-            step_loss, bad, stop = self.parallel.reduce(self.params, flags)
+            flags = [step_loss, self.bad_loss, float(self.local_stop()), *terms]
+            step_loss, bad, stop, *terms = self.parallel.reduce(self.params, flags)
             self.stop_everywhere, self.bad_loss = stop > 0, 0.0
             if bad > 0:
                 raise Diverged(p.step + 1, f"the training loss is {step_loss}")
+        for key, value in zip(keys, terms, strict=True):
+            p.penalties[key] = p.penalties.get(key, 0.0) + value
+        self.step_terms = {}
         scaler.unscale(self.opt)
         finite = True
         if config.max_grad_norm or scaler.enabled:

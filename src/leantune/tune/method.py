@@ -243,7 +243,9 @@ def make_keep(model: nn.Module, config: TuneConfig, prep: Prepared) -> KeepLoss 
             "keep loss: off (no reference text: install fortunes-min or give --reference-text)"
         )
         return None
-    every = config.keep_every or keep_every(ids, prep.train, config.batch_size)
+    # The rows of one optimizer step's batch: under several processes, the global batch.
+    rows = prep.batch_rows or config.batch_size
+    every = config.keep_every or keep_every(ids, prep.train, rows)
     if not config.keep_every and ids:
         prep.notes.append(
             f"keep loss: on every {every} batch(es) at {every}x the weight (its batches are "

@@ -23,13 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load
 from torch import nn
 
 from leantune import distributed, runfolder
 from leantune.distributed import Parallel, together
 from leantune.errors import LeantuneError
-from leantune.files import atomic_write, load_into, unique_tensors
+from leantune.files import atomic_write, load_into, read_tensors, unique_tensors
 from leantune.generate import general_answers, general_table
 from leantune.inject import ParameterReport, parameter_report
 from leantune.knowledge import (
@@ -185,7 +184,15 @@ class TuneRecipe:
         if self.resume and distributed.current().main:
             check_same_start(config, folder, self.fingerprint)
         model, prep = self.prep.model, self.prep
-        self.use_global_batch(config.batch_size * distributed.current().size)
+        # The global batch (--batch-size × processes; a resumed run keeps the one it started
+        # with, so a resume with another number of processes gives the same steps), fixed
+        # before anything that depends on it (the steps, --keep-every 0's pick) is set.
+        world = distributed.current()
+        rows = config.batch_size * world.size
+        if self.resume:
+            meta = checkpoint_meta(self.state) if world.main else {}
+            rows = distributed.broadcast_json(meta.get("global_batch")) or rows
+        self.use_global_batch(rows)
         config = self.config = prep.config = at_least(config, len(prep.batches(0)), self.say)
         total_steps = math.ceil(len(prep.batches(0)) / config.grad_accum) * config.epochs
         if config.adapt > 1:
@@ -228,15 +235,11 @@ class TuneRecipe:
             )
 
     def join_world(self) -> None:
-        """Under several processes: stop when they were started differently, and fix the
-        global batch (--batch-size × processes; a resumed run keeps the one it started with,
-        so a resume with another number of processes gives the same steps)."""
+        """Under several processes: stop when they were started differently; say the global
+        batch (fixed in :meth:`setup_training`)."""
         config = self.config
         distributed.agree([self.fingerprint, started_with(config)], "the data or the options")
         world = distributed.current()
-        if self.resume:
-            meta = checkpoint_meta(self.state) if world.main else {}
-            self.use_global_batch(distributed.broadcast_json(meta.get("global_batch")))
         rows = self.prep.batch_rows or config.batch_size
         if rows != config.batch_size or world.parallel:
             self.say(f"{world.size} process(es): {rows} rows per step, {rows / world.size:g} each")
@@ -281,7 +284,7 @@ class TuneRecipe:
                 data = (unit / BEST).read_bytes()
         data = distributed.broadcast_bytes(data)
         if data:
-            self.best_weights = load(data)
+            self.best_weights = read_tensors(data, BEST)
 
     def baseline(self) -> None:
         """The original model's behaviour, before any step (adapters start as the identity)."""

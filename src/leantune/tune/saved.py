@@ -13,14 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from leantune import runfolder
 from leantune.data import load_table
 from leantune.errors import LeantuneError
 from leantune.evaluate import Encoded, evaluate
-from leantune.files import load_into, unique_tensors
+from leantune.files import load_into, read_tensors, unique_tensors
 from leantune.formats import save_adapter
 from leantune.generate import Sampling, evaluate_by_generation, generate, sample_examples
 from leantune.instruct import load_chats, load_prompts
@@ -153,7 +153,7 @@ def load_run(run: Path) -> SavedRun:
         weights = run / "trained" / "model.safetensors"
         if not weights.is_file():
             raise LeantuneError(f"{weights} is missing; the run folder is incomplete")
-        load_into(model, load_file(str(weights)), weights)
+        load_into(model, read_tensors(weights), weights)
     model.eval().to(pick_device(config.device))
     length = min(config.max_length, max_positions(model) or config.max_length)
     return SavedRun(config, model, tok, names, length)
