@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import math
 import re
 from pathlib import Path
@@ -260,12 +261,80 @@ def test_title_names_the_model_by_its_folder(tmp_path: Path, model: str, short: 
     assert model in page  # the Summary table keeps the full path
 
 
-def test_headline_bar_wraps(tmp_path: Path) -> None:
-    page = _html_for(write_report(tmp_path, _cls_summary(), [], []))
-    bar = re.search(r'<p class="(headline[^"]*)">(.*?)</p>', page)
-    assert bar is not None and "stats" in bar.group(1).split()
-    assert bar.group(2).count("<span>") == 6
-    css = page[page.index("<style>") : page.index("</style>")]
-    rule = re.search(r"\.stats \{([^}]*)\}", css)
-    assert rule is not None
-    assert "display: flex" in rule.group(1) and "flex-wrap: wrap" in rule.group(1)
+def demo_summary() -> dict[str, Any]:
+    """What make demo's summary holds (a warm-head run with knowledge kept)."""
+    return _cls_summary() | {
+        "run": "runs/demo",
+        "test_accuracy": 0.973,
+        "probe_test_accuracy": 0.9617,
+        "test_accuracy_before": 0.9617,
+        "knowledge_cosine": 0.9961,
+        "knowledge_knn_overlap": 0.91,
+        "paraphrase_top1_before": 0.988,
+        "paraphrase_top1": 0.9875,
+        "reference_texts": 256.0,
+        "wall_seconds": 1512.4,
+    }
+
+
+def headline_of(page: str) -> str:
+    bar = re.search(r'<p class="headline promises">(.*?)</p>', page, re.S)
+    assert bar is not None
+    return bar.group(1)
+
+
+def test_the_headline_carries_the_four_promises(tmp_path: Path) -> None:
+    """Task gain over the probe, knowledge kept, resources with the whole run's time beside
+    training's; the final run name, not the partial folder's; a before/after figure."""
+    run_dir = tmp_path / ".demo.partial"
+    page = _html_for(write_report(run_dir, demo_summary(), _cls_history(), _train_curve(50)))
+    assert "run folder: demo<" in page and ".partial" not in page
+    bar = headline_of(page)
+    assert "test accuracy:</b> 0.9617 → 0.973 (+0.0113, the probe first)" in bar
+    assert "knowledge kept:</b> embedding cosine 0.996, paraphrase retrieval 0.988 → 0.988" in bar
+    assert "0.33% trainable, adapter 305 KB, peak memory 1,400 MB" in bar
+    assert "1,512.4 s in all (210.3 s training)" in bar
+    assert _is_png(run_dir / "before_after.png")
+    assert page.index('src="before_after.png"') < page.index('src="loss.png"')
+    # Every summary row: a human label, the summary.json key beside it.
+    table = page[page.index("<h2>Summary</h2>") :]
+    table = table[: table.index("</table>")]
+    for key, label in (
+        ("knowledge_cosine", "knowledge kept: embedding cosine"),
+        ("probe_test_accuracy", "the probe's test accuracy"),
+        ("test_accuracy_before", "test accuracy, base model"),
+        ("wall_seconds", "whole run's wall time (s)"),
+        ("paraphrase_top1", "paraphrase retrieval top-1, tuned"),
+    ):
+        cell = f'<th title="{key}">{html.escape(label)}</th><td class="key"><code>{key}</code>'
+        assert cell in table, key
+    assert table.count("<tr>") == len(demo_summary())
+    # Without a "before" there is nothing to draw; an old figure is not left behind.
+    write_report(run_dir, _cls_summary(), [], [])
+    assert not (run_dir / "before_after.png").exists()
+
+
+def test_the_instruct_headline_has_answers_before_and_after(tmp_path: Path) -> None:
+    summary = {
+        "method": "lora",
+        "task": "instruct",
+        "test_exact_match": 0.62,
+        "test_exact_match_before": 0.1,
+        "test_rougeL": 0.7,
+        "test_rougeL_before": 0.2,
+        "test_perplexity": 3.1,
+        "test_perplexity_before": 9.4,
+        "reference_perplexity_before": 20.0,
+        "reference_perplexity_after": 21.0,
+        "trainable_percent": 0.3,
+        "train_seconds": 80.0,
+    }
+    samples = [{"prompt": "Which topic?", "base_answer": "I think", "answer": "tech"}]
+    page = _html_for(write_report(tmp_path, summary, [], [], samples=samples))
+    bar = headline_of(page)
+    assert "test exact match:</b> 0.1 → 0.62 (+0.52, the base first)" in bar
+    assert "test ROUGE-L:</b> 0.2 → 0.7" in bar
+    assert "test perplexity:</b> 9.4 → 3.1 (the base first; lower is better)" in bar
+    assert "reference perplexity 20 → 21 (+5.0%)" in bar
+    assert _is_png(tmp_path / "before_after.png")
+    assert "Example generations" in page and ">tech<" in page

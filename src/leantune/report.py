@@ -32,6 +32,7 @@ from leantune.defaults import MINILM_PACKAGE
 LOSS_PNG = "loss.png"
 METRIC_PNG = "metric.png"
 CONFUSION_PNG = "confusion.png"
+BEFORE_AFTER_PNG = "before_after.png"
 REPORT_HTML = "report.html"
 
 # Above this many classes the confusion plot drops the per-cell counts (they would not fit).
@@ -46,6 +47,9 @@ h2 { font-size: 1.15em; margin-top: 2em; border-bottom: 1px solid #ddd; padding-
 .headline { font-size: 1.05em; background: #f4f6fa; padding: 0.6em 0.9em; border-radius: 4px; }
 .stats { display: flex; flex-wrap: wrap; gap: 0.3em 1.6em; }
 .stats span { white-space: nowrap; }
+.promises { display: grid; gap: 0.25em; }
+.promises b { display: inline-block; min-width: 9em; }
+td.key code { color: #888; font-size: 0.85em; }
 .muted { color: #666; }
 table { border-collapse: collapse; font-size: 0.9em; margin: 0.5em 0; }
 th, td { border: 1px solid #ddd; padding: 0.25em 0.6em; text-align: left; vertical-align: top; }
@@ -102,6 +106,11 @@ def write_report(
         _save_figure(_confusion_figure(matrix, names), run_dir / CONFUSION_PNG)
     else:  # one left by an earlier report in this folder would not belong to this one
         (run_dir / CONFUSION_PNG).unlink(missing_ok=True)
+    before_after = _before_after_figure(summary)
+    if before_after is not None:
+        _save_figure(before_after, run_dir / BEFORE_AFTER_PNG)
+    else:
+        (run_dir / BEFORE_AFTER_PNG).unlink(missing_ok=True)
 
     page = _render_html(
         run_dir, summary, history, train_curve, matrix, names, config, selection, samples, general
@@ -407,38 +416,194 @@ def _confusion_table(matrix: np.ndarray, names: Sequence[str]) -> str:
     )
 
 
-# (summary key, label) for the line at the top; absent keys are left out.
-_HEADLINE: tuple[tuple[str, str], ...] = (
-    ("test_accuracy", "test accuracy"),
-    ("test_macro_f1", "test macro-F1"),
-    ("test_perplexity", "test perplexity"),
-    ("trainable_percent", "trainable"),
-    ("adapter_bytes", "adapter size"),
-    ("train_seconds", "train time"),
-    ("peak_memory_mb", "peak memory"),
+# ---------------------------------------------------------------------------- the headline
+
+_TASK_METRICS = (
+    ("accuracy", "accuracy"),
+    ("macro_f1", "macro-F1"),
+    ("exact_match", "exact match"),
+    ("rougeL", "ROUGE-L"),
+    ("perplexity", "perplexity"),
 )
 
 
-def _headline(summary: Mapping[str, Any]) -> str:
-    parts = []
-    for key, label in _HEADLINE:
-        if key not in summary or summary[key] is None:
+def _num(summary: Mapping[str, Any], key: str) -> float | None:
+    return _finite(summary.get(key))
+
+
+def _task_rows(summary: Mapping[str, Any]) -> list[tuple[str, float | None, float, str]]:
+    """(label, before, after, what "before" is) for each task metric the run measured on test
+    (a diverged run's NaN included)."""
+    rows = []
+    for metric, label in _TASK_METRICS:
+        value = summary.get(f"test_{metric}")
+        if not isinstance(value, numbers.Real) or isinstance(value, bool):
             continue
-        value = summary[key]
-        text = _format_value(key, value)
-        if _finite(value) is not None:
-            if key == "trainable_percent":
-                text = f"{text}%"
-            elif key == "adapter_bytes":
-                text = _fmt_bytes(float(value))
-            elif key == "train_seconds":
-                text = f"{text} s"
-            elif key == "peak_memory_mb":
-                text = f"{text} MB"
-        parts.append(f"<span><b>{_e(label)}:</b> {_e(text)}</span>")
-    if not parts:
+        after = float(value)
+        probe = _num(summary, f"probe_test_{metric}")
+        before = probe if probe is not None else _num(summary, f"test_{metric}_before")
+        rows.append((label, before, after, "the probe" if probe is not None else "the base"))
+    return rows
+
+
+def _knowledge_text(summary: Mapping[str, Any]) -> str:
+    if (cosine := _num(summary, "knowledge_cosine")) is not None:
+        text = f"embedding cosine {cosine:.3f}"
+        para, before = _num(summary, "paraphrase_top1"), _num(summary, "paraphrase_top1_before")
+        if para is not None and before is not None:
+            text += f", paraphrase retrieval {before:.3f} → {para:.3f}"
+        return text
+    after = _num(summary, "reference_perplexity_after")
+    before = _num(summary, "reference_perplexity_before")
+    if after is not None and before is not None:
+        return f"reference perplexity {before:.4g} → {after:.4g} ({(after / before - 1):+.1%})"
+    return "not measured (no reference text)"
+
+
+def _resources_text(summary: Mapping[str, Any]) -> str:
+    parts = []
+    if (share := _num(summary, "trainable_percent")) is not None:
+        parts.append(f"{share:.3g}% trainable")
+    if (size := _num(summary, "adapter_bytes")) is not None:
+        parts.append(f"adapter {_fmt_bytes(size)}")
+    if (peak := _num(summary, "peak_memory_mb")) is not None:
+        parts.append(f"peak memory {peak:,.0f} MB")
+    train, wall = _num(summary, "train_seconds"), _num(summary, "wall_seconds")
+    if wall is not None:
+        parts.append(f"{wall:,.1f} s in all ({train or 0:,.1f} s training)")
+    elif train is not None:
+        parts.append(f"training {train:,.1f} s")
+    return ", ".join(parts)
+
+
+def _headline(summary: Mapping[str, Any]) -> str:
+    """The seed's four promises as the run measured them: the task gain (over the probe where
+    there is one), the knowledge kept, the resources; plus the before/after figure."""
+    items = []
+    for label, before, after, base in _task_rows(summary):
+        text = f"{after:.4g}"
+        if before is not None and math.isfinite(after):
+            lower = label == "perplexity"
+            text = f"{before:.4g} → {after:.4g} ({after - before:+.3g}, {base} first)"
+            if lower:
+                text = f"{before:.4g} → {after:.4g} ({base} first; lower is better)"
+        items.append(("task", f"test {label}", text))
+    items.append(("kept", "knowledge kept", _knowledge_text(summary)))
+    if resources := _resources_text(summary):
+        items.append(("cost", "resources", resources))
+    if not items:
         return ""
-    return '<p class="headline stats">' + "".join(parts) + "</p>"
+    rows = "".join(
+        f'<span class="{cls}"><b>{_e(label)}:</b> {_e(text)}</span>' for cls, label, text in items
+    )
+    return f'<p class="headline promises">{rows}</p>'
+
+
+def _before_after_figure(summary: Mapping[str, Any]) -> Figure | None:
+    """Bars of each task metric and each knowledge measure, before and after (None when the
+    run measured nothing before)."""
+    pairs: list[tuple[str, float, float]] = [
+        (f"test {label}\n({base})", before, after)
+        for label, before, after, base in _task_rows(summary)
+        if before is not None and math.isfinite(after) and label != "perplexity"
+    ]
+    para, para0 = _num(summary, "paraphrase_top1"), _num(summary, "paraphrase_top1_before")
+    if para is not None and para0 is not None:
+        pairs.append(("paraphrase\nretrieval", para0, para))
+    if (cosine := _num(summary, "knowledge_cosine")) is not None:
+        pairs.append(("embedding\ncosine", 1.0, cosine))
+    ppl, ppl0 = (
+        _num(summary, "reference_perplexity_after"),
+        _num(summary, "reference_perplexity_before"),
+    )
+    if ppl is not None and ppl0 is not None:
+        pairs.append(("reference\n1/perplexity ×ppl₀", 1.0, ppl0 / ppl))
+    if not pairs:
+        return None
+    fig = Figure(figsize=(1.6 + 1.5 * len(pairs), 2.8), dpi=_DPI)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    x = np.arange(len(pairs))
+    ax.bar(x - 0.19, [b for _, b, _ in pairs], 0.38, label="before", color="#b8c2d6")
+    ax.bar(x + 0.19, [a for _, _, a in pairs], 0.38, label="after", color="#3b6fb6")
+    for i, (_, b, a) in enumerate(pairs):
+        ax.text(i + 0.19, a, f"{a:.3g}", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(x, [name for name, _, _ in pairs], fontsize=8)
+    top = max(max(b, a) for _, b, a in pairs)
+    ax.set_ylim(0, top * 1.18 if top > 0 else 1)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title("before and after tuning", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------------- summary labels
+
+_LABELS = {
+    "run": "run folder",
+    "model": "model",
+    "task": "task",
+    "method": "method",
+    "trainable_params": "trainable parameters",
+    "total_params": "all parameters",
+    "trainable_percent": "trainable share (%)",
+    "adapter_bytes": "adapter size",
+    "adapter_path": "adapter folder",
+    "peak_memory_mb": "peak memory (MB)",
+    "train_seconds": "training time (s)",
+    "wall_seconds": "whole run's wall time (s)",
+    "examples_per_s": "training examples per second",
+    "steps": "optimizer steps",
+    "stopped_early": "stopped early",
+    "best_step": "step of the best validation",
+    "train_examples": "training examples",
+    "val_examples": "validation examples",
+    "test_examples": "test examples",
+    "device": "device",
+    "task_gain": "task gain (test, after − before)",
+    "reference_texts": "reference texts (knowledge kept)",
+    "reference_source": "reference text source",
+    "reference_perplexity_before": "reference perplexity, base model",
+    "reference_perplexity_after": "reference perplexity, tuned",
+    "reference_perplexity_ratio": "reference perplexity, tuned / base",
+    "knowledge_cosine": "knowledge kept: embedding cosine",
+    "knowledge_knn_overlap": "knowledge kept: 10-NN overlap",
+    "paraphrase_top1_before": "paraphrase retrieval top-1, base model",
+    "paraphrase_top1": "paraphrase retrieval top-1, tuned",
+    "knowledge_seconds": "knowledge measurement time (s)",
+    "knowledge_share_of_wall": "knowledge measurement's share of the wall time",
+    "select_seconds": "selection time (s)",
+    "select_share_of_wall": "selection's share of the wall time",
+}
+_METRIC_WORDS = {name: label for name, label in _TASK_METRICS} | {"loss": "loss"}
+
+
+def summary_label(key: str) -> str:
+    """A human label for a summary key: the table above, else read from the key's parts
+    (``test_accuracy_before`` → "test accuracy, base model")."""
+    if key in _LABELS:
+        return _LABELS[key]
+    words = key.split("_")
+    for prefix, said in (("probe_test", "the probe's test"), ("probe_val", "the probe's validation"),
+                         ("best_val", "best validation"), ("test", "test"), ("val", "validation")):  # fmt: skip
+        head = prefix.split("_")
+        if words[: len(head)] == head:
+            rest = "_".join(words[len(head) :])
+            suffix = ""
+            if rest.endswith("_before"):
+                rest, suffix = rest[: -len("_before")], ", base model"
+            return f"{said} {_METRIC_WORDS.get(rest, rest.replace('_', ' '))}{suffix}"
+    return key.replace("_", " ")
+
+
+def _summary_table(summary: Mapping[str, Any]) -> str:
+    """The summary with a human label per row and its summary.json key beside it."""
+    rows = [
+        f'<tr><th title="{_e(k)}">{_e(summary_label(str(k)))}</th>'
+        f'<td class="key"><code>{_e(k)}</code></td>{_cell(str(k), v)}</tr>'
+        for k, v in summary.items()
+    ]
+    return '<table class="kv">\n' + "\n".join(rows) + "\n</table>"
 
 
 def short_model_name(model: object) -> str:
@@ -475,9 +640,14 @@ def _render_html(
     subtitle = " on ".join(str(x) for x in (method, model and short_model_name(model)) if x)
     title = "leantune report" + (f": {subtitle}" if subtitle else "")
 
-    parts = [
-        f'<p class="muted">run folder: {_e(run_dir.name)}</p>',
-        _headline(summary),
+    # The run's final name: a report written while the run finishes sits in the partial folder.
+    folder = PurePath(str(summary["run"])).name if summary.get("run") else run_dir.name
+    parts = [f'<p class="muted">run folder: {_e(folder)}</p>', _headline(summary)]
+    if (run_dir / BEFORE_AFTER_PNG).is_file():
+        parts.append(
+            _figure_html(BEFORE_AFTER_PNG, "task metric and knowledge kept, before and after")
+        )
+    parts += [
         "<h2>Loss</h2>",
         _figure_html(LOSS_PNG, "training and validation loss over optimizer steps"),
         f'<p class="muted">{len(train_curve):,} training steps, {len(history):,} evaluations.</p>',
@@ -514,7 +684,7 @@ def _render_html(
             "by the tuned one.</p>",
             _samples_table(general),
         ]
-    parts += ["<h2>Summary</h2>", _key_value_table(summary)]
+    parts += ["<h2>Summary</h2>", _summary_table(summary)]
     if history:
         parts += ["<h2>Evaluations</h2>", _history_table(history)]
     if config is not None:

@@ -184,9 +184,8 @@ class TuneRecipe:
         if self.resume and distributed.current().main:
             check_same_start(config, folder, self.fingerprint)
         model, prep = self.prep.model, self.prep
-        # The global batch (--batch-size × processes; a resumed run keeps the one it started
-        # with, so a resume with another number of processes gives the same steps), fixed
-        # before anything that depends on it (the steps, --keep-every 0's pick) is set.
+        # The global batch (a resume keeps the one it started with), before the steps and
+        # --keep-every 0's pick are set from it.
         world = distributed.current()
         rows = config.batch_size * world.size
         if self.resume:

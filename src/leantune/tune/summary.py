@@ -79,4 +79,7 @@ def summarize(
         summary["select_share_of_wall"] = round(
             prep.scores.seconds / (time.perf_counter() - recipe.wall), 4
         )
+    # The run from its start to this summary (loading, probe, baseline, training, test,
+    # generation, knowledge kept), beside train_seconds.
+    summary["wall_seconds"] = round(time.perf_counter() - recipe.wall, 1)
     return summary
