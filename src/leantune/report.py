@@ -527,6 +527,7 @@ def _before_after_figure(summary: Mapping[str, Any]) -> Figure | None:
     ax.bar(x - 0.19, [b for _, b, _ in pairs], 0.38, label="before", color="#b8c2d6")
     ax.bar(x + 0.19, [a for _, _, a in pairs], 0.38, label="after", color="#3b6fb6")
     for i, (_, b, a) in enumerate(pairs):
+        ax.text(i - 0.19, b, f"{b:.3g}", ha="center", va="bottom", fontsize=7, color="#555")
         ax.text(i + 0.19, a, f"{a:.3g}", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(x, [name for name, _, _ in pairs], fontsize=8)
     top = max(max(b, a) for _, b, a in pairs)
