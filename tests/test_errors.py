@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import leantune as lt
 from helpers import build, inputs, logits, tiny_bert
@@ -105,7 +105,7 @@ def test_adapter_for_other_modules_or_shapes(saved: Path) -> None:
 
 
 def test_file_with_unknown_or_missing_tensors(saved: Path) -> None:
-    tensors = formats.load_file(saved / formats.WEIGHTS_NAME)
+    tensors = load_file(saved / formats.WEIGHTS_NAME)
     key = next(k for k in tensors if "lora_A" in k)
     extra = dict(tensors) | {"base_model.model.bert.nothing.lora_A.weight": torch.zeros(1)}
     save_file(extra, saved / formats.WEIGHTS_NAME)

@@ -157,7 +157,10 @@ def check_tensors(
         return
     if _pickled(head):
         raise _pickle_error(where, error)
-    raise error(f"{where} is not a whole safetensors file ({problem}); re-save or re-copy it")
+    raise error(
+        f"{where} is truncated or corrupt (not a whole safetensors file: {problem}); re-save "
+        "or re-copy it"
+    )
 
 
 def read_tensors(
@@ -171,7 +174,7 @@ def read_tensors(
     except (SafetensorError, OSError, ValueError) as e:
         where = where if where is not None else source if isinstance(source, Path) else "the data"
         first = (str(e).splitlines() or [type(e).__name__])[0]
-        raise error(f"{where} is not a readable safetensors file ({first}); re-save it") from None
+        raise error(f"{where} is truncated or corrupt ({first}); re-save or re-copy it") from None
 
 
 # ---------------------------------------------------------------------------- safetensors out

@@ -31,7 +31,7 @@ from torch import nn
 
 from leantune import config_checks as checks
 from leantune.errors import AdapterFileError, LeantuneError
-from leantune.files import check_tensors, read_tensors, refuse_pickle
+from leantune.files import read_tensors, refuse_pickle
 from leantune.inject import (
     _all_parameters,
     _record,
@@ -188,7 +188,7 @@ def read_adapter_files(
                 "it where you trust it: load with peft, then save_pretrained(safe_serialization=True)"
             )
         raise AdapterFileError(f"{path} has no {WEIGHTS_NAME}; is it an adapter folder?")
-    check_tensors(weights, error=AdapterFileError)
+    refuse_pickle(weights, AdapterFileError)
     try:
         config = json.loads((path / CONFIG_NAME).read_text())
     except FileNotFoundError:

@@ -20,9 +20,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from helpers import tiny_model_folder, topic_rows, write_rows  # noqa: E402
-from test_keep import reference_file  # noqa: E402
-
 from leantune.tune import make_config, run_tune  # noqa: E402
+from test_keep import reference_file  # noqa: E402
 
 OPTIONS: dict[str, Any] = {
     "model": "model",

@@ -184,8 +184,7 @@ class TuneRecipe:
         if self.resume and distributed.current().main:
             check_same_start(config, folder, self.fingerprint)
         model, prep = self.prep.model, self.prep
-        # The global batch (a resume keeps the one it started with), before the steps and
-        # --keep-every 0's pick are set from it.
+        # The global batch (a resume keeps its own) before what depends on it is set.
         world = distributed.current()
         rows = config.batch_size * world.size
         if self.resume:
