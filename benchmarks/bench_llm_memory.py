@@ -1,5 +1,5 @@
 """SmolLM2-135M-Instruct with LoRA on every linear layer: the frozen base's bytes in fp32, bf16,
-int8 and nf4 (``leantune.precision.base_bytes``), and the training step time of an instruct
+int8 and nf4 (``leantune.models.accounting.base_bytes``), and the training step time of an instruct
 batch with the output head on every position vs at the answer tokens only (``train/answer.py``),
 alternated in one process.
 
@@ -18,8 +18,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import leantune as lt
-from leantune import precision
-from leantune.llm import smollm2_dir
+from leantune.adapters import accounting
+from leantune.core.smollm2 import smollm2_dir
+from leantune.models import precision
 from leantune.train.answer import answer_forward
 from leantune.tune import TuneConfig
 from leantune.tune.prepare import prepare
@@ -34,8 +35,8 @@ def base_bytes(folder: Path) -> dict[str, dict[str, int]]:
         quantized = len(precision.quantize_base(model, mode)) if mode in ("int8", "nf4") else 0
         lt.inject(model, lt.LoraConfig(r=8, alpha=16, targets="all-linear"))
         if mode == "bf16":
-            precision.cast_base(model, "bf16")
-        out[mode] = {"base_bytes": precision.base_bytes(model), "quantized_layers": quantized}
+            accounting.cast_base(model, "bf16")
+        out[mode] = {"base_bytes": accounting.base_bytes(model), "quantized_layers": quantized}
     return out
 
 

@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from leantune.memory import peak_memory_mb
+from leantune.core.memory import peak_memory_mb
 
 MINILM_PARAMS = 22_713_216  # base parameters without the 5-class head
 HEAD = 384 * 5 + 5

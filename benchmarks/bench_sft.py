@@ -1,7 +1,7 @@
 """Instruction tuning SmolLM2-135M-Instruct: leantune vs TRL's SFTTrainer + peft LoRA (issue 15).
 
-Both sides train the embedded SmolLM2 folder (``leantune.llm.smollm2_dir``) on the same
-``--steps × --batch`` BBC instruction conversations (``leantune.instruct.bbc_instruct``, article
+Both sides train the embedded SmolLM2 folder (``leantune.core.smollm2.smollm2_dir``) on the same
+``--steps × --batch`` BBC instruction conversations (``leantune.models.chat.bbc_instruct``, article
 bodies cut to ``BBC_BODY_WORDS`` as ``leantune tune --task instruct`` does), written once as a
 JSON Lines ``messages`` file that both read; one epoch, so each conversation is seen once.
 
@@ -26,13 +26,13 @@ clipping at 1.0, seed 0, fp32, 2 torch threads. Each side runs in its own child 
 script; the main rounds alternate ABBA (leantune, trl / trl, leantune ...).
 
 Per child: seconds per optimizer step (wall time between consecutive step ends, median of the
-steps after the first 2), peak RSS at the end of training (VmHWM, ``leantune.memory``; ru_maxrss
+steps after the first 2), peak RSS at the end of training (VmHWM, ``leantune.core.memory``; ru_maxrss
 too). Round 0's children then score their trained model — by code shared by both sides — with
 the mean loss over the assistant tokens of the same 100 validation conversations and ROUGE-L of
-greedy headlines (``leantune.generate.generate`` + ``rouge_l``, 32 new tokens) on the same 30
+greedy headlines (``leantune.analysis.generate.generate`` + ``rouge_l``, 32 new tokens) on the same 30
 test prompts (training is seeded, so later rounds would train the same model: they time only).
 leantune alone also runs variants (time and memory only): bf16 autocast, activation
-checkpointing, an int8 base (``leantune.precision``).
+checkpointing, an int8 base (``leantune.models.precision``).
 
 Every child's result is kept in ``--work``/results; a rerun with the same settings reuses them
 (resumable), ``--fresh`` starts over.
@@ -119,8 +119,8 @@ def read_messages(path: Path) -> list[list[dict[str, str]]]:
 
 def write_data(work: Path, n_train: int) -> dict[str, Any]:
     """train.jsonl (n_train conversations), val.jsonl (100), test.jsonl (30 headline prompts)."""
-    from leantune.generate import sample_examples
-    from leantune.instruct import bbc_instruct
+    from leantune.analysis.generate import sample_examples
+    from leantune.models.chat import bbc_instruct
     from leantune.tune.prepare import BBC_BODY_WORDS
 
     bbc = bbc_instruct(SEED, (0.7, 0.1, 0.2), body_words=BBC_BODY_WORDS)
@@ -145,7 +145,7 @@ def warmup_steps(steps: int) -> int:
 
 
 def peak_rss() -> dict[str, float]:
-    from leantune.memory import peak_memory_mb
+    from leantune.core.memory import peak_memory_mb
 
     return {
         "vmhwm_mb": peak_memory_mb(),
@@ -164,10 +164,10 @@ def evaluate(model: Any, work: Path) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
 
-    from leantune.generate import Sampling, generate, rouge_l
-    from leantune.instruct import ChatExample, tokenize_chats
-    from leantune.llm import smollm2_dir
-    from leantune.models import load_tokenizer
+    from leantune.analysis.generate import Sampling, generate, rouge_l
+    from leantune.core.smollm2 import smollm2_dir
+    from leantune.models.chat import ChatExample, tokenize_chats
+    from leantune.models.loading import load_tokenizer
 
     tok = load_tokenizer(smollm2_dir())
     val = [ChatExample(m) for m in read_messages(work / "data" / "val.jsonl")]
@@ -225,7 +225,7 @@ def evaluate(model: Any, work: Path) -> dict[str, Any]:
 
 
 def leantune_config(work: Path, steps: int) -> Any:
-    from leantune.llm import smollm2_dir
+    from leantune.core.smollm2 import smollm2_dir
     from leantune.tune import TuneConfig
 
     data = work / "data"
@@ -258,7 +258,7 @@ def leantune_config(work: Path, steps: int) -> Any:
 
 def leantune_targets(work: Path) -> list[str]:
     """The modules ``leantune tune --task instruct`` adapts by default (upper half, all-linear)."""
-    from leantune.inject import adapter_layers
+    from leantune.adapters.inject import adapter_layers
     from leantune.tune.prepare import prepare
 
     prep = prepare(leantune_config(work, 1))
@@ -268,13 +268,13 @@ def leantune_targets(work: Path) -> list[str]:
 def run_leantune(work: Path, steps: int, variant: str, do_eval: bool) -> dict[str, Any]:
     import torch
 
-    from leantune.inject import adapter_layers
-    from leantune.precision import enable_checkpointing, quantize_base
+    from leantune.adapters.inject import adapter_layers
+    from leantune.models.precision import enable_checkpointing, quantize_base
     from leantune.train.interface import TrainHooks
     from leantune.train.loop import train
     from leantune.tune.config import train_config
-    from leantune.tune.method import apply_method
     from leantune.tune.prepare import prepare
+    from leantune.tune.strategy import apply_method
 
     config = leantune_config(work, steps)
     prep = prepare(config, with_method=False)
@@ -320,9 +320,9 @@ def run_leantune(work: Path, steps: int, variant: str, do_eval: bool) -> dict[st
 def trl_labels_check(dataset: Any, work: Path) -> dict[str, Any]:
     """TRL's labels vs leantune's on the training rows, token by token (TRL keeps the template's
     newline after the last <|im_end|>, masked; leantune drops tokens after the last trained one)."""
-    from leantune.instruct import ChatExample, tokenize_chats
-    from leantune.llm import smollm2_dir
-    from leantune.models import load_tokenizer
+    from leantune.core.smollm2 import smollm2_dir
+    from leantune.models.chat import ChatExample, tokenize_chats
+    from leantune.models.loading import load_tokenizer
 
     tok = load_tokenizer(smollm2_dir())
     rows = [ChatExample(m) for m in read_messages(work / "data" / "train.jsonl")]
@@ -353,7 +353,7 @@ def run_trl(work: Path, steps: int, variant: str, do_eval: bool) -> dict[str, An
     from transformers.utils import logging as hf_logging
     from trl import SFTConfig, SFTTrainer
 
-    from leantune.llm import smollm2_dir
+    from leantune.core.smollm2 import smollm2_dir
 
     hf_logging.set_verbosity_error()
     folder = smollm2_dir()
@@ -455,8 +455,8 @@ def run_trl(work: Path, steps: int, variant: str, do_eval: bool) -> dict[str, An
 
 def run_base(work: Path) -> dict[str, Any]:
     """The untrained model, evaluated as the trained ones are."""
-    from leantune.llm import smollm2_dir
-    from leantune.models import load_model
+    from leantune.core.smollm2 import smollm2_dir
+    from leantune.models.loading import load_model
 
     model = load_model(smollm2_dir(), "instruct")
     return {"side": "base"} | evaluate(model, work)

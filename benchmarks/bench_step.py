@@ -23,8 +23,8 @@ from transformers import AutoModelForSequenceClassification
 from transformers.utils import logging as hf_logging
 
 import leantune as lt
-from leantune.defaults import minilm_dir
-from leantune.memory import peak_memory_mb
+from leantune.core.defaults import minilm_dir
+from leantune.core.memory import peak_memory_mb
 
 BATCH, LENGTH, R, ALPHA, DROPOUT = 16, 128, 8, 16, 0.1
 RECIPES = {"query,value": ["query", "value"], "all-linear": "all-linear"}

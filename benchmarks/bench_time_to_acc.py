@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from leantune.memory import peak_memory_mb
+from leantune.core.memory import peak_memory_mb
 
 TARGET = 0.95
 EVAL_EVERY = 10
@@ -53,8 +53,8 @@ def run_leantune(out: Any) -> None:
 
 def run_peft(out: Any) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
-    from leantune.data import stratified_split
-    from leantune.defaults import bbc_news, minilm_dir
+    from leantune.core.defaults import bbc_news, minilm_dir
+    from leantune.models.data import stratified_split
     from peft_recipe import run_peft_recipe
 
     data = bbc_news()

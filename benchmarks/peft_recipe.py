@@ -229,8 +229,8 @@ def run_peft_recipe(
 
 
 def main() -> None:
-    from leantune.data import stratified_split
-    from leantune.defaults import bbc_news, minilm_dir
+    from leantune.core.defaults import bbc_news, minilm_dir
+    from leantune.models.data import stratified_split
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--limit", type=int, default=None, help="first N examples of each split")

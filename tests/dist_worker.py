@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from leantune.distributed import leave
-from leantune.errors import LeantuneError
+from leantune.core.distributed import leave
+from leantune.core.errors import LeantuneError
 from leantune.tune import make_config, run_tune
 
 

@@ -14,8 +14,8 @@ from peft import PeftModel
 
 import leantune as lt
 from helpers import build, inputs, logits, tiny_model_folder, topic_rows, write_rows
-from leantune.errors import LeantuneError
-from leantune.inject import adapter_layers
+from leantune.adapters.inject import adapter_layers
+from leantune.core.errors import LeantuneError
 from leantune.train.adapt import RankPruner
 from leantune.tune import TuneConfig, run_tune
 from test_contract import randomize

@@ -1,49 +1,36 @@
-"""The shape of the package: no import cycles, and a core that knows no concrete method.
+"""The shape of the package: layers that import only downward, no import cycle as Python runs
+it, a protocol that loads no concrete method, small files.
 
-The import graph is read from the source with ``ast``: module-level imports only (an import
-inside a function runs late and cannot close a cycle at import time). ``import leantune.x``,
-``from leantune.x import y`` and ``from leantune import x`` all count. A module's parent
-package is not counted as an import of it: Python puts a package in ``sys.modules`` before
-running its ``__init__``, so a package importing its own submodules is no cycle.
+The import graph is read from the source with ``ast``, every import counted: module level,
+inside functions (a deferred import still closes a cycle when it runs) and, for the layer
+order only, under ``if TYPE_CHECKING:`` (never run, so it cannot close a cycle, but it still
+ties a lower layer to a higher one). ``import leantune.x``, ``from leantune.x import y`` and
+``from leantune import x`` all count, and importing ``leantune.a.b`` runs ``leantune.a``'s
+``__init__`` too, so that is an edge as well. The root ``leantune/__init__.py`` is the public
+facade: it may import anything, and no module inside imports it.
 """
 
 from __future__ import annotations
 
 import ast
+import textwrap
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 PACKAGE = SRC / "leantune"
-CONCRETE_METHODS = (
-    "lora",
-    "lora_layers",
-    "lora_math",
-    "lora_peft",
-    "delta",
-    "bitfit",
-    "layernorm",
-    "sparse",
-    "mixed",
-    "ia3",
-    "vera",
-    "bottleneck",
-    "lora_conv",
-    "lora_arith",
-    "virtual",
-    "prompt",
-    "prefix_tuning",
-)
+LAYERS = ("core", "models", "adapters", "analysis", "train", "tune", "search", "cli")
+"""Bottom to top: a module imports from its own layer and the ones below only."""
 
 
-def _module_name(path: Path) -> str:
-    parts = list(path.relative_to(SRC).with_suffix("").parts)
+def _module_name(path: Path, src: Path) -> str:
+    parts = list(path.relative_to(src).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts.pop()
     return ".".join(parts)
 
 
-def _modules() -> dict[str, Path]:
-    return {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+def _modules(src: Path, package: str) -> dict[str, Path]:
+    return {_module_name(p, src): p for p in sorted((src / package).rglob("*.py"))}
 
 
 def _type_checking(node: ast.AST) -> bool:
@@ -53,18 +40,16 @@ def _type_checking(node: ast.AST) -> bool:
     )
 
 
-def _top_level_imports(tree: ast.Module) -> list[ast.Import | ast.ImportFrom]:
-    """Imports that run when the module is imported: if/try blocks at module level count;
-    imports inside functions and under ``if TYPE_CHECKING:`` (never run) do not."""
+def _imports(tree: ast.Module, runtime: bool) -> list[ast.Import | ast.ImportFrom]:
+    """Every import of the module, in functions too; ``runtime``: not those under
+    ``if TYPE_CHECKING:``."""
     found: list[ast.Import | ast.ImportFrom] = []
     todo: list[ast.AST] = list(tree.body)
     while todo:
         node = todo.pop()
         if isinstance(node, ast.Import | ast.ImportFrom):
             found.append(node)
-        elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
-            continue
-        elif isinstance(node, ast.If) and _type_checking(node):
+        elif runtime and isinstance(node, ast.If) and _type_checking(node):
             todo.extend(node.orelse)
         else:
             todo.extend(ast.iter_child_nodes(node))
@@ -80,13 +65,17 @@ def _resolve(name: str, modules: dict[str, Path]) -> str | None:
     return None
 
 
-def import_graph() -> dict[str, set[str]]:
-    modules = _modules()
+def import_graph(
+    src: Path = SRC, package: str = "leantune", runtime: bool = True
+) -> dict[str, set[str]]:
+    """module -> the package's modules it imports (and the packages whose ``__init__`` that
+    runs), the root package left out."""
+    modules = _modules(src, package)
     graph: dict[str, set[str]] = {name: set() for name in modules}
     for name, path in modules.items():
         is_package = path.name == "__init__.py"
         tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-        for node in _top_level_imports(tree):
+        for node in _imports(tree, runtime):
             targets: list[str] = []
             if isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
@@ -104,8 +93,12 @@ def import_graph() -> dict[str, set[str]]:
                 ]
             for target in targets:
                 found = _resolve(target, modules)
-                if found is not None and found != name:
-                    graph[name].add(found)
+                while found is not None and found != package:
+                    if found != name and not name.startswith(found + "."):
+                        graph[name].add(found)
+                    found = found.rpartition(".")[0]  # the packages above run their __init__
+                if _resolve(target, modules) == package and name != package:
+                    graph[name].add(package)
     return graph
 
 
@@ -136,20 +129,60 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
+def layer(module: str) -> int | None:
+    parts = module.split(".")
+    return LAYERS.index(parts[1]) if len(parts) > 1 and parts[1] in LAYERS else None
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Edges from a layer to a higher one, and imports of the root facade from inside."""
+    wrong = []
+    for module, deps in graph.items():
+        here = layer(module)
+        for dep in sorted(deps):
+            there = layer(dep)
+            if dep == "leantune" or (here is not None and there is not None and there > here):
+                wrong.append(f"{module} -> {dep}")
+    return wrong
+
+
 def test_the_graph_sees_known_edges() -> None:
     graph = import_graph()
-    assert "leantune.methods.base" in graph["leantune.methods.lora"]
-    assert "leantune.formats" in graph["leantune.accounting"]
-    assert "leantune.formats" not in graph["leantune.inject"]  # a lazy re-export only
-
-
-def test_type_checking_imports_are_left_out() -> None:
-    tree = ast.parse(
-        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import a\nimport b\n"
+    assert "leantune.adapters.base" in graph["leantune.adapters.methods.lora.config"]
+    assert "leantune.adapters" in graph["leantune.analysis.plan"]  # its __init__ runs
+    assert "leantune.adapters.formats" in graph["leantune.adapters.accounting"]
+    # A function-local import counts (the CLI's lazy imports of the job).
+    assert "leantune.tune.run" in graph["leantune.cli.tune"] or any(
+        d.startswith("leantune.tune") for d in graph["leantune.cli.tune"]
     )
-    imports = _top_level_imports(tree)
-    names = [i.module if isinstance(i, ast.ImportFrom) else i.names[0].name for i in imports]
-    assert sorted(n or "" for n in names) == ["b", "typing"]
+
+
+def test_a_deferred_import_that_closes_a_cycle_is_seen(tmp_path: Path) -> None:
+    """A planted tree: b imports a inside a function, a imports b at module level."""
+    pkg = tmp_path / "planted"
+    (pkg / "low").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "low" / "__init__.py").write_text("")
+    (pkg / "low" / "a.py").write_text("from planted.low import b\n")
+    (pkg / "low" / "b.py").write_text(
+        textwrap.dedent(
+            """
+            from typing import TYPE_CHECKING
+            if TYPE_CHECKING:
+                from planted.low import c
+            def late():
+                from planted.low.a import x
+            """
+        )
+    )
+    (pkg / "low" / "c.py").write_text("import planted.low.b\n")
+    graph = import_graph(tmp_path, "planted")
+    assert find_cycle(graph) == ["planted.low.a", "planted.low.b", "planted.low.a"]
+    # Type-only imports close no cycle as Python runs it, but count for the layers.
+    assert "planted.low.c" not in graph["planted.low.b"]
+    assert "planted.low.c" in import_graph(tmp_path, "planted", runtime=False)["planted.low.b"]
+    (pkg / "low" / "b.py").write_text("x = 1\n")
+    assert find_cycle(import_graph(tmp_path, "planted")) is None
 
 
 def test_find_cycle_reports_the_cycle() -> None:
@@ -158,47 +191,48 @@ def test_find_cycle_reports_the_cycle() -> None:
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
 
-def test_no_import_cycle() -> None:
+def test_no_import_cycle_as_python_runs_it() -> None:
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
 
 
-def test_core_modules_import_no_concrete_method() -> None:
-    concrete = {f"leantune.methods.{m}" for m in CONCRETE_METHODS}
-    graph = import_graph()
-    core_modules = (
-        "leantune.methods.base",
-        "leantune.methods.config",
-        "leantune.targets",
-        "leantune.inject",
-        "leantune.formats",
-        "leantune.accounting",
-        "leantune.plan",
-        "leantune.select",
-        "leantune.train.regularize",
-        "leantune.train.schedule",
-        "leantune.train.adapt",
-        "leantune.train.loop",
+def test_layers_import_only_downward() -> None:
+    assert upward_imports({"leantune.core.a": {"leantune.tune.b"}}) == [
+        "leantune.core.a -> leantune.tune.b"
+    ]
+    wrong = upward_imports(import_graph(runtime=False))
+    assert not wrong, "imports against the layer order:\n" + "\n".join(wrong)
+
+
+def test_the_package_root_holds_the_layers_only() -> None:
+    entries = sorted(
+        p.name
+        for p in PACKAGE.iterdir()
+        if p.name not in ("__pycache__", "__init__.py", "py.typed")
     )
-    for core in core_modules:
-        # Everything the core pulls in at import time, not only its direct imports.
+    assert entries == sorted(LAYERS)
+
+
+def test_the_protocol_loads_no_concrete_method() -> None:
+    graph = import_graph()
+    for core in ("leantune.adapters.base", "leantune.adapters.config"):
         seen: set[str] = set()
         todo = [core]
         while todo:
             for dep in graph[todo.pop()] - seen:
                 seen.add(dep)
                 todo.append(dep)
-        wrong = sorted(seen & concrete)
-        assert not wrong, f"{core} imports concrete method modules {wrong}"
+        wrong = sorted(d for d in seen if d.startswith("leantune.adapters.methods"))
+        assert not wrong, f"{core} loads concrete method modules {wrong}"
 
 
 def test_no_file_over_450_lines_and_no_function_over_80() -> None:
-    """Issue 14: files stay readable (report.py, rendering only, is the exception)."""
+    """Issues 14 and 27: files stay readable, the report included."""
     src = Path(__file__).resolve().parent.parent / "src" / "leantune"
     long_files, long_functions = [], []
     for path in sorted(src.rglob("*.py")):
         text = path.read_text()
-        if path.name != "report.py" and len(text.splitlines()) > 450:
+        if len(text.splitlines()) > 450:
             long_files.append(f"{path.relative_to(src)}: {len(text.splitlines())}")
         for node in ast.walk(ast.parse(text)):
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
@@ -211,13 +245,13 @@ def test_no_file_over_450_lines_and_no_function_over_80() -> None:
 
 # ---------------------------------------------------------------------------- method switches
 
-CORE_ONLY = ("methods/base.py", "methods/config.py", "methods/__init__.py")
-"""Files of methods/ that are the core (protocol, config, registry), not a method."""
+CORE_ONLY = ("adapters/methods/__init__.py",)
+"""Files of adapters/methods/ that are not a method (the registrations)."""
 
 
 def _method_names() -> set[str]:
-    import leantune.methods  # noqa: F401  (registers leantune's methods)
-    from leantune.methods.base import METHODS
+    import leantune.adapters.methods  # noqa: F401  (registers leantune's methods)
+    from leantune.adapters.config import METHODS
 
     return set(METHODS)
 
@@ -225,7 +259,7 @@ def _method_names() -> set[str]:
 def _method_classes() -> set[str]:
     """Names of the classes the concrete method modules define."""
     found: set[str] = set()
-    for path in sorted((PACKAGE / "methods").glob("*.py")):
+    for path in sorted((PACKAGE / "adapters" / "methods").rglob("*.py")):
         if str(path.relative_to(PACKAGE)) in CORE_ONLY:
             continue
         tree = ast.parse(path.read_text(encoding="utf-8"))
@@ -280,7 +314,7 @@ def test_no_method_switch_outside_the_methods() -> None:
     found = []
     for path in sorted(PACKAGE.rglob("*.py")):
         rel = str(path.relative_to(PACKAGE))
-        if rel.startswith("methods/") and rel not in CORE_ONLY:
+        if rel.startswith("adapters/methods/") and rel not in CORE_ONLY:
             continue
         found += [f"{rel}:{hit}" for hit in method_switches(path.read_text(), methods, classes)]
     assert not found, "method switches outside methods/:\n" + "\n".join(found)

@@ -14,8 +14,8 @@ from torch import nn
 
 import leantune as lt
 from helpers import build, inputs, logits
-from leantune.inject import adapter_layers, saved_module_parameters
-from leantune.methods.bottleneck import BottleneckConfig
+from leantune.adapters.inject import adapter_layers, saved_module_parameters
+from leantune.adapters.methods.bottleneck import BottleneckConfig
 from leantune.tune import run_tune
 from test_contract import randomize, weights
 from test_tune import cli, config

@@ -18,8 +18,9 @@ from typing import Any
 
 import pytest
 
-from leantune.compare import pareto, recommend
-from leantune.report import write_compare_report, write_report, write_sweep_report
+from leantune.search.pages import write_compare_report, write_sweep_report
+from leantune.search.strategies import pareto, recommend
+from leantune.tune.report import write_report
 
 BROWSER = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("chrome")
 pytestmark = pytest.mark.skipif(BROWSER is None, reason="Chromium is not installed")

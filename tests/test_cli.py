@@ -8,9 +8,9 @@ from pathlib import Path
 
 import leantune as lt
 from helpers import build
-from leantune.formats import describe
-from leantune.methods.bitfit import BitFitConfig
-from leantune.methods.mixed import MixedConfig
+from leantune.adapters.config import MixedConfig
+from leantune.adapters.formats import describe
+from leantune.adapters.methods.bitfit import BitFitConfig
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:

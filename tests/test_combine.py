@@ -1,4 +1,4 @@
-"""Adapter arithmetic: ``leantune.combine`` against peft's ``add_weighted_adapter`` on the same
+"""Adapter arithmetic: ``leantune.adapters.combine`` against peft's ``add_weighted_adapter`` on the same
 adapter files, its refusals, and ``leantune combine`` on two tiny runs."""
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ from torch import nn
 
 import leantune as lt
 from helpers import TARGETS, build, inputs, logits
-from leantune.combine import COMBINATIONS
-from leantune.inject import adapter_layers, records, saved_module
-from leantune.methods.bitfit import BitFitConfig
+from leantune.adapters.base import records
+from leantune.adapters.combine import COMBINATIONS
+from leantune.adapters.inject import adapter_layers, saved_module
+from leantune.adapters.methods.bitfit import BitFitConfig
 from test_tune import cli, config
 
 WEIGHTS = {"a": 0.7, "b": -0.4}  # a negative weight: peft puts its sign on A only
@@ -213,7 +214,7 @@ def test_cli_combines_two_runs(tmp_path: Path, bert_dir: Path, data_file: Path) 
         "adapter_model.safetensors",
     ]
     # The same combination in-process, from the same adapters on the same base model.
-    from leantune.tune.saved import load_run
+    from leantune.tune.finished import load_run
 
     model = load_run(Path(runs[0])).model
     lt.load_adapter(model, Path(runs[1]) / "adapter", "other")

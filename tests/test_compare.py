@@ -15,17 +15,17 @@ from typer.testing import CliRunner
 
 from helpers import topic_rows, write_rows
 from leantune.cli import app
-from leantune.compare import (
+from leantune.core.errors import LeantuneError
+from leantune.search.compare import run_compare
+from leantune.search.strategies import (
     builtin_strategy,
     load_strategies,
     pareto,
     parse_strategies,
     recommend,
-    run_compare,
 )
-from leantune.errors import LeantuneError
-from leantune.runfolder import RunFolder
 from leantune.tune import make_config, run_tune
+from leantune.tune.runfolder import RunFolder
 
 
 def common(bert_dir: Path, data_file: Path) -> dict[str, Any]:
@@ -161,7 +161,7 @@ def test_pareto_front_and_recommendation() -> None:
 
 
 def test_the_methods_preset_builds_a_config_for_every_registered_family() -> None:
-    from leantune.methods.base import METHODS
+    from leantune.adapters.config import METHODS
     from leantune.tune import make_config
 
     strategies, common_opts = load_strategies("methods")

@@ -12,7 +12,7 @@ from torch import nn
 
 import leantune as lt
 from helpers import TARGETS, build, inputs, logits
-from leantune.inject import adapter_layers, saved_module_parameters
+from leantune.adapters.inject import adapter_layers, saved_module_parameters
 
 VARIANTS = {
     "lora": {},

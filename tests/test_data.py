@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from leantune.data import (
+from leantune.core.errors import LeantuneError
+from leantune.models.data import (
     encode_labels,
     label_names,
     length_buckets,
@@ -19,7 +20,6 @@ from leantune.data import (
     pad_batch,
     stratified_split,
 )
-from leantune.errors import LeantuneError
 
 ROWS = [{"body": f"text number {i}", "topic": ["sport", "tech", "arts"][i % 3]} for i in range(12)]
 

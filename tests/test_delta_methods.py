@@ -12,13 +12,14 @@ from torch import nn
 
 import leantune as lt
 from helpers import TARGETS, build, inputs, logits
-from leantune.errors import AdapterFileError, TargetError
-from leantune.formats import CONFIG_NAME, WEIGHTS_NAME
-from leantune.inject import adapter_layers, match_targets
-from leantune.methods.bitfit import BitFitConfig
-from leantune.methods.layernorm import LayerNormConfig
-from leantune.methods.mixed import MixedConfig
-from leantune.methods.sparse import SparseConfig
+from leantune.adapters.config import MixedConfig
+from leantune.adapters.formats import CONFIG_NAME, WEIGHTS_NAME
+from leantune.adapters.inject import adapter_layers
+from leantune.adapters.methods.bitfit import BitFitConfig
+from leantune.adapters.methods.layernorm import LayerNormConfig
+from leantune.adapters.methods.sparse import SparseConfig
+from leantune.adapters.targets import match_targets
+from leantune.core.errors import AdapterFileError, TargetError
 
 GOLDEN = Path(__file__).parent / "golden" / "adapter_keys.json"
 METHODS = ["bitfit", "layernorm", "sparse", "mixed"]

@@ -13,8 +13,9 @@ from safetensors.torch import load_file, save_file
 
 import leantune as lt
 from helpers import build, inputs, logits, tiny_bert
-from leantune import formats
-from leantune.inject import adapter_layers, records
+from leantune.adapters import formats
+from leantune.adapters.base import records
+from leantune.adapters.inject import adapter_layers
 from test_contract import randomize
 
 

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from helpers import chat_model_folder, tiny_model_folder, topic_rows, write_rows
 from leantune.cli import app
-from leantune.models import model_inputs
+from leantune.models.loading import model_inputs
 from leantune.tune import make_config, run_tune
 from test_instruct_tune import rows
 from test_keep import reference_file

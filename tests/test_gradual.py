@@ -10,16 +10,12 @@ import torch
 
 import leantune as lt
 from helpers import build, tiny_model_folder, topic_rows, write_rows
-from leantune.methods.bitfit import BitFitConfig
-from leantune.methods.lora_math import lora_l2
-from leantune.methods.sparse import SparseConfig
-from leantune.train.loop import (
-    TrainConfig,
-    TrainHooks,
-    param_groups,
-    train,
-    trainable_parameters,
-)
+from leantune.adapters.methods.bitfit import BitFitConfig
+from leantune.adapters.methods.lora.math import lora_l2
+from leantune.adapters.methods.sparse import SparseConfig
+from leantune.train.checkpoint import trainable_parameters
+from leantune.train.interface import TrainConfig, TrainHooks
+from leantune.train.loop import param_groups, train
 from leantune.train.regularize import Penalty, fisher_diagonal
 from leantune.train.schedule import (
     SLANTED_RATIO,

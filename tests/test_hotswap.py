@@ -13,7 +13,7 @@ from torch import nn
 
 import leantune as lt
 from helpers import TARGETS, build, inputs, logits
-from leantune.methods.bitfit import BitFitConfig
+from leantune.adapters.methods.bitfit import BitFitConfig
 
 MAX_RANK = 8
 

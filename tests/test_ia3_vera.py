@@ -16,11 +16,11 @@ from torch import nn
 
 import leantune as lt
 from helpers import build, inputs, logits, tiny_model_folder, topic_rows, write_rows
-from leantune.errors import TargetError
-from leantune.inject import adapter_layers, saved_module_parameters
-from leantune.methods.base import AdapterConfig
-from leantune.methods.ia3 import IA3Config
-from leantune.methods.vera import VeraConfig
+from leantune.adapters.config import AdapterConfig
+from leantune.adapters.inject import adapter_layers, saved_module_parameters
+from leantune.adapters.methods.ia3 import IA3Config
+from leantune.adapters.methods.vera import VeraConfig
+from leantune.core.errors import TargetError
 
 MODELS = ["bert", "llama", "gpt2", "mlp"]
 GOLDEN = Path(__file__).parent / "golden" / "ia3_vera_keys.json"
@@ -232,8 +232,8 @@ def test_ia3_l2_change_equals_the_dense_change() -> None:
 def test_planner_buys_ia3_vectors_and_its_gain_estimate_bounds_the_exact_one() -> None:
     """One unit = one module's output vector; the plan's adapter injects and loads in peft's
     format. The estimate taylor²/out is an upper bound of the exact ‖∂L/∂l‖² at l = 1."""
-    from leantune.plan import allocate
-    from leantune.select import score
+    from leantune.analysis.plan import allocate
+    from leantune.analysis.select import score
 
     model = build("bert")
     x = inputs("bert", batch=4) | {"labels": torch.tensor([0, 1, 2, 1])}

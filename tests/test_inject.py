@@ -11,8 +11,9 @@ from torch import nn
 
 import leantune as lt
 from helpers import build, inputs, logits
-from leantune.inject import adapter_layers, layer_index
-from leantune.methods.lora import LoraAdapter
+from leantune.adapters.inject import adapter_layers
+from leantune.adapters.methods.lora.layers import LoraAdapter
+from leantune.adapters.targets import layer_index
 from test_contract import randomize
 
 
@@ -179,7 +180,7 @@ def test_unmerged_forward_never_builds_delta_weight(monkeypatch: pytest.MonkeyPa
 
 def test_dropout_path_matches_autograd_reference() -> None:
     """The memory-saving dropout path gives the same output and gradients as plain autograd."""
-    from leantune.methods.lora_math import DropoutDown
+    from leantune.adapters.methods.lora.math import DropoutDown
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 5, 8, generator=g, requires_grad=True)

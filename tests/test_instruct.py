@@ -15,9 +15,9 @@ from transformers import PreTrainedTokenizerFast
 
 from helpers import CHATML, chat_tokenizer
 from helpers import tiny_chat_llama as tiny_llama
-from leantune.errors import LeantuneError
-from leantune.generate import exact_match, rouge_l
-from leantune.instruct import (
+from leantune.analysis.generate import exact_match, rouge_l
+from leantune.core.errors import LeantuneError
+from leantune.models.chat import (
     ChatExample,
     TokenizedChats,
     bbc_instruct,

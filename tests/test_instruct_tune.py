@@ -12,11 +12,11 @@ import torch
 from typer.testing import CliRunner
 
 from helpers import chat_model_folder
+from leantune.analysis.evaluate import make_batch
+from leantune.analysis.generate import Sampling, generate, sample_examples, score_answers
 from leantune.cli import app
-from leantune.errors import LeantuneError
-from leantune.evaluate import make_batch
-from leantune.generate import Sampling, generate, sample_examples, score_answers
-from leantune.instruct import ChatExample
+from leantune.core.errors import LeantuneError
+from leantune.models.chat import ChatExample
 from leantune.tune import (
     TuneConfig,
     evaluate_run,
@@ -179,7 +179,7 @@ def test_scoring_splits_short_and_free_answers() -> None:
 
 
 def test_generate_is_greedy_and_deterministic(setup: tuple[Path, Path]) -> None:
-    from leantune.models import load_model, load_tokenizer
+    from leantune.models.loading import load_model, load_tokenizer
 
     model_dir, _ = setup
     tok = load_tokenizer(model_dir)
@@ -243,7 +243,7 @@ def test_precision_and_memory_options_run_an_instruct_tune(
 def test_merging_into_a_quantized_base_is_refused() -> None:
     import leantune as lt
     from helpers import build
-    from leantune.precision import quantize_base
+    from leantune.models.precision import quantize_base
 
     model = build("llama")
     quantize_base(model, "int8")
@@ -253,7 +253,7 @@ def test_merging_into_a_quantized_base_is_refused() -> None:
 
 
 def test_precision_auto_is_bf16_for_instruct_where_bf16_is_native() -> None:
-    from leantune.precision import fast_bf16
+    from leantune.models.precision import fast_bf16
 
     assert TuneConfig().resolved().precision == "fp32"  # classification stays fp32
     want = "bf16" if fast_bf16("cpu") else "fp32"
@@ -263,7 +263,8 @@ def test_precision_auto_is_bf16_for_instruct_where_bf16_is_native() -> None:
 
 
 def test_compare_ranks_instruct_strategies_by_perplexity(setup: tuple[Path, Path], tmp_path: Path):
-    from leantune.compare import Strategy, run_compare
+    from leantune.search.compare import run_compare
+    from leantune.search.strategies import Strategy
 
     model, data = setup
     base = {k: v for k, v in vars(config(model, data, tmp_path)).items() if k not in ("name",)}
@@ -279,8 +280,8 @@ def test_compare_ranks_instruct_strategies_by_perplexity(setup: tuple[Path, Path
 
 
 def test_the_embedded_models_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from leantune import llm
-    from leantune.models import model_dir
+    from leantune.core import smollm2 as llm
+    from leantune.models.loading import model_dir
 
     monkeypatch.setattr(llm, "smollm2_dir", lambda: tmp_path / "built")
     assert model_dir("smollm2", "classify") == tmp_path / "built"

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from helpers import FILLER, TOPICS, tiny_model_folder
-from leantune.errors import LeantuneError
+from leantune.core.errors import LeantuneError
 from leantune.train.keep import KeepLoss, cosine_keep, topk_keep
 from leantune.tune import make_config, run_tune
 
@@ -77,8 +77,8 @@ def test_a_huge_weight_keeps_the_original_and_the_term_is_logged(
 def test_the_causal_keep_term_trains_and_holds_no_second_model(
     tmp_path: Path, data_file: Path
 ) -> None:
-    from leantune.tune.method import make_keep
     from leantune.tune.prepare import prepare
+    from leantune.tune.strategy import make_keep
 
     llama = tiny_model_folder(tmp_path / "llama", "llama")
     config = keep_config(tmp_path, llama, data_file, task="causal-lm", keep=1.0, epochs=1)
@@ -123,8 +123,8 @@ def test_keep_every_k_batches_pulls_as_hard_at_a_kth_of_the_cost() -> None:
 
 
 def test_keep_every_auto_keeps_the_keep_tokens_under_a_quarter_of_the_task() -> None:
-    from leantune.evaluate import Encoded
-    from leantune.tune.method import keep_every
+    from leantune.analysis.evaluate import Encoded
+    from leantune.tune.strategy import keep_every
 
     keep = [[1] * 40] * 10  # keep batches of 8 x 40 = 320 tokens
     short = Encoded([[1] * 14] * 50, [0] * 50)  # batches of 16 x 14 = 224 tokens

@@ -14,10 +14,9 @@ from transformers import AutoTokenizer
 
 import leantune as lt
 from helpers import build, tiny_model_folder, topic_rows, write_rows
-from leantune import knowledge
-from leantune.evaluate import Encoded
-from leantune.knowledge import (
-    cache_root,
+from leantune.analysis import knowledge
+from leantune.analysis.evaluate import Encoded
+from leantune.analysis.knowledge import (
     folder_fingerprint,
     knn_overlap,
     knowledge_kept,
@@ -28,6 +27,7 @@ from leantune.knowledge import (
     reference_texts,
     split_entries,
 )
+from leantune.core.defaults import cache_root
 from leantune.tune import TuneConfig, run_tune
 
 TEXTS = [

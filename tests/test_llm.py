@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-import leantune.llm as llm
-from leantune.errors import LeantuneError
+import leantune.core.smollm2 as llm
+from leantune.core.errors import LeantuneError
 
 
 @pytest.fixture
@@ -114,7 +114,7 @@ def test_the_real_smollm2_loads_and_renders_chats() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from leantune.instruct import tokenize_chat
+    from leantune.models.chat import tokenize_chat
 
     folder = llm.smollm2_dir()
     tok = AutoTokenizer.from_pretrained(folder)

@@ -10,7 +10,9 @@ import torch
 
 import leantune as lt
 from helpers import build
-from leantune.train.loop import Progress, TrainConfig, TrainHooks, latest_checkpoint, train
+from leantune.train.checkpoint import latest_checkpoint
+from leantune.train.interface import Progress, TrainConfig, TrainHooks
+from leantune.train.loop import train
 from leantune.train.schedule import lr_lambda
 
 

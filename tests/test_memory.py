@@ -7,7 +7,7 @@ import gc
 import pytest
 import torch
 
-from leantune.memory import peak_memory_mb, reset_peak_memory
+from leantune.core.memory import peak_memory_mb, reset_peak_memory
 
 
 def test_reset_starts_a_new_peak() -> None:

@@ -14,7 +14,7 @@ from peft import get_peft_model
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import leantune as lt
-from leantune.defaults import bbc_news, minilm_dir
+from leantune.core.defaults import bbc_news, minilm_dir
 
 pytestmark = pytest.mark.slow
 
@@ -74,7 +74,7 @@ def test_tune_on_the_real_defaults_end_to_end(tmp_path: Path) -> None:
     # peft reads the adapter folder and reproduces the run's predictions on a few test texts.
     from peft import PeftModel
 
-    from leantune.pooling import use_pooling
+    from leantune.models.pooling import use_pooling
 
     base = minilm()  # the run's head sits on MiniLM's own mean pooling (--pooling auto)
     use_pooling(base, minilm_dir(), "auto")

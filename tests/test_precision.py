@@ -17,14 +17,16 @@ from torch import nn
 
 import leantune as lt
 from helpers import TARGETS, build, inputs, logits
-from leantune import precision
-from leantune.errors import LeantuneError
-from leantune.inject import match_targets
-from leantune.methods.bitfit import BitFitConfig
-from leantune.methods.layernorm import LayerNormConfig
-from leantune.methods.sparse import SparseConfig
+from leantune.adapters import accounting
+from leantune.adapters.methods.bitfit import BitFitConfig
+from leantune.adapters.methods.layernorm import LayerNormConfig
+from leantune.adapters.methods.sparse import SparseConfig
+from leantune.adapters.targets import match_targets
+from leantune.core.errors import LeantuneError
+from leantune.models import precision
+from leantune.train.checkpoint import latest_checkpoint
 from leantune.train.interface import Diverged, Progress, TrainConfig, TrainHooks
-from leantune.train.loop import latest_checkpoint, train
+from leantune.train.loop import train
 from test_loop import toy_batches as loop_toy_batches
 
 METHODS = ["lora", "dora", "bitfit", "layernorm", "sparse"]
@@ -107,9 +109,9 @@ def test_bf16_base_with_fp32_adapters(method: str, kind: str) -> None:
     x = inputs(kind)
     with torch.no_grad():
         want = logits(model, x)
-    full = precision.base_bytes(model)
-    cast = precision.cast_base(model, "bf16")
-    assert cast > 0 and precision.base_bytes(model) < 0.6 * full
+    full = accounting.base_bytes(model)
+    cast = accounting.cast_base(model, "bf16")
+    assert cast > 0 and accounting.base_bytes(model) < 0.6 * full
     for name, p in model.named_parameters():
         is_base = not p.requires_grad
         assert p.dtype == (torch.bfloat16 if is_base else torch.float32), name
@@ -127,7 +129,7 @@ def test_cast_base_keeps_frozen_adapters_and_heads_in_fp32() -> None:
     lt.inject(model, lt.LoraConfig(r=2, targets=["key"], modules_to_save=["classifier"]), "b")
     for p in lt.adapter_parameters(model).values():
         p.requires_grad_(False)
-    precision.cast_base(model, torch.float16)
+    accounting.cast_base(model, torch.float16)
     assert all(p.dtype == torch.float32 for p in lt.adapter_parameters(model).values())
     assert model.get_parameter("classifier.weight").dtype == torch.float32
     assert model.get_parameter("bert.encoder.layer.0.attention.self.query.weight").dtype == (
@@ -202,14 +204,14 @@ def test_int8_base_under_lora_is_close_trains_and_is_smaller() -> None:
         want = logits(model, x)
     for p in model.parameters():  # as inject leaves it
         p.requires_grad_(False)
-    full = precision.base_bytes(model)
+    full = accounting.base_bytes(model)
     linear = {n: m.weight.numel() * 4 for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     names = precision.quantize_base(model, "int8")
     assert sorted(names) == sorted(set(linear) - {"lm_head"})  # 7 in each of 2 layers
     assert len(names) == 14
     assert precision.is_quantized(model) and precision.quantized_kind(model) == "int8"
     assert linear_bytes(model, names) < 0.3 * sum(linear[n] for n in names)
-    assert precision.base_bytes(model) < 0.6 * full
+    assert accounting.base_bytes(model) < 0.6 * full
     with torch.no_grad():
         assert_close_to(logits(model, x), want, INT8_TOL)
         with precision.autocast("bf16", "cpu"):  # and under autocast

@@ -9,9 +9,10 @@ import torch
 
 import leantune as lt
 from helpers import build
-from leantune.evaluate import Encoded, make_batch
-from leantune.train.loop import TrainConfig, TrainHooks, train
-from leantune.train.prefix import PrefixCache
+from leantune.analysis.evaluate import Encoded, make_batch
+from leantune.train.frozen_cache import PrefixCache
+from leantune.train.interface import TrainConfig, TrainHooks
+from leantune.train.loop import train
 
 
 def data(causal: bool) -> tuple[Encoded, list[list[dict[str, torch.Tensor]]]]:

@@ -10,13 +10,13 @@ import torch
 import torch.nn.functional as F
 
 from helpers import tiny_model_folder
-from leantune import probe as probe_module
-from leantune.errors import LeantuneError
-from leantune.models import load_model, load_tokenizer
-from leantune.pooling import Pooler, native_pooling
-from leantune.probe import fit_logistic
+from leantune.analysis import probe as probe_module
+from leantune.analysis.probe import fit_logistic
+from leantune.core.errors import LeantuneError
+from leantune.models.loading import load_model, load_tokenizer
+from leantune.models.pooling import Pooler, native_pooling
 from leantune.tune import TuneConfig, make_config, run_tune
-from leantune.tune.saved import load_run
+from leantune.tune.finished import load_run
 
 
 def sentence_transformers_folder(path: Path, normalize: bool = True) -> Path:
@@ -131,7 +131,7 @@ def test_probe_run_fits_once_caches_features_and_saved_runs_use_it(
     run_head = probe_module.head_module(saved.model)
     assert head is run_head and float(head.weight.detach().abs().sum()) > 0
     # merge: a folder that leantune loads with the same pooling and the same predictions
-    from leantune.tune.saved import merge_run
+    from leantune.tune.finished import merge_run
 
     merged = merge_run(tmp_path / "runs" / "p1", tmp_path / "merged")
     assert (merged / "modules.json").is_file() and (merged / "1_Pooling" / "config.json").is_file()
@@ -147,8 +147,8 @@ def test_probe_run_fits_once_caches_features_and_saved_runs_use_it(
 
 
 def test_warm_head_starts_lora_from_the_probe(tmp_path: Path, data_file: Path) -> None:
-    from leantune.tune.method import warm_start
     from leantune.tune.prepare import prepare
+    from leantune.tune.strategy import warm_start
 
     folder = sentence_transformers_folder(tmp_path / "st")
     config = probe_config(tmp_path, folder, data_file, method="lora", warm_head=True)
@@ -191,7 +191,7 @@ def test_bad_probe_options_are_one_line(options: dict[str, object], message: str
 
 
 def test_bbc_headlines_are_the_first_line_of_each_article() -> None:
-    from leantune.defaults import bbc_news
+    from leantune.core.defaults import bbc_news
 
     articles, headlines = bbc_news(), bbc_news(headlines=True)
     assert len(headlines.texts) == len(articles.texts) == 2225

@@ -17,10 +17,10 @@ from torch import nn
 
 import leantune as lt
 from helpers import build, inputs, logits, tiny_model_folder
-from leantune.errors import LeantuneError, TargetError
-from leantune.inject import adapter_layers, saved_module_parameters
-from leantune.methods.prefix_tuning import PrefixConfig
-from leantune.methods.prompt import PromptConfig
+from leantune.adapters.inject import adapter_layers, saved_module_parameters
+from leantune.adapters.methods.prefix_tuning import PrefixConfig
+from leantune.adapters.methods.prompt import PromptConfig
+from leantune.core.errors import LeantuneError, TargetError
 from leantune.tune import default_lr
 
 N = 4

@@ -24,12 +24,13 @@ from torch import nn
 
 import leantune as lt
 from helpers import build, inputs, logits
-from leantune.formats import CONFIG_NAME, WEIGHTS_NAME, read_adapter_files
-from leantune.inject import adapter_layers, records, saved_module_parameters
-from leantune.methods.bitfit import BitFitConfig
-from leantune.methods.layernorm import LayerNormConfig
-from leantune.methods.mixed import MixedConfig
-from leantune.methods.sparse import SparseConfig
+from leantune.adapters.base import records
+from leantune.adapters.config import MixedConfig
+from leantune.adapters.formats import CONFIG_NAME, WEIGHTS_NAME, read_adapter_files
+from leantune.adapters.inject import adapter_layers, saved_module_parameters
+from leantune.adapters.methods.bitfit import BitFitConfig
+from leantune.adapters.methods.layernorm import LayerNormConfig
+from leantune.adapters.methods.sparse import SparseConfig
 from test_contract import randomize
 
 

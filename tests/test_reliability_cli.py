@@ -20,8 +20,8 @@ from typer.testing import CliRunner
 
 from helpers import snapshot, tiny_model_folder, topic_rows, write_rows
 from leantune.cli import app
-from leantune.errors import LeantuneError
-from leantune.sweep import check_space, run_sweep
+from leantune.core.errors import LeantuneError
+from leantune.search.sweep import check_space, run_sweep
 from leantune.tune import make_config, read_config
 
 TEXTS = ["goal match the team", "bank profit shares today"]

@@ -24,9 +24,9 @@ from typer.testing import CliRunner
 
 from helpers import build, tiny_model_folder, topic_rows, write_rows
 from leantune.cli import app
-from leantune.data import TextTable, load_table
-from leantune.errors import LeantuneError
-from leantune.models import load_model, load_tokenizer, model_dir
+from leantune.core.errors import LeantuneError
+from leantune.models.data import TextTable, load_table
+from leantune.models.loading import load_model, load_tokenizer, model_dir
 from leantune.tune import TuneConfig, encode, load_splits
 
 

@@ -17,10 +17,10 @@ from typer.testing import CliRunner
 
 from helpers import snapshot, topic_rows, write_rows
 from leantune.cli import app
-from leantune.errors import LeantuneError
-from leantune.runfolder import MARKER, RunFolder
+from leantune.core.errors import LeantuneError
 from leantune.train import checkpoint, loop
 from leantune.tune import TuneConfig, run_tune
+from leantune.tune.runfolder import MARKER, RunFolder
 
 KEYS = ("test_accuracy", "test_loss", "steps", "best_step")
 
@@ -400,7 +400,8 @@ def test_item02_save_adapter_replaces_only_a_folder_of_adapter_files(tmp_path: P
     import torch
 
     from helpers import build
-    from leantune import LoraConfig, inject, save_adapter
+    from leantune import LoraConfig, save_adapter
+    from leantune.adapters import inject
 
     model = build("bert")
     inject(model, LoraConfig(r=2, targets=["query"]))

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from leantune.report import short_model_name, write_report
+from leantune.tune.report import short_model_name, write_report
 
 PNG_SIGNATURE = b"\x89PNG"
 EVIL = "<script>alert(1)</script>"

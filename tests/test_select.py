@@ -10,10 +10,11 @@ import torch
 
 import leantune as lt
 from helpers import build, tiny_model_folder, topic_rows, write_rows
-from leantune.errors import LeantuneError
-from leantune.inject import layer_index
-from leantune.plan import Plan, PlanEntry, allocate, parse_budget
-from leantune.select import score
+from leantune.adapters.planning import PlanEntry
+from leantune.adapters.targets import layer_index
+from leantune.analysis.plan import Plan, allocate, parse_budget
+from leantune.analysis.select import score
+from leantune.core.errors import LeantuneError
 from leantune.tune import TuneConfig, run_tune
 
 

@@ -18,8 +18,8 @@ from typer.testing import CliRunner
 
 from helpers import tiny_model_folder, topic_rows, write_rows
 from leantune.cli import app
-from leantune.errors import LeantuneError
-from leantune.sweep import check_space, read_space, run_sweep
+from leantune.core.errors import LeantuneError
+from leantune.search.sweep import check_space, read_space, run_sweep
 from leantune.tune import make_config, read_config, run_tune
 
 SPACE = {"lr": {"low": 1e-4, "high": 1e-2, "log": True}, "r": {"choices": [2, 4, 8]}}
@@ -78,8 +78,8 @@ KILLER = textwrap.dedent(
     """
     import os, signal, sys
     from pathlib import Path
-    from leantune.runfolder import RunFolder
-    from leantune.sweep import run_sweep
+    from leantune.tune.runfolder import RunFolder
+    from leantune.search.sweep import run_sweep
 
     out = Path(sys.argv[1])
     calls = []

@@ -25,8 +25,8 @@ from typing import Any
 import pytest
 
 from helpers import tiny_model_folder, topic_rows, write_rows
-from leantune.errors import LeantuneError
-from leantune.study import driver_url, mask_url, open_study
+from leantune.core.errors import LeantuneError
+from leantune.search.study import driver_url, mask_url, open_study
 
 PASSWORD = "s3cret"
 SPACE = {"lr": {"low": 1e-4, "high": 1e-2, "log": True}, "r": {"choices": [2, 4, 8]}}
@@ -172,7 +172,7 @@ def fake_runner(cfg: Any, resume: bool, overwrite: bool, on_validation: Any) -> 
 def test_a_worker_with_other_options_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from leantune.sweep import run_sweep
+    from leantune.search.sweep import run_sweep
 
     monkeypatch.setenv("LEANTUNE_HEARTBEAT", "1,3")
     url = f"sqlite:///{tmp_path / 'studies.db'}"
@@ -242,8 +242,8 @@ KILLED = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from leantune.runfolder import RunFolder
-    from leantune.sweep import run_sweep
+    from leantune.tune.runfolder import RunFolder
+    from leantune.search.sweep import run_sweep
 
     url, out, hang = sys.argv[1], Path(sys.argv[2]), sys.argv[3] == "hang"
     calls = []

@@ -22,9 +22,9 @@ from safetensors.torch import save
 
 import leantune as lt
 from helpers import build, inputs, logits
-from leantune.errors import LeantuneError
-from leantune.files import check_tensors, read_tensors
-from leantune.formats import WEIGHTS_NAME, read_adapter_files
+from leantune.adapters.formats import WEIGHTS_NAME, read_adapter_files
+from leantune.core.errors import LeantuneError
+from leantune.core.files import check_tensors, read_tensors
 
 PICKLE = "is a pickle/torch.save file; leantune never unpickles"
 
@@ -96,7 +96,7 @@ def test_every_reader_refuses_a_pickle_behind_a_safetensors_name(tmp_path: Path)
     (folder / WEIGHTS_NAME).write_bytes(pickle.dumps({"x": 1}))
     with pytest.raises(LeantuneError, match=PICKLE):
         read_adapter_files(folder)
-    from leantune.models import check_weights
+    from leantune.models.loading import check_weights
 
     model = tmp_path / "model"
     model.mkdir()
@@ -165,7 +165,7 @@ def test_a_peft_adapter_whose_file_starts_with_0x80_loads(tmp_path: Path) -> Non
 
 
 def test_every_tensor_reader_goes_through_the_check() -> None:
-    """No module but leantune.files parses safetensors itself: the adapters, checkpoints, run
+    """No module but leantune.core.files parses safetensors itself: the adapters, checkpoints, run
     folders, plans' masks, caches, combine and hotswap inputs all read through read_tensors."""
     src = Path(lt.__file__).parent
     readers = []

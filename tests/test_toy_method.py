@@ -20,19 +20,14 @@ from torch import nn
 
 import leantune as lt
 from helpers import build, inputs, logits, tiny_model_folder, topic_rows, write_rows
-from leantune.formats import load_adapter
-from leantune.inject import adapter_layers
-from leantune.methods.base import (
-    AdapterConfig,
-    AdapterLayer,
-    Change,
-    PlanSize,
-    register,
-    unregister,
-)
-from leantune.models import load_model
-from leantune.plan import Plan, allocate
-from leantune.select import Scores, score
+from leantune.adapters.base import AdapterLayer, Change
+from leantune.adapters.config import AdapterConfig, PlanSize, register, unregister
+from leantune.adapters.formats import load_adapter
+from leantune.adapters.inject import adapter_layers
+from leantune.adapters.planning import Scores
+from leantune.analysis.plan import Plan, allocate
+from leantune.analysis.select import score
+from leantune.models.loading import load_model
 from leantune.train.regularize import Penalty
 from leantune.tune import TuneConfig, run_tune
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from helpers import tiny_model_folder, topic_rows, write_rows
-from leantune.errors import LeantuneError
+from leantune.core.errors import LeantuneError
 from leantune.tune import TuneConfig, run_tune
 
 needs = pytest.mark.skipif(

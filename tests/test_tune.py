@@ -18,9 +18,9 @@ from typer.testing import CliRunner
 import leantune as lt
 from helpers import tiny_model_folder, topic_rows, write_rows
 from leantune.cli import app
-from leantune.runfolder import RunFolder
-from leantune.train.loop import Progress
+from leantune.train.interface import Progress
 from leantune.tune import TuneConfig, read_config, run_tune
+from leantune.tune.runfolder import RunFolder
 
 
 def config(tmp_path: Path, bert_dir: Path, data_file: Path, **kw: object) -> TuneConfig:

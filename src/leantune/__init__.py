@@ -1,16 +1,12 @@
 """leantune: train only the parameters that matter, and prove it with numbers."""
 
-from leantune import _quiet  # noqa: F401  (first: quiets torchao before transformers loads it)
-from leantune.accounting import ParameterReport, parameter_report
-from leantune.combine import combine
-from leantune.errors import AdapterFileError, LeantuneError, TargetError
-from leantune.formats import adapter_config, adapter_state_dict, load_adapter, save_adapter
-from leantune.hotswap import hotswap, prepare_hotswap
-from leantune.inject import (
-    BASE,
-    METHODS,
-    AdapterConfig,
-    AdapterModule,
+from leantune.adapters.accounting import ParameterReport, parameter_report
+from leantune.adapters.base import BASE, AdapterModule
+from leantune.adapters.combine import combine
+from leantune.adapters.config import METHODS, AdapterConfig, register
+from leantune.adapters.formats import adapter_config, adapter_state_dict, load_adapter, save_adapter
+from leantune.adapters.hotswap import hotswap, prepare_hotswap
+from leantune.adapters.inject import (
     active_adapter,
     adapter_parameters,
     disable,
@@ -18,13 +14,14 @@ from leantune.inject import (
     mark_trainable,
     merge,
     mixed_batch,
-    register,
     remove_adapter,
     set_active,
     unload,
     unmerge,
 )
-from leantune.methods.lora import LoraConfig
+from leantune.adapters.methods.lora.config import LoraConfig
+from leantune.core import quiet as _quiet  # noqa: F401  (first: quiets torchao before transformers loads it)
+from leantune.core.errors import AdapterFileError, LeantuneError, TargetError
 
 __version__ = "0.1.0"
 

@@ -10,12 +10,12 @@ import sys
 
 # Importing them adds their commands, in this order: tune, select (runs imports tune first),
 # compare, sweep, then the saved-run commands, then combine.
-from leantune.cli import runs, saved, tune  # noqa: F401
+from leantune.cli import finished, runs, tune  # noqa: F401
 
 # isort: split
 from leantune.cli import combine  # noqa: F401
 from leantune.cli.common import app, fail
-from leantune.errors import LeantuneError
+from leantune.core.errors import LeantuneError
 
 __all__ = ["app", "fail", "main"]
 

@@ -4,7 +4,7 @@ The inputs are run folders (their ``adapter/``) or adapter folders. The base mod
 once, from the first run's recorded model and task (an adapter folder does not say which
 labels or task it was trained for, so at least one run is needed); every run must record the
 same model, task and labels. Each adapter is loaded under its own name (``in1``, ``in2`` ...),
-combined with :func:`leantune.combine`, and the result is saved in peft's format to ``--out``
+combined with :func:`leantune.adapters.combine`, and the result is saved in peft's format to ``--out``
 the way ``merge`` writes its folder: built beside it and renamed into place, with
 ``.leantune-merge.json`` listing the files; ``--overwrite`` replaces only such a folder.
 """
@@ -18,9 +18,9 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from leantune.adapters.combine import COMBINATIONS, combination
 from leantune.cli.common import app, fail
-from leantune.combine import COMBINATIONS, combination
-from leantune.errors import LeantuneError
+from leantune.core.errors import LeantuneError
 
 
 def _weights(text: str, count: int) -> list[float]:
@@ -37,8 +37,8 @@ def _weights(text: str, count: int) -> list[float]:
 
 def _inputs(paths: list[Path]) -> tuple[list[Path], list[Path]]:
     """Each input's adapter folder, and the run folders among the inputs."""
-    from leantune.formats import CONFIG_NAME
-    from leantune.methods.base import METHODS
+    from leantune.adapters.config import METHODS
+    from leantune.adapters.formats import CONFIG_NAME
     from leantune.tune.config import make_config, read_config
 
     adapters, runs = [], []
@@ -69,7 +69,7 @@ def _inputs(paths: list[Path]) -> tuple[list[Path], list[Path]]:
 
 def _base(runs: list[Path]) -> tuple[Any, Path, list[str]]:
     """The first run's config, its base model folder and labels; the other runs must agree."""
-    from leantune.models import model_dir
+    from leantune.models.loading import model_dir
     from leantune.tune.config import make_config, read_config
 
     seen = []
@@ -97,10 +97,10 @@ def combine_folders(
     ``out``. Everything is checked before the model loads; ``options`` go to ``combine``."""
     import torch
 
-    from leantune.combine import combine
-    from leantune.formats import load_adapter, save_adapter
-    from leantune.models import load_model, load_tokenizer
-    from leantune.outputs import check_merge_out, write_merged_folder
+    from leantune.adapters.combine import combine
+    from leantune.adapters.formats import load_adapter, save_adapter
+    from leantune.models.loading import load_model, load_tokenizer
+    from leantune.tune.outputs import check_merge_out, write_merged_folder
 
     adapters, runs = _inputs(paths)
     config, folder, labels = _base(runs)

@@ -10,7 +10,7 @@ import typer
 
 from leantune.cli.common import app, config_options, fail, flag, option, with_signature
 from leantune.cli.tune import run_with_progress
-from leantune.errors import LeantuneError
+from leantune.core.errors import LeantuneError
 
 
 def _common(config: Path | None, options: dict[str, Any], command: str) -> dict[str, Any]:
@@ -34,7 +34,7 @@ def compare(**kwargs: Any) -> None:
     database URL) this process is one worker of a shared study: the strategies are handed out to
     every worker given the same --storage and --study; --workers N starts N workers here.
     """
-    from leantune.compare import load_strategies
+    from leantune.search.strategies import load_strategies
 
     config, out, spec = kwargs.pop("config"), kwargs.pop("out"), kwargs.pop("strategies")
     quiet, storage, study = kwargs.pop("quiet"), kwargs.pop("storage"), kwargs.pop("study")
@@ -66,7 +66,7 @@ def _compare_here(
     quiet: bool,
 ) -> dict[str, Any]:
     """Run the comparison in this process (alone, or as one worker of a shared study)."""
-    from leantune.compare import run_compare
+    from leantune.search.compare import run_compare
 
     return run_compare(
         strategies,
@@ -89,9 +89,9 @@ def _compare_workers(
     argv: list[str],
 ) -> dict[str, Any]:
     """Prepare the shared study, run ``workers`` worker processes on it, read the table back."""
-    from leantune.compare import strategy_configs
-    from leantune.study import load_study
-    from leantune.workers import prepare_compare, run_local_workers, study_table
+    from leantune.search.strategies import strategy_configs
+    from leantune.search.study import load_study
+    from leantune.search.workers import prepare_compare, run_local_workers, study_table
 
     url = storage or f"sqlite:///{(Path(out) / 'compare.db').resolve()}"
     _configs, setup, metric = strategy_configs(strategies, common, Path(out))
@@ -129,7 +129,7 @@ def _worker_argv(
 
 def _print_compare(result: dict[str, Any], out: Path) -> None:
     """The table, the recommendation and the report's path; one line for failed strategies."""
-    from leantune.compare import markdown_table
+    from leantune.search.strategies import markdown_table
 
     if result.get("interrupted"):
         typer.echo(
@@ -221,7 +221,7 @@ def sweep(**kwargs: Any) -> None:
     Optuna database URL) this process is one worker of a shared study: run the same command on
     other machines (each with its own --out) and --trials finish across all of them.
     """
-    from leantune.sweep import read_space, run_sweep
+    from leantune.search.sweep import read_space, run_sweep
 
     config, out, space, trials = (kwargs.pop(k) for k in ("config", "out", "space", "trials"))
     quiet, storage, study = kwargs.pop("quiet"), kwargs.pop("storage"), kwargs.pop("study")
@@ -254,7 +254,7 @@ def sweep(**kwargs: Any) -> None:
 
 def _sweep_report(storage: str | None, study: str, out: Path) -> dict[str, Any]:
     """--report: the results of a shared study, written into --out."""
-    from leantune.workers import sweep_report
+    from leantune.search.workers import sweep_report
 
     if storage is None:
         raise LeantuneError(

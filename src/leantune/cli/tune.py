@@ -9,15 +9,15 @@ from typing import Annotated, Any
 
 import typer
 
+from leantune.analysis.plan import entry_label
 from leantune.cli.common import app, config_options, fail, flag, with_signature
-from leantune.errors import LeantuneError
-from leantune.plan import entry_label
+from leantune.core.errors import LeantuneError
 
 
 def _tune(config: Path | None, resume: bool, overwrite: bool, quiet: bool, **options: Any) -> None:
-    from leantune.distributed import leave, speaks
-    from leantune.runfolder import RunFolder
+    from leantune.core.distributed import leave, speaks
     from leantune.tune import TuneConfig, make_config, read_config
+    from leantune.tune.runfolder import RunFolder
 
     given = {k: v for k, v in options.items() if v is not None}
     try:

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from leantune.errors import LeantuneError
-from leantune.inject import adapter_layers
-from leantune.methods.base import RankAdaptable
+from leantune.adapters.base import RankAdaptable
+from leantune.adapters.inject import adapter_layers
+from leantune.core.errors import LeantuneError
 
 
 @dataclass

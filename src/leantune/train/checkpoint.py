@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from leantune.distributed import (
+from leantune.core.distributed import (
     broadcast_bytes,
     current,
     full_tensor,
@@ -28,9 +28,9 @@ from leantune.distributed import (
     settle,
     together,
 )
-from leantune.errors import LeantuneError
-from leantune.files import read_tensors
-from leantune.precision import LossScaler
+from leantune.core.errors import LeantuneError
+from leantune.core.files import read_tensors
+from leantune.models.precision import LossScaler
 from leantune.train.interface import Progress
 
 STATE_TENSORS = "state.safetensors"

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from leantune.errors import LeantuneError
+from leantune.core.errors import LeantuneError
 
 Batch = Mapping[str, torch.Tensor]
 

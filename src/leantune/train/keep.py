@@ -29,10 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from leantune.data import pad_batch
-from leantune.distributed import current, rank_slice, settle
-from leantune.errors import LeantuneError
-from leantune.knowledge import mean_pool
+from leantune.analysis.knowledge import mean_pool
+from leantune.core.distributed import current, rank_slice, settle
+from leantune.core.errors import LeantuneError
+from leantune.models.data import pad_batch
 
 TOP_K = 16
 KEEP_BATCH = 8

@@ -21,15 +21,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from leantune.distributed import Parallel, clip_gradients, current, is_dtensor, settle
-from leantune.errors import LeantuneError
-from leantune.precision import MAX_SKIPS, LossScaler, autocast, check_precision
-from leantune.train.checkpoint import LATEST as LATEST
-from leantune.train.checkpoint import STATE_JSON as STATE_JSON
-from leantune.train.checkpoint import checkpoint_meta as checkpoint_meta
-from leantune.train.checkpoint import latest_checkpoint as latest_checkpoint
-from leantune.train.checkpoint import load_checkpoint, save_checkpoint
-from leantune.train.checkpoint import trainable_parameters as trainable_parameters
+from leantune.core.distributed import Parallel, clip_gradients, current, is_dtensor, settle
+from leantune.core.errors import LeantuneError
+from leantune.models.precision import MAX_SKIPS, LossScaler, autocast, check_precision
+from leantune.train.checkpoint import (
+    load_checkpoint,
+    save_checkpoint,
+    trainable_parameters,
+)
 from leantune.train.interface import (
     Batch,
     Diverged,
@@ -106,7 +105,7 @@ def train(
     every evaluation and on Ctrl-C; ``resume=True`` continues from it. ``lr_scales`` multiplies
     the rate per parameter name (default: what the adapter layers ask for, ``lr_multipliers``);
     ``checkpoint_meta`` is stored beside each checkpoint's progress. With ``parallel`` (several
-    processes, :mod:`leantune.distributed`) each batch is a global batch this rank computes its
+    processes, :mod:`leantune.core.distributed`) each batch is a global batch this rank computes its
     slice of, and the gradients are averaged over the ranks before each step.
 
     A non-finite training loss, penalty or validation loss stops training with

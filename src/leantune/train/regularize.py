@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from leantune.errors import LeantuneError
-from leantune.inject import adapter_layers
-from leantune.methods.base import AdapterModule, Change
+from leantune.adapters.base import AdapterModule, Change
+from leantune.adapters.inject import adapter_layers
+from leantune.core.errors import LeantuneError
 
 
 @dataclass

@@ -22,9 +22,9 @@ from typing import Any
 
 from torch import nn
 
-from leantune.errors import LeantuneError
-from leantune.inject import adapter_layers
-from leantune.targets import layer_index
+from leantune.adapters.inject import adapter_layers
+from leantune.adapters.targets import layer_index
+from leantune.core.errors import LeantuneError
 
 SCHEDULES = ("linear", "cosine", "constant", "slanted")
 SLANTED_RATIO = 32

@@ -7,11 +7,11 @@ Run folder ``runs/<name>/``: config.yaml (re-runs the job), labels.json, metrics
 line per validation), adapter/ (LoRA, peft format) or trained/ (full / head-only tensors),
 history.json, report.html with PNG plots, summary.json (written last) and the marker
 .leantune-run.json. While it trains the run lives in ``runs/.<name>.partial/`` with its
-checkpoint/ (see :mod:`leantune.runfolder`).
+checkpoint/ (see :mod:`leantune.tune.runfolder`).
 
 One module per job: :mod:`~leantune.tune.config` (the options), :mod:`~leantune.tune.prepare`
-(model, tokenizer, splits, token ids), :mod:`~leantune.tune.method` (what trains: a method or a
-plan), :mod:`~leantune.tune.run` (the run in named phases) and :mod:`~leantune.tune.saved`
+(model, tokenizer, splits, token ids), :mod:`~leantune.tune.strategy` (what trains: a method or a
+plan), :mod:`~leantune.tune.run` (the run in named phases) and :mod:`~leantune.tune.finished`
 (commands on a finished run).
 """
 
@@ -23,23 +23,12 @@ from leantune.tune.config import (
     field_docs,
     make_config,
     option_docs,
+    parse_targets,
     read_config,
     run_methods,
     write_config,
 )
-from leantune.tune.method import (
-    apply_method,
-    apply_plan,
-    head_modules,
-    make_penalty,
-    make_plan,
-    parse_layers,
-    parse_targets,
-    scoring_batches,
-)
-from leantune.tune.prepare import Prepared, Splits, encode, load_splits, pick_device, prepare
-from leantune.tune.run import TuneRecipe, run_tune
-from leantune.tune.saved import (
+from leantune.tune.finished import (
     SavedRun,
     check_run_folder,
     evaluate_run,
@@ -51,6 +40,17 @@ from leantune.tune.saved import (
     save_trained,
     side_by_side,
     write_run_report,
+)
+from leantune.tune.prepare import Prepared, Splits, encode, load_splits, pick_device, prepare
+from leantune.tune.run import TuneRecipe, run_tune
+from leantune.tune.strategy import (
+    apply_method,
+    apply_plan,
+    head_modules,
+    make_penalty,
+    make_plan,
+    parse_layers,
+    scoring_batches,
 )
 
 __all__ = [

@@ -17,13 +17,12 @@ from typing import Any
 
 import yaml
 
-from leantune.errors import LeantuneError
-from leantune.files import atomic_write, read_yaml
-from leantune.methods.base import METHODS
-from leantune.models import CAUSAL_TASKS, TASKS
-from leantune.plan import parse_methods
-from leantune.precision import PRECISIONS, QUANTIZE_KINDS, fast_bf16
-from leantune.track import parse_track
+from leantune.adapters.config import METHODS
+from leantune.analysis.plan import parse_methods
+from leantune.core.errors import LeantuneError
+from leantune.core.files import atomic_write, read_yaml
+from leantune.models.loading import CAUSAL_TASKS, TASKS
+from leantune.models.precision import PRECISIONS, QUANTIZE_KINDS, fast_bf16
 from leantune.train.interface import TrainConfig
 from leantune.train.schedule import check_layer_decay, check_schedule
 from leantune.tune.options import (
@@ -36,6 +35,7 @@ from leantune.tune.options import (
     RunOptions,
     check_new_options,
 )
+from leantune.tune.track import parse_track
 
 OWN_PARAMETER_LR = {"full": 5e-5, "head": 5e-3, "probe": 5e-3}
 """The methods that train the model's own parameters (all, or the task heads) and their peak

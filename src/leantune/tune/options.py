@@ -12,8 +12,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from leantune.errors import LeantuneError
-from leantune.pooling import POOLINGS
+from leantune.core.errors import LeantuneError
+from leantune.models.pooling import POOLINGS
 
 
 @dataclass
@@ -53,7 +53,7 @@ class DataOptions:
     states), else its pooler; pooler: the model's own pooler (BERT's CLS pooler; what
     transformers and peft use); mean or cls: that pooling of the last hidden states. Not
     pooler: peft alone reproduces the run only with the same pooling (leantune's commands apply
-    it; ``leantune.pooling.use_pooling`` does it for a plain model)."""
+    it; ``leantune.models.pooling.use_pooling`` does it for a plain model)."""
     task: str = "classify"
     """classify (sequence classification), causal-lm (language modelling; metric perplexity)
     or instruct (chat / instruction tuning of a causal LM: the loss counts the assistant's

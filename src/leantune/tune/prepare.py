@@ -12,22 +12,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from leantune.data import (
-    PARTS,
-    TextTable,
-    encode_labels,
-    label_names,
-    length_buckets,
-    load_table,
-    stratified_split,
-    too_few_rows,
-)
-from leantune.defaults import builtin_data
-from leantune.distributed import broadcast_bytes, current, launched, shard_blocks, together
-from leantune.errors import LeantuneError
-from leantune.evaluate import Encoded, Evaluation, evaluate, make_batch
-from leantune.generate import Sampling, evaluate_by_generation, sample_examples
-from leantune.instruct import (
+from leantune.adapters.accounting import cast_base
+from leantune.adapters.planning import Scores
+from leantune.analysis.evaluate import Encoded, Evaluation, evaluate, make_batch
+from leantune.analysis.generate import Sampling, evaluate_by_generation, sample_examples
+from leantune.analysis.plan import Plan, masks_path
+from leantune.core.defaults import builtin_data
+from leantune.core.distributed import broadcast_bytes, current, launched, shard_blocks, together
+from leantune.core.errors import LeantuneError
+from leantune.models.chat import (
     ChatExample,
     InstructSplits,
     TokenizedChats,
@@ -38,21 +31,28 @@ from leantune.instruct import (
     packed_batch,
     tokenize_chats,
 )
-from leantune.models import load_model, load_tokenizer, max_positions, model_dir
-from leantune.plan import Plan, masks_path
-from leantune.precision import (
+from leantune.models.data import (
+    PARTS,
+    TextTable,
+    encode_labels,
+    label_names,
+    length_buckets,
+    load_table,
+    stratified_split,
+    too_few_rows,
+)
+from leantune.models.loading import load_model, load_tokenizer, max_positions, model_dir
+from leantune.models.precision import (
     autocast,
-    cast_base,
     check_base_dtype,
     check_precision,
     dtype_of,
     enable_checkpointing,
     quantize_base,
 )
-from leantune.select import Scores
 from leantune.train.answer import Forward, answer_forward_for
 from leantune.tune.config import TuneConfig
-from leantune.tune.method import apply_method, apply_plan, head_modules, make_plan, uses_plan
+from leantune.tune.strategy import apply_method, apply_plan, head_modules, make_plan, uses_plan
 
 
 @dataclass
@@ -86,7 +86,7 @@ def load_splits(config: TuneConfig) -> Splits:
     if config.data is not None and embedded is None:
         data = load_table(config.data, config.text_column, label_column)
     else:
-        from leantune.defaults import bbc_news
+        from leantune.core.defaults import bbc_news
 
         bbc = bbc_news(headlines=embedded == "bbc-headlines")
         labels = [] if config.causal else [bbc.label_names[y] for y in bbc.labels]

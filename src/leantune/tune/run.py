@@ -7,7 +7,7 @@
 3. ``baseline`` measures the model before any step (test metrics, the knowledge reference);
 4. ``train`` runs the one loop (:func:`leantune.train.loop.train`) with the run's hooks;
 5. ``finish`` puts the best weights back, saves them, tests, writes the summary and the report
-   and switches the finished folder into place (see :mod:`leantune.runfolder`).
+   and switches the finished folder into place (see :mod:`leantune.tune.runfolder`).
 """
 
 from __future__ import annotations
@@ -25,29 +25,25 @@ from typing import Any
 import torch
 from torch import nn
 
-from leantune import distributed, runfolder
-from leantune.distributed import Parallel, together
-from leantune.errors import LeantuneError
-from leantune.files import atomic_write, load_into, read_tensors, unique_tensors
-from leantune.generate import general_answers, general_table
-from leantune.inject import ParameterReport, parameter_report
-from leantune.knowledge import (
-    Reference,
-    cache_root,
-    prepare_reference,
-    reference_texts,
-)
-from leantune.memory import reset_peak_memory
-from leantune.methods.base import METHODS
-from leantune.models import max_positions, num_layers
-from leantune.precision import autocast
-from leantune.runfolder import RunFolder
-from leantune.track import Tracker, check_backends
+from leantune.adapters.accounting import ParameterReport, parameter_report
+from leantune.adapters.config import METHODS
+from leantune.analysis.generate import general_answers, general_table
+from leantune.analysis.knowledge import Reference, prepare_reference, reference_texts
+from leantune.core import distributed
+from leantune.core.defaults import cache_root
+from leantune.core.distributed import Parallel, together
+from leantune.core.errors import LeantuneError
+from leantune.core.files import atomic_write, load_into, read_tensors, unique_tensors
+from leantune.core.memory import reset_peak_memory
+from leantune.models.loading import max_positions, num_layers
+from leantune.models.precision import autocast
 from leantune.train.adapt import RankPruner
+from leantune.train.checkpoint import checkpoint_meta, latest_checkpoint, trainable_parameters
+from leantune.train.frozen_cache import PrefixCache
 from leantune.train.interface import Diverged, Progress, TrainHooks, TrainResult
-from leantune.train.loop import checkpoint_meta, latest_checkpoint, train, trainable_parameters
-from leantune.train.prefix import PrefixCache
+from leantune.train.loop import train
 from leantune.train.schedule import Unfreezer, adapter_lr_scales, lr_scales
+from leantune.tune import runfolder
 from leantune.tune.config import (
     DEFAULT_MODEL_TITLES,
     TuneConfig,
@@ -55,17 +51,8 @@ from leantune.tune.config import (
     train_config,
     write_config,
 )
-from leantune.tune.method import (
-    PROBE,
-    at_least,
-    grow_ranks,
-    make_penalty,
-    penalties_for_the_adapter,
-    probe_result,
-    warm_start,
-)
-from leantune.tune.prepare import Prepared, pick_device, prepare
-from leantune.tune.saved import (
+from leantune.tune.fingerprint import data_fingerprint
+from leantune.tune.finished import (
     BEST,
     HISTORY,
     check_same_start,
@@ -75,7 +62,19 @@ from leantune.tune.saved import (
     validation_line,
     write_run_report,
 )
+from leantune.tune.prepare import Prepared, pick_device, prepare
+from leantune.tune.runfolder import RunFolder
+from leantune.tune.strategy import (
+    PROBE,
+    at_least,
+    grow_ranks,
+    make_penalty,
+    penalties_for_the_adapter,
+    probe_result,
+    warm_start,
+)
 from leantune.tune.summary import summarize
+from leantune.tune.track import Tracker, check_backends
 
 STATE = runfolder.STATE
 
@@ -92,7 +91,7 @@ def run_tune(
     """Run the tune job; returns the summary (``{"interrupted": True, ...}`` after Ctrl-C).
 
     Everything is checked before anything is written; the run is built in its partial folder
-    and replaces ``runs/<name>`` only once finished (see :mod:`leantune.runfolder`).
+    and replaces ``runs/<name>`` only once finished (see :mod:`leantune.tune.runfolder`).
     ``on_validation`` sees each validation row (step, epoch, val_<metric>...) once it is saved;
     an exception it raises (a sweep's pruning) ends the run there, checkpoint kept."""
     l2_given = config.l2 is not None
@@ -170,8 +169,6 @@ class TuneRecipe:
         """Load and check the model, data, method, schedules and penalties; writes nothing."""
         config, folder = self.config, self.folder
         reset_peak_memory(pick_device(config.device))  # this run's peak, not an earlier run's
-        from leantune.compare import data_fingerprint
-
         plan_file = folder.work / "plan.json"
         if self.resume and plan_file.exists():  # the plan the run started with, not a new one
             self.prep = prepare(replace(config, select=None, plan=str(plan_file)))
@@ -248,7 +245,7 @@ class TuneRecipe:
 
     def write_start(self, stack: contextlib.ExitStack) -> None:
         """Under the run's lock (held until the run ends): the partial folder's first files."""
-        from leantune.report import write_heatmap
+        from leantune.tune.figures import write_heatmap
 
         config, folder, prep = self.config, self.folder, self.prep
         self.run = folder.work

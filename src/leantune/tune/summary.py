@@ -7,16 +7,16 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from leantune.evaluate import Evaluation
-from leantune.files import folder_bytes
-from leantune.inject import ParameterReport
-from leantune.knowledge import knowledge_kept
-from leantune.memory import peak_memory_mb
-from leantune.models import model_dir
-from leantune.precision import autocast
+from leantune.adapters.accounting import ParameterReport
+from leantune.analysis.evaluate import Evaluation
+from leantune.analysis.knowledge import knowledge_kept
+from leantune.core.files import folder_bytes
+from leantune.core.memory import peak_memory_mb
+from leantune.models.loading import model_dir
+from leantune.models.precision import autocast
 from leantune.train.interface import TrainResult
-from leantune.tune.method import PROBE
-from leantune.tune.saved import probe_verdict, side_by_side, task_key
+from leantune.tune.finished import probe_verdict, side_by_side, task_key
+from leantune.tune.strategy import PROBE
 
 if TYPE_CHECKING:
     from leantune.tune.run import TuneRecipe

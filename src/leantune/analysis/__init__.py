@@ -1,0 +1,1 @@
+"""What to tune and what was kept: select, plan, probe, knowledge, evaluate, generate."""

@@ -1,0 +1,1 @@
+"""Models and their inputs: loading, pooling, norms, precision, data, chat rendering."""

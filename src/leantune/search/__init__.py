@@ -1,0 +1,1 @@
+"""Many runs: compare, sweep, shared studies and their workers, and their pages."""
