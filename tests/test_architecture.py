@@ -318,3 +318,33 @@ def test_no_method_switch_outside_the_methods() -> None:
             continue
         found += [f"{rel}:{hit}" for hit in method_switches(path.read_text(), methods, classes)]
     assert not found, "method switches outside methods/:\n" + "\n".join(found)
+
+
+def test_the_paths_users_are_shown_import() -> None:
+    """The public API: what README and the docs show (``leantune.X`` and the training loop),
+    and every method's config from the package root."""
+    import re
+
+    import leantune
+    from leantune.adapters.config import METHODS
+
+    root = PACKAGE.parent.parent
+    shown = set()
+    for doc in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        text = doc.read_text()
+        shown |= set(re.findall(r"`(?:lt|leantune)\.([A-Za-z_]\w*)", text)) - {"json", "yaml"}
+    missing = sorted(name for name in shown if not hasattr(leantune, name) and not _is_module(name))
+    assert not missing, f"README/docs show leantune.{missing[0]}, which does not exist"
+    for cls in METHODS.values():
+        assert getattr(leantune, cls.__name__) is cls
+    from leantune.train.loop import train  # noqa: F401  (README's training loop)
+
+
+def _is_module(name: str) -> bool:
+    import importlib
+
+    try:
+        importlib.import_module(f"leantune.{name}")
+    except ImportError:
+        return False
+    return True

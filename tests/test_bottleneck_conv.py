@@ -14,7 +14,7 @@ from torch import nn
 
 import leantune as lt
 from helpers import build, inputs, logits
-from leantune.adapters.inject import adapter_layers, saved_module_parameters
+from leantune.adapters.inject import adapter_layers, module_copy_parameters
 from leantune.adapters.methods.bottleneck import BottleneckConfig
 from leantune.tune import run_tune
 from test_contract import randomize, weights
@@ -86,7 +86,7 @@ def test_bottleneck_only_adapter_and_head_get_gradients(kind: str, variant: str)
     model = with_bottleneck(kind, variant).train()
     randomize(model)  # up starts at zero, so down would get no gradient at init
     logits(model, inputs(kind)).pow(2).mean().backward()
-    expected = set(lt.adapter_parameters(model)) | set(saved_module_parameters(model))
+    expected = set(lt.adapter_parameters(model)) | set(module_copy_parameters(model))
     assert len(lt.adapter_parameters(model)) == 4 * len(PLACES[kind, variant])
     assert {n for n, p in model.named_parameters() if p.requires_grad} == expected
     got = {n for n, p in model.named_parameters() if p.grad is not None}
@@ -101,7 +101,7 @@ def test_bottleneck_save_load_reproduces_and_keys_are_pinned(
     model = with_bottleneck(kind, variant)
     randomize(model)
     with torch.no_grad():
-        for p in saved_module_parameters(model).values():
+        for p in module_copy_parameters(model).values():
             p.add_(0.5)
     x = inputs(kind)
     expected = logits(model, x)

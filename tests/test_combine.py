@@ -16,7 +16,7 @@ import leantune as lt
 from helpers import TARGETS, build, inputs, logits
 from leantune.adapters.base import records
 from leantune.adapters.combine import COMBINATIONS
-from leantune.adapters.inject import adapter_layers, saved_module
+from leantune.adapters.inject import adapter_layers, module_copy
 from leantune.adapters.methods.bitfit import BitFitConfig
 from test_tune import cli, config
 
@@ -144,13 +144,13 @@ def test_heads_come_from_the_chosen_adapter() -> None:
     for name, shift in (("a", 1.0), ("b", 2.0)):
         lt.inject(model, lt.LoraConfig(r=2, targets=["query"]), name)
         with torch.no_grad():
-            saved_module(model, "classifier", name).weight.add_(shift)
+            module_copy(model, "classifier", name).weight.add_(shift)
     with pytest.raises(lt.LeantuneError, match="head=") as e:
         lt.combine(model, {"a": 0.5, "b": 0.5})
     assert "\n" not in str(e.value) and "combined" not in records(model)
     lt.combine(model, {"a": 0.5, "b": 0.5}, head="b")
     lt.set_active(model, "combined")
-    head_b = saved_module(model, "classifier", "b").weight
+    head_b = module_copy(model, "classifier", "b").weight
     torch.testing.assert_close(model.classifier.weight, head_b, atol=0, rtol=0)
     assert model.classifier.weight.data_ptr() != head_b.data_ptr()  # its own copy
 

@@ -12,7 +12,7 @@ from torch import nn
 
 import leantune as lt
 from helpers import TARGETS, build, inputs, logits
-from leantune.adapters.inject import adapter_layers, saved_module_parameters
+from leantune.adapters.inject import adapter_layers, module_copy_parameters
 
 VARIANTS = {
     "lora": {},
@@ -111,7 +111,7 @@ def test_save_load_in_fresh_model_reproduces_outputs(
     model = adapted(kind, variant)
     randomize(model)
     with torch.no_grad():  # a trained head must travel with the adapter
-        for p in saved_module_parameters(model).values():
+        for p in module_copy_parameters(model).values():
             p.add_(0.5)
     x = inputs(kind)
     expected = logits(model, x)

@@ -11,6 +11,7 @@ import torch
 import leantune as lt
 from helpers import build, tiny_model_folder, topic_rows, write_rows
 from leantune.adapters.methods.bitfit import BitFitConfig
+from leantune.adapters.methods.lora.config import LoraConfig
 from leantune.adapters.methods.lora.math import lora_l2
 from leantune.adapters.methods.sparse import SparseConfig
 from leantune.train.checkpoint import trainable_parameters
@@ -24,7 +25,7 @@ from leantune.train.schedule import (
     lr_lambda,
     lr_scales,
 )
-from leantune.tune import DEFAULT_LORA_L2, TuneConfig, run_tune
+from leantune.tune import TuneConfig, run_tune
 from test_loop import accuracy, toy_batches
 
 
@@ -264,7 +265,7 @@ def test_penalties_are_refused_where_the_lora_update_is_not_the_change() -> None
 
 
 def test_l2_defaults_to_the_measured_weight_for_plain_lora_only() -> None:
-    assert TuneConfig().resolved().l2 == DEFAULT_LORA_L2 > 0
+    assert TuneConfig().resolved().l2 == LoraConfig().default_l2() > 0
     assert TuneConfig(l2=0.0).resolved().l2 == 0.0  # switched off on request
     for other in ({"dora": True}, {"init": "pissa"}, {"method": "full"}, {"method": "bitfit"}):
         assert TuneConfig(**other).resolved().l2 == 0.0  # type: ignore[arg-type]

@@ -17,7 +17,7 @@ from torch import nn
 import leantune as lt
 from helpers import build, inputs, logits, tiny_model_folder, topic_rows, write_rows
 from leantune.adapters.config import AdapterConfig
-from leantune.adapters.inject import adapter_layers, saved_module_parameters
+from leantune.adapters.inject import adapter_layers, module_copy_parameters
 from leantune.adapters.methods.ia3 import IA3Config
 from leantune.adapters.methods.vera import VeraConfig
 from leantune.core.errors import TargetError
@@ -118,7 +118,7 @@ def test_save_load_in_fresh_model_reproduces_outputs(
     model = adapted(kind, method)
     randomize(model)
     with torch.no_grad():  # a trained head must travel with the adapter
-        for p in saved_module_parameters(model).values():
+        for p in module_copy_parameters(model).values():
             p.add_(0.5)
     x = inputs(kind)
     expected = logits(model, x)

@@ -435,3 +435,22 @@ def test_resumed_fp16_run_restores_the_loss_scale(tmp_path: Path) -> None:
     reference = dict(straight.named_parameters())
     for name, p in resumed.named_parameters():
         assert torch.equal(p, reference[name]), name
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"method": "full"}, "--method full trains every parameter of the model"),
+        ({"dora": True}, "DoRA and PiSSA change the base"),
+        ({"init": "pissa"}, "DoRA and PiSSA change the base"),
+    ],
+)
+def test_a_quantized_base_refuses_what_changes_it(options: dict[str, object], message: str) -> None:
+    """Each rule sits with what it is about: full tuning in the own-parameter strategies,
+    DoRA and PiSSA in LoRA's run_refusal; plain LoRA and head tuning pass."""
+    from leantune.tune import make_config
+
+    with pytest.raises(LeantuneError, match=message):
+        make_config({"quantize": "int8"} | options)
+    make_config({"quantize": "int8"})
+    make_config({"quantize": "int8", "method": "head"})

@@ -10,7 +10,7 @@ import torch
 import leantune as lt
 from helpers import build
 from leantune.analysis.evaluate import Encoded, make_batch
-from leantune.train.frozen_cache import PrefixCache
+from leantune.train.frozen_cache import FrozenLayerCache
 from leantune.train.interface import TrainConfig, TrainHooks
 from leantune.train.loop import train
 
@@ -36,7 +36,7 @@ def test_cached_prefix_gives_the_same_losses_and_skips_the_prefix(kind: str) -> 
     def run(cache: bool) -> tuple[list[tuple[int, float]], int]:
         model = build(kind)
         lt.inject(model, lt.LoraConfig(r=2, targets="all-linear", layers=[top], dropout=0.1))
-        prefix = PrefixCache(model, [len(x) for x in enc.ids])
+        prefix = FrozenLayerCache(model, [len(x) for x in enc.ids])
         assert prefix.active and prefix.start == top
         calls = [0]
         prefix.frozen[-1].register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
@@ -65,8 +65,8 @@ def test_cached_prefix_gives_the_same_losses_and_skips_the_prefix(kind: str) -> 
 def test_no_cache_when_the_bottom_is_trained() -> None:
     model = build("bert")
     lt.inject(model, lt.LoraConfig(r=2, targets="all-linear", layers=[0, 2]))
-    assert not PrefixCache(model, [5]).active
+    assert not FrozenLayerCache(model, [5]).active
     model = build("bert")
     lt.inject(model, lt.LoraConfig(r=2, targets=["word_embeddings", "query"], layers=None))
-    assert not PrefixCache(model, [5]).active
-    assert not PrefixCache(build("mlp"), [5]).active  # no layer stack at all
+    assert not FrozenLayerCache(model, [5]).active
+    assert not FrozenLayerCache(build("mlp"), [5]).active  # no layer stack at all

@@ -17,7 +17,7 @@ from torch import nn
 
 import leantune as lt
 from helpers import build, inputs, logits, tiny_model_folder
-from leantune.adapters.inject import adapter_layers, saved_module_parameters
+from leantune.adapters.inject import adapter_layers, module_copy_parameters
 from leantune.adapters.methods.prefix_tuning import PrefixConfig
 from leantune.adapters.methods.prompt import PromptConfig
 from leantune.core.errors import LeantuneError, TargetError
@@ -119,7 +119,7 @@ def test_save_load_in_fresh_model_reproduces_outputs(
     model, x = adapted(kind, variant), batch(kind)
     if kind == "bert":  # a trained head travels with the adapter
         with torch.no_grad():
-            saved_module_parameters(model)["classifier.weight"].add_(0.5)
+            module_copy_parameters(model)["classifier.weight"].add_(0.5)
     expected = logits(model, x)
     lt.save_adapter(model, tmp_path)
     fresh = build(kind)
@@ -178,7 +178,7 @@ def test_leantune_adapter_loads_in_peft(kind: str, variant: str, tmp_path: Path)
     model, x = adapted(kind, variant), batch(kind)
     if kind == "bert":
         with torch.no_grad():
-            saved_module_parameters(model)["classifier.weight"].add_(0.5)
+            module_copy_parameters(model)["classifier.weight"].add_(0.5)
     expected = logits(model, x)
     lt.save_adapter(model, tmp_path)
     peft_model = PeftModel.from_pretrained(build(kind), tmp_path).eval()

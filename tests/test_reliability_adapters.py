@@ -27,7 +27,7 @@ from helpers import build, inputs, logits
 from leantune.adapters.base import records
 from leantune.adapters.config import MixedConfig
 from leantune.adapters.formats import CONFIG_NAME, WEIGHTS_NAME, read_adapter_files
-from leantune.adapters.inject import adapter_layers, saved_module_parameters
+from leantune.adapters.inject import adapter_layers, module_copy_parameters
 from leantune.adapters.methods.bitfit import BitFitConfig
 from leantune.adapters.methods.layernorm import LayerNormConfig
 from leantune.adapters.methods.sparse import SparseConfig
@@ -47,7 +47,7 @@ def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) ->
 def head_shift(model: nn.Module, name: str, amount: float) -> None:
     """Train adapter ``name``'s saved head: move it by ``amount``."""
     with torch.no_grad():
-        for p in saved_module_parameters(model, name).values():
+        for p in module_copy_parameters(model, name).values():
             p.add_(amount)
 
 
@@ -133,7 +133,7 @@ def test_item17_injected_adapters_train_separate_heads(kind: str) -> None:
     targets = ["body.0"] if kind == "mlp" else ["query"]
     lt.inject(model, lt.LoraConfig(r=4, targets=targets, modules_to_save=to_save), "a")
     lt.inject(model, lt.LoraConfig(r=4, targets=targets, modules_to_save=to_save), "b")
-    heads_a, heads_b = saved_module_parameters(model, "a"), saved_module_parameters(model, "b")
+    heads_a, heads_b = module_copy_parameters(model, "a"), module_copy_parameters(model, "b")
     assert heads_a.keys() == heads_b.keys() and heads_a
     assert all(heads_a[k] is not heads_b[k] for k in heads_a)
     head_shift(model, "b", 0.45)  # train b's head only

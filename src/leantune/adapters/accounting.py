@@ -10,7 +10,7 @@ from torch import nn
 
 from leantune.adapters.base import records
 from leantune.adapters.formats import adapter_file_bytes
-from leantune.adapters.inject import adapter_parameters, saved_module_parameters
+from leantune.adapters.inject import adapter_parameters, module_copy_parameters
 from leantune.models.precision import dtype_of, is_quantized_tensor, tensor_bytes
 
 
@@ -76,7 +76,7 @@ def _kept(model: nn.Module) -> set[int]:
     kept = {id(p) for p in model.parameters() if p.requires_grad}
     kept |= {id(p) for p in adapter_parameters(model).values()}
     for name in records(model):
-        kept |= {id(p) for p in saved_module_parameters(model, name).values()}
+        kept |= {id(p) for p in module_copy_parameters(model, name).values()}
     return kept
 
 

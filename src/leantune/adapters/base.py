@@ -148,7 +148,7 @@ def records(model: nn.Module) -> dict[str, AdapterRecord]:
     return found
 
 
-def saved_store(model: nn.Module) -> dict[str, dict[str, nn.Module]]:
+def module_copies(model: nn.Module) -> dict[str, dict[str, nn.Module]]:
     """Per module trained in full (a head): the original under ``BASE`` and each adapter's own
     copy under the adapter's name. Kept off the module tree, like the records."""
     found = model.__dict__.get(_SAVED)

@@ -42,8 +42,8 @@ from leantune.adapters.inject import (
     adapter_layers,
     check_finite,
     inject,
+    module_copy,
     remove_adapter,
-    saved_module,
     set_active,
 )
 from leantune.core.errors import LeantuneError
@@ -292,6 +292,6 @@ def _fill(
             for p in layer.adapter_params(name).values():
                 p.requires_grad_(False)
         for m in to_save:
-            copy = saved_module(model, m, name)
-            copy.load_state_dict(saved_module(model, m, head_of).state_dict())
+            copy = module_copy(model, m, name)
+            copy.load_state_dict(module_copy(model, m, head_of).state_dict())
             copy.requires_grad_(False)

@@ -46,8 +46,8 @@ from leantune.adapters.inject import (
     check_finite,
     inject,
     mark_trainable,
+    module_copy,
     remove_adapter,
-    saved_module,
     set_active,
 )
 from leantune.adapters.targets import infer_task_type, match_targets, resolve_modules_to_save
@@ -75,7 +75,7 @@ def adapter_state_dict(model: nn.Module, name: str | None = None) -> dict[str, t
             for key, t in layer.file_tensors(name).items():
                 out[f"{PREFIX}{layer_name}.{key}"] = t
     for mod_name in rec.modules_to_save:  # this adapter's own copy of the head
-        for key, t in saved_module(model, mod_name, name).state_dict().items():
+        for key, t in module_copy(model, mod_name, name).state_dict().items():
             out[f"{PREFIX}{mod_name}.{key}"] = t
     fmt = peft_format(rec.config)
     if isinstance(fmt, FileKeys):  # peft's prompt learning keys its files its own way
@@ -373,7 +373,7 @@ def _fill(model: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> None
             for pname, p in layer.named_parameters(recurse=False):
                 heads[f"{layer_name}.base_layer.{pname}"] = p
     for mod_name in rec.modules_to_save:  # this adapter's own copy of the head
-        for key, t in saved_module(model, mod_name, name).state_dict(keep_vars=True).items():
+        for key, t in module_copy(model, mod_name, name).state_dict(keep_vars=True).items():
             heads[f"{mod_name}.{key}"] = t
     unknown = sorted(set(tensors) - set(wanted) - set(heads))
     if unknown:

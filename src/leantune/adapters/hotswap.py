@@ -28,7 +28,7 @@ from leantune.adapters.formats import (
     config_from_leantune,
     read_adapter_files,
 )
-from leantune.adapters.inject import _record, adapter_layers, check_finite, saved_module
+from leantune.adapters.inject import _record, adapter_layers, check_finite, module_copy
 from leantune.core.errors import AdapterFileError, LeantuneError
 
 Source = str | os.PathLike[str] | tuple[Mapping[str, Any], Mapping[str, torch.Tensor]]
@@ -175,7 +175,7 @@ def _heads(
     against the new adapter's."""
     out: dict[str, torch.Tensor] = {}
     for m in to_save:
-        for key, t in saved_module(model, m, name).state_dict(keep_vars=True).items():
+        for key, t in module_copy(model, m, name).state_dict(keep_vars=True).items():
             full = f"{m}.{key}"
             if full not in tensors:
                 raise LeantuneError(

@@ -33,8 +33,8 @@ from leantune.adapters.base import (
     BASE,
     AdapterModule,
     mixed_rows,
+    module_copies,
     records,
-    saved_store,
 )
 from leantune.adapters.config import AdapterConfig, AdapterRecord, name_matches
 from leantune.adapters.targets import (
@@ -65,12 +65,12 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 # ---------------------------------------------------------------------------- saved modules
 
 
-def saved_module(model: nn.Module, module_name: str, name: str) -> nn.Module:
+def module_copy(model: nn.Module, module_name: str, name: str) -> nn.Module:
     """Adapter ``name``'s own copy of the saved module ``module_name``."""
-    return saved_store(model)[module_name][name]
+    return module_copies(model)[module_name][name]
 
 
-class SavedModuleRouter(nn.Module):
+class ModuleCopyRouter(nn.Module):
     """Stands in for a saved module inside ``mixed_batch``: example i goes through the copy of
     adapter ``names[i]`` (the original for ``BASE`` and adapters that do not save it)."""
 
@@ -104,7 +104,7 @@ class SavedModuleRouter(nn.Module):
 def _align(module: nn.Module, like: nn.Module) -> nn.Module:
     """Move ``module``'s tensors to the device and dtype of ``like``'s tensors of the same name
     (the model may have been moved or cast while ``module`` was kept aside)."""
-    if isinstance(like, SavedModuleRouter):
+    if isinstance(like, ModuleCopyRouter):
         like = like.base
     ref = dict(like.named_parameters()) | dict(like.named_buffers())
     for key, t in [*module.named_parameters(), *module.named_buffers()]:
@@ -120,12 +120,12 @@ def _show_saved(
 ) -> None:
     """Put at each saved module's name: adapter ``active``'s copy (the original when it has
     none, or for None), or a router for a mixed batch."""
-    for module_name, entry in saved_store(model).items():
+    for module_name, entry in module_copies(model).items():
         current = model.get_submodule(module_name)
         new: nn.Module
         if batch_names is not None:
             copies = {n: m for n, m in entry.items() if n != BASE}
-            new = SavedModuleRouter(entry[BASE], copies, batch_names)
+            new = ModuleCopyRouter(entry[BASE], copies, batch_names)
             for m in entry.values():
                 _align(m, current)
         else:
@@ -147,7 +147,7 @@ def _check_saveable(model: nn.Module, to_save: Sequence[str]) -> None:
                 f"modules_to_save {module_name!r} holds an adapter layer ({where}) of another "
                 "adapter; a module is either adapted or trained in full. Leave it out of one"
             )
-        for other in saved_store(model):
+        for other in module_copies(model):
             if other != module_name and (
                 other.startswith(module_name + ".") or module_name.startswith(other + ".")
             ):
@@ -160,7 +160,7 @@ def _check_saveable(model: nn.Module, to_save: Sequence[str]) -> None:
 def _all_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The model's parameters and those of the saved-module copies kept aside, each once."""
     seen: dict[int, nn.Parameter] = {id(p): p for p in model.parameters()}
-    for entry in saved_store(model).values():
+    for entry in module_copies(model).values():
         for module in entry.values():
             for p in module.parameters():
                 seen.setdefault(id(p), p)
@@ -231,7 +231,7 @@ def inject(
             if not layer.adapter_names():
                 _replace(model, name, layer.unwrap())
         raise
-    store = saved_store(model)
+    store = module_copies(model)
     for module_name in to_save:  # the adapter's own copy, made from the original module
         entry = store.setdefault(module_name, {BASE: model.get_submodule(module_name)})
         entry[adapter_name] = _align(copy.deepcopy(entry[BASE]), model.get_submodule(module_name))
@@ -271,12 +271,12 @@ def adapter_parameters(model: nn.Module, name: str | None = None) -> dict[str, n
     return out
 
 
-def saved_module_parameters(model: nn.Module, name: str | None = None) -> dict[str, nn.Parameter]:
+def module_copy_parameters(model: nn.Module, name: str | None = None) -> dict[str, nn.Parameter]:
     """Parameters of the fully trained modules (heads) of adapter ``name``."""
     name, rec = _record(model, name)
     out: dict[str, nn.Parameter] = {}
     for mod_name in rec.modules_to_save:
-        for key, p in saved_module(model, mod_name, name).named_parameters():
+        for key, p in module_copy(model, mod_name, name).named_parameters():
             out[f"{mod_name}.{key}"] = p
     return out
 
@@ -290,7 +290,7 @@ def mark_trainable(
     trainable parameters by name.
     """
     name, _ = _record(model, name)
-    trainable = adapter_parameters(model, name) | saved_module_parameters(model, name)
+    trainable = adapter_parameters(model, name) | module_copy_parameters(model, name)
     if modules:
         mods = [n for n, _ in model.named_modules() if n and name_matches(n, modules)]
         if not mods:
@@ -394,7 +394,7 @@ def remove_adapter(model: nn.Module, name: str) -> nn.Module:
     del records(model)[name]
     if model.__dict__.get("_leantune_active") == name:
         model.__dict__.pop("_leantune_active")
-    store = saved_store(model)
+    store = module_copies(model)
     for entry in store.values():
         entry.pop(name, None)
     _broadcast(model)
@@ -413,7 +413,7 @@ def unload(model: nn.Module, merge_active: bool = False) -> nn.Module:
     keep = None
     if merge_active and records(model):
         keep = active_adapter(model)
-        heads = saved_module_parameters(model, keep)
+        heads = module_copy_parameters(model, keep)
         check_finite(heads, f"adapter {keep!r}", "merging it would ruin the weights")
         merge(model)
     else:

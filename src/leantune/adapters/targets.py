@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from leantune.adapters.base import LINEAR_TYPES, saved_store
+from leantune.adapters.base import LINEAR_TYPES, module_copies
 from leantune.adapters.config import AdapterConfig, name_matches
 from leantune.core.errors import TargetError
 
@@ -91,7 +91,7 @@ def match_targets(model: nn.Module, config: AdapterConfig, skip: Sequence[str] =
     """Names of the modules ``config`` adapts, or a TargetError saying why there are none."""
     supported = config.supported_types()
     modules = dict(model.named_modules())
-    skip = [*skip, *saved_store(model)]  # modules trained in full are never adapted (as in peft)
+    skip = [*skip, *module_copies(model)]  # modules trained in full are never adapted (as in peft)
     head = output_head_names(model) | set(skip)
     inside_head = tuple(h + "." for h in skip)
     chosen: list[str] = []

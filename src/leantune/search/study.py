@@ -342,7 +342,7 @@ def next_trial(
             )
 
 
-def work(
+def run_study_trials(
     study: Any,
     limit: int,
     params_of: Callable[[Any], dict[str, Any]],

@@ -37,7 +37,7 @@ def sweep_worker(
     """One worker of the shared sweep study ``where`` = (URL, study name); trials run into
     ``out``. Returns the sweep's result once ``n_trials`` have finished in the study."""
     from leantune.search.setup import check_setup
-    from leantune.search.study import join_setup, mask_url, open_study, work, worker_id
+    from leantune.search.study import join_setup, mask_url, open_study, run_study_trials, worker_id
     from leantune.search.trials import (
         LOCK,
         params_text,
@@ -74,7 +74,7 @@ def sweep_worker(
                 return True
             return False
 
-        if not work(study, n_trials, lambda t: suggest(t, space), run_one, say):
+        if not run_study_trials(study, n_trials, lambda t: suggest(t, space), run_one, say):
             return {"interrupted": True, "out": str(out)}
         return write_result(study, common, out, metric, higher)
 
@@ -155,7 +155,7 @@ def compare_worker(
     """One worker of the shared comparison ``where``: runs strategies taken from the study into
     ``out`` until all have ended, then writes the table from the study."""
     from leantune.search.strategies import run_strategy
-    from leantune.search.study import give_back, work, worker_id
+    from leantune.search.study import give_back, run_study_trials, worker_id
 
     study = prepare_compare(strategies, setup, common, out, where)
     names = [s.name for s in strategies]
@@ -179,7 +179,7 @@ def compare_worker(
         return False
 
     params_of = lambda t: {"strategy": t.suggest_categorical("strategy", names)}  # noqa: E731
-    if not work(study, len(names), params_of, run_one, say):
+    if not run_study_trials(study, len(names), params_of, run_one, say):
         return {"interrupted": True, "strategy": current["strategy"], "out": str(out)}
     result = study_table(study, names, out, metric, slack)
     if result is None:

@@ -43,7 +43,7 @@ def layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
     return best
 
 
-class PrefixCache:
+class FrozenLayerCache:
     """Caches the input of the first layer with trainable parameters, per training example."""
 
     def __init__(self, model: nn.Module, lengths: Sequence[int]) -> None:

@@ -16,7 +16,6 @@ plan), :mod:`~leantune.tune.run` (the run in named phases) and :mod:`~leantune.t
 """
 
 from leantune.tune.config import (
-    DEFAULT_LORA_L2,
     TuneConfig,
     check_option_types,
     default_lr,
@@ -54,7 +53,6 @@ from leantune.tune.strategy import (
 )
 
 __all__ = [
-    "DEFAULT_LORA_L2",
     "Prepared",
     "SavedRun",
     "Splits",

@@ -26,22 +26,21 @@ from leantune.models.precision import PRECISIONS, QUANTIZE_KINDS, fast_bf16
 from leantune.train.interface import TrainConfig
 from leantune.train.schedule import check_layer_decay, check_schedule
 from leantune.tune.options import (
+    OWN_PARAMETERS,
+    BottleneckOptions,
     DataOptions,
     EvalOptions,
     KnowledgeOptions,
+    LoraOptions,
     MethodOptions,
     OptimOptions,
+    PlacementOptions,
     PrecisionOptions,
     RunOptions,
+    VirtualTokenOptions,
     check_new_options,
 )
 from leantune.tune.track import parse_track
-
-OWN_PARAMETER_LR = {"full": 5e-5, "head": 5e-3, "probe": 5e-3}
-"""The methods that train the model's own parameters (all, or the task heads) and their peak
-rates; every other method is a registered adapter method with its own ``default_lr``."""
-DEFAULT_LORA_L2 = METHODS["lora"]().default_l2()
-"""LoRA's own L2 default (plain LoRA), for tests and docs."""
 
 
 def parse_targets(spec: str) -> str | list[str]:
@@ -55,12 +54,12 @@ def parse_targets(spec: str) -> str | list[str]:
 
 def run_methods() -> tuple[str, ...]:
     """What --method takes: every registered adapter method, then full and head."""
-    return (*METHODS, *OWN_PARAMETER_LR)
+    return (*METHODS, *OWN_PARAMETERS)
 
 
 def default_lr(method: str) -> float:
     cls = METHODS.get(method)
-    return cls.default_lr if cls is not None else OWN_PARAMETER_LR[method]
+    return cls.default_lr if cls is not None else OWN_PARAMETERS[method].lr
 
 
 CLASSIFY_METRICS = ("accuracy", "macro_f1", "loss")
@@ -83,6 +82,10 @@ class TuneConfig(
     KnowledgeOptions,
     EvalOptions,
     OptimOptions,
+    PlacementOptions,
+    BottleneckOptions,
+    VirtualTokenOptions,
+    LoraOptions,
     MethodOptions,
     DataOptions,
     RunOptions,
@@ -174,10 +177,11 @@ class TuneConfig(
                 f"--base-dtype {base} runs under autocast to {base}; drop --precision "
                 f"{self.precision} or make it {base}"
             )
-        if self.quantize and (self.method == "full" or self.dora or self.init == "pissa"):
+        own = OWN_PARAMETERS.get(self.method)
+        if self.quantize and own is not None and not own.quantizable:
             raise LeantuneError(
-                f"--quantize {self.quantize} freezes the base in {self.quantize}: it takes plain "
-                "LoRA, BitFit or LayerNorm tuning, not full tuning, DoRA or PiSSA"
+                f"--quantize {self.quantize} freezes the base in {self.quantize}; --method "
+                f"{self.method} trains {own.what}: use an adapter method"
             )
         check_new_options(self)
         if self.quantize and (self.select or self.plan):

@@ -336,7 +336,10 @@ def run_select(
     if out.exists() and not overwrite:
         raise LeantuneError(f"{out} exists; pass --overwrite to replace it, or give another --out")
     check_parent(out)
-    prep = prepare(replace(config.resolved(), select="auto", plan=None, method="lora"), False)
+    # The plan chooses its methods (--plan-methods): --method back to its default.
+    prep = prepare(
+        replace(config.resolved(), select="auto", plan=None, method=TuneConfig.method), False
+    )
     plan, scores = make_plan(prep.model, prep.config, prep.train, prep.tok.pad_token_id)
     assert scores is not None
     probe = warm_start(replace(prep, config=replace(prep.config, warm_head=None)))

@@ -16,6 +16,31 @@ from leantune.core.errors import LeantuneError
 from leantune.models.pooling import POOLINGS
 
 
+@dataclass(frozen=True)
+class OwnParameters:
+    """A way to tune that trains the model's own parameters, not an adapter: ``--method full``,
+    ``head`` or ``probe``. Beside the registered adapter methods (``METHODS``), the one other
+    kind of ``--method``."""
+
+    name: str
+    lr: float
+    """Its default peak learning rate."""
+    quantizable: bool
+    """Whether it can run on a quantized (frozen) base."""
+    what: str
+
+
+OWN_PARAMETERS = {
+    own.name: own
+    for own in (
+        OwnParameters("full", 5e-5, False, "every parameter of the model"),
+        OwnParameters("head", 5e-3, True, "the task heads only"),
+        OwnParameters("probe", 5e-3, True, "the head, fitted on the frozen model's features"),
+    )
+}
+FULL, HEAD, PROBE = OWN_PARAMETERS
+
+
 @dataclass
 class RunOptions:
     """Where the run goes and how it runs."""
@@ -53,7 +78,7 @@ class DataOptions:
     states), else its pooler; pooler: the model's own pooler (BERT's CLS pooler; what
     transformers and peft use); mean or cls: that pooling of the last hidden states. Not
     pooler: peft alone reproduces the run only with the same pooling (leantune's commands apply
-    it; ``leantune.models.pooling.use_pooling`` does it for a plain model)."""
+    it; ``leantune.use_pooling`` does it for a plain model)."""
     task: str = "classify"
     """classify (sequence classification), causal-lm (language modelling; metric perplexity)
     or instruct (chat / instruction tuning of a causal LM: the loss counts the assistant's
@@ -103,7 +128,7 @@ class DataOptions:
 
 @dataclass
 class MethodOptions:
-    """What trains: a method and its options, or a plan of methods under a budget."""
+    """What trains: an adapter method, the model's own parameters, or a plan of methods."""
 
     method: str = "lora"
     """lora; ia3 (learned scales of keys, values and feed-forward inputs); vera (shared frozen
@@ -117,7 +142,13 @@ class MethodOptions:
     """classify: start from the probe's head (fitted on the frozen model's features) instead
     of a random one, then train the method (LP-FT). Left out: on for classification where the
     head is one linear layer on the pooled features; --no-warm-head: a random head."""
-    # LoRA's own options: their help is LoraConfig's field docstrings (see option_docs).
+
+
+@dataclass
+class LoraOptions:
+    """LoRA's options (--method lora, and the LoRA entries of a plan)."""
+
+    # Their help is LoraConfig's field docstrings (see option_docs).
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
@@ -126,16 +157,34 @@ class MethodOptions:
     init: str = "standard"
     targets: str = "all-linear"
     """LoRA targets: all-linear, a comma list of module names, or a regex."""
+
+
+@dataclass
+class VirtualTokenOptions:
+    """Prompt and prefix tuning's options."""
+
     num_virtual_tokens: int = 20
     """prompt / prefix: virtual tokens prepended to every input (or key/value prefixes)."""
     prefix_projection: bool = True
     """prefix: train the prefixes through a two-layer MLP (Li & Liang's reparametrization);
     the saved adapter holds the prefixes it makes, as peft saves them."""
+
+
+@dataclass
+class BottleneckOptions:
+    """Bottleneck adapters' options."""
+
     variant: str = "houlsby"
     """bottleneck: houlsby (after the attention and the feed-forward outputs) or pfeiffer
     (after the feed-forward output only)."""
     reduction_factor: int = 16
     """bottleneck: hidden size / bottleneck width."""
+
+
+@dataclass
+class PlacementOptions:
+    """Where it trains: the layers, or a plan that selection fits to a budget."""
+
     layers: str = "upper-half"
     """Layers adapted (and where --select auto may spend): upper-half, all, a range 3-5 or a
     list 3,4,5."""

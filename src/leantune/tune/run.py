@@ -39,7 +39,7 @@ from leantune.models.loading import max_positions, num_layers
 from leantune.models.precision import autocast
 from leantune.train.adapt import RankPruner
 from leantune.train.checkpoint import checkpoint_meta, latest_checkpoint, trainable_parameters
-from leantune.train.frozen_cache import PrefixCache
+from leantune.train.frozen_cache import FrozenLayerCache
 from leantune.train.interface import Diverged, Progress, TrainHooks, TrainResult
 from leantune.train.loop import train
 from leantune.train.schedule import Unfreezer, adapter_lr_scales, lr_scales
@@ -62,11 +62,11 @@ from leantune.tune.finished import (
     validation_line,
     write_run_report,
 )
+from leantune.tune.options import PROBE
 from leantune.tune.prepare import Prepared, pick_device, prepare
 from leantune.tune.runfolder import RunFolder
 from leantune.tune.strategy import (
-    PROBE,
-    at_least,
+    apply_min_steps,
     grow_ranks,
     make_penalty,
     penalties_for_the_adapter,
@@ -156,7 +156,7 @@ class TuneRecipe:
         self.state = folder.work / STATE
         self.pruner: RankPruner | None = None
         self.unfreezer: Unfreezer | None = None
-        self.prefix: PrefixCache | None = None
+        self.frozen: FrozenLayerCache | None = None
         self.ref: Reference | None = None
         # The best weights travel inside the checkpoint unit, so they always match its progress.
         self.best_weights: dict[str, torch.Tensor] | None = None
@@ -188,7 +188,7 @@ class TuneRecipe:
             meta = checkpoint_meta(self.state) if world.main else {}
             rows = distributed.broadcast_json(meta.get("global_batch")) or rows
         self.use_global_batch(rows)
-        config = self.config = prep.config = at_least(config, len(prep.batches(0)), self.say)
+        config = self.config = prep.config = apply_min_steps(config, len(prep.batches(0)), self.say)
         total_steps = math.ceil(len(prep.batches(0)) / config.grad_accum) * config.epochs
         if config.adapt > 1:
             self.pruner = grow_ranks(model, config, total_steps, self.say)
@@ -309,10 +309,10 @@ class TuneRecipe:
         if config.instruct:
             self.general_before = general_answers(model, prep.tok, config.precision)
         if config.cache_prefix:
-            self.prefix = PrefixCache(model, [len(x) for x in prep.train.ids])
+            self.frozen = FrozenLayerCache(model, [len(x) for x in prep.train.ids])
             self.say(
-                f"frozen prefix: layers below {self.prefix.start} are cached after the first epoch"
-                if self.prefix.active
+                f"frozen prefix: layers below {self.frozen.start} are cached after the first epoch"
+                if self.frozen.active
                 else "frozen prefix: nothing to cache (the lowest layer or embeddings are trained)"
             )
 
@@ -328,7 +328,7 @@ class TuneRecipe:
             on_best=self.on_best,
             log=self.on_eval,
             on_step=self.on_step,
-            forward=self.prefix.forward if self.prefix is not None else prep.forward,
+            forward=self.frozen.forward if self.frozen is not None else prep.forward,
             unfreeze=unfreezer.apply if unfreezer is not None else None,
             penalty=self.penalty if self.penalty else None,
             on_grads=pruner.observe if pruner is not None else None,

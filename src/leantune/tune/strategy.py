@@ -32,6 +32,7 @@ from leantune.train.interface import TrainResult
 from leantune.train.keep import KEEP_BATCH, KeepLoss
 from leantune.train.regularize import Penalty, find_changes, fisher_diagonal
 from leantune.tune.config import TuneConfig, parse_targets
+from leantune.tune.options import FULL, PROBE
 
 if TYPE_CHECKING:
     from leantune.tune.prepare import Prepared
@@ -68,11 +69,6 @@ def head_modules(model: nn.Module, causal: bool) -> list[str]:
         return sorted(output_head_names(model))
     names = [n for n, _ in model.named_modules() if n and name_matches(n, ["classifier", "score"])]
     return [n for n in names if not any(n.startswith(o + ".") for o in names)]
-
-
-FULL, HEAD, PROBE = "full", "head", "probe"
-"""The methods that train the model's own parameters: all of them, or the task heads (a
-probe fits them on the frozen features instead of training them)."""
 
 
 def adapter_method(config: TuneConfig) -> type[AdapterConfig] | None:
@@ -348,7 +344,7 @@ def grow_ranks(
     return pruner
 
 
-def at_least(config: TuneConfig, batches: int, say: Callable[[str], None]) -> TuneConfig:
+def apply_min_steps(config: TuneConfig, batches: int, say: Callable[[str], None]) -> TuneConfig:
     """--min-steps: a small training set gets the epochs that make that many optimizer steps
     (the run's config.yaml records them, so a resume agrees)."""
     per_epoch = -(-batches // config.grad_accum)

@@ -16,7 +16,7 @@ from leantune.models.loading import model_dir
 from leantune.models.precision import autocast
 from leantune.train.interface import TrainResult
 from leantune.tune.finished import probe_verdict, side_by_side, task_key
-from leantune.tune.strategy import PROBE
+from leantune.tune.options import PROBE
 
 if TYPE_CHECKING:
     from leantune.tune.run import TuneRecipe

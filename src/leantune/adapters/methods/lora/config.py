@@ -145,6 +145,12 @@ class LoraConfig(AdapterConfig):
     @classmethod
     def run_refusal(cls, options: Mapping[str, Any]) -> str | None:
         plain = not options.get("dora") and options.get("init") != "pissa"
+        if not plain and options.get("quantize"):
+            kind = options["quantize"]
+            return (
+                f"--quantize {kind} freezes the base in {kind}: DoRA and PiSSA change the base "
+                "weights' norm or values; use plain LoRA"
+            )
         if not plain and any(options.get(k) for k in ("l2", "l1", "ewc")):
             return (
                 "--l2/--l1/--ewc penalize the LoRA update s·B·A, which is not the change from the "
