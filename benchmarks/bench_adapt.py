@@ -3,7 +3,7 @@
 On the embedded MiniLM + BBC News (the tune job's split and defaults: LoRA r=8 on all linear
 layers of the upper half, 2 epochs), for each seed: (a) fixed rank 8; (b) ``--adapt F`` (start at
 F× the ranks, pruned back to the same count by 70 % of the steps). Each run is run_tune in its own
-child process (bench_select.run). The JSON is also a resume file.
+child process (``_common.tune_in_child``). The JSON is also a resume file.
 
 Usage: python benchmarks/bench_adapt.py [--seeds 0 1 2] [--factor 1.5] [--json out.json]
 """
@@ -11,12 +11,11 @@ Usage: python benchmarks/bench_adapt.py [--seeds 0 1 2] [--factor 1.5] [--json o
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 from typing import Any
 
-from bench_select import run
+from _common import add_row, has_row, load_json, mean_sd, tune_in_child
 
 KEEP = ("test_accuracy", "trainable_params", "adapt_start_params", "train_seconds", "best_step")
 
@@ -27,29 +26,21 @@ def main() -> None:
     parser.add_argument("--factor", type=float, default=1.5)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    rows: list[dict[str, Any]] = []
-    if args.json and args.json.exists():
-        rows = json.loads(args.json.read_text())
+    rows: list[dict[str, Any]] = load_json(args.json, [])
     recipes = {"fixed": {}, f"adapt-{args.factor:g}": {"adapt": args.factor}}
     for seed in args.seeds:
         for recipe, opts in recipes.items():
-            if any(r["recipe"] == recipe and r["seed"] == seed for r in rows):
+            if has_row(rows, recipe=recipe, seed=seed):
                 continue
-            res = run(opts | {"seed": seed, "reference_examples": 0}, keep=KEEP)
-            rows.append({"recipe": recipe, "seed": seed, **res})
-            print(json.dumps(rows[-1]), flush=True)
-            if args.json:
-                args.json.write_text(json.dumps(rows, indent=1) + "\n")
+            res = tune_in_child(opts | {"seed": seed, "reference_examples": 0}, KEEP)
+            add_row(rows, {"recipe": recipe, "seed": seed, **res}, args.json)
     print("\n| recipe | test acc | final trainable | started at | train s |")
     print("|---|---|---|---|---|")
     for recipe in recipes:
         rs = [r for r in rows if r["recipe"] == recipe and r["seed"] in args.seeds]
         if not rs:
             continue
-        acc = [r["test_accuracy"] for r in rs]
-        shown = f"{statistics.mean(acc):.4f}" + (
-            f" ± {statistics.stdev(acc):.4f}" if len(acc) > 1 else ""
-        )
+        shown = mean_sd([r["test_accuracy"] for r in rs], ".4f", ".4f")
         start = rs[0].get("adapt_start_params") or rs[0]["trainable_params"]
         secs = statistics.mean(r["train_seconds"] for r in rs)
         print(f"| {recipe} | {shown} | {rs[0]['trainable_params']:,} | {start:,} | {secs:.0f} |")

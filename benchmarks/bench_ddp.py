@@ -16,13 +16,21 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-BIN = Path(sys.executable).parent
+from _common import (
+    BIN,
+    leantune_command,
+    offline_env,
+    read_metrics,
+    read_summary,
+    run_timed,
+    save_json,
+    seconds_to,
+)
+
 FLOPS = 400e12
 """Sustained bf16 FLOP/s of one H100-class GPU (about 40% of its peak) for the compute column:
 a frozen base costs ~4 FLOPs per parameter and token (forward, and backward to the inputs)."""
@@ -44,20 +52,12 @@ def run(procs: int, out: Path, args: argparse.Namespace) -> dict[str, Any]:
         "--quiet",
     ]  # fmt: skip
     if procs == 1:
-        cmd = [str(BIN / "leantune"), *tune]
+        cmd = leantune_command(*tune)
     else:
         launcher = [str(BIN / "torchrun"), "--standalone", f"--nproc-per-node={procs}"]
         cmd = [*launcher, "-m", "leantune.cli", *tune]
-    env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
-    summary = json.loads((out / name / "summary.json").read_text())
-    rows = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines()]
-    return {"summary": summary, "rows": rows}
-
-
-def seconds_to(rows: list[dict[str, Any]], target: float) -> float | None:
-    """Training seconds at the first validation that reaches ``target`` accuracy."""
-    return next((r["train_seconds"] for r in rows if r["val_accuracy"] >= target), None)
+    run_timed(cmd, offline_env(OMP_NUM_THREADS="1"), check=True)
+    return {"summary": read_summary(out / name), "rows": read_metrics(out / name)}
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -163,7 +163,7 @@ def main() -> None:
     if not args.paper:
         result |= measure(args)
     if args.json:
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+        save_json(args.json, result)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ column; validation and test splits unchanged), for each seed. Recipes are cumula
 issue's table reads: plain LoRA (constant rate, no warmup); + warmup/linear decay (the tune
 default); + layer-wise decay 0.8; + gradual unfreezing (a layer every sixth of the steps);
 + L2 on the change; + EWC; and full fine-tuning with and without L2-SP. Every run is run_tune in
-its own child process (bench_select.run); knowledge kept needs the fortunes (make install).
+its own child process (``_common.tune_in_child``); knowledge kept needs the fortunes (make install).
 
 Usage: python benchmarks/bench_gradual.py [--seeds 0 1 2] [--sizes all 100]
        [--recipes plain warmup ...] [--json out.json] [--jobs 2]
@@ -18,7 +18,6 @@ with runs made alone).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -27,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from bench_select import run
+from _common import add_row, has_row, load_json, mean_sd, tune_in_child
 
 TRAIN_ALL = 1558  # the default split's training examples
 
@@ -82,30 +81,23 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--jobs", type=int, default=1)
     args = parser.parse_args()
-    rows: list[dict[str, Any]] = []
-    if args.json and args.json.exists():
-        rows = json.loads(args.json.read_text())
-    done = {(r["recipe"], r["size"], r["seed"]) for r in rows}
+    rows: list[dict[str, Any]] = load_json(args.json, [])
     todo = [
         (recipe, size, seed)
         for size in args.sizes
         for seed in args.seeds
         for recipe in args.recipes
-        if (recipe, size, seed) not in done
+        if not has_row(rows, recipe=recipe, size=size, seed=seed)
     ]
     threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else 0
     lock = threading.Lock()
 
     def one(key: tuple[str, str, int]) -> None:
         recipe, size, seed = key
-        res = run(options(recipe, size, seed), keep=KEEP, threads=threads)
+        res = tune_in_child(options(recipe, size, seed), KEEP, threads)
         with lock:
-            rows.append({"recipe": recipe, "size": size, "seed": seed, "jobs": args.jobs, **res})
-            print(json.dumps(rows[-1]), flush=True)
-            if args.json:
-                tmp = args.json.with_suffix(".tmp")
-                tmp.write_text(json.dumps(rows, indent=1) + "\n")
-                tmp.replace(args.json)
+            row = {"recipe": recipe, "size": size, "seed": seed, "jobs": args.jobs, **res}
+            add_row(rows, row, args.json)
 
     with ThreadPoolExecutor(args.jobs) as pool:
         list(pool.map(one, todo))
@@ -121,12 +113,7 @@ def main() -> None:
             cells = []
             for key in KEEP:
                 values = [r[key] for r in rs if r.get(key) is not None]
-                if not values:
-                    cells.append("-")
-                elif len(values) == 1:
-                    cells.append(f"{values[0]:.4g}")
-                else:
-                    cells.append(f"{statistics.mean(values):.4g} ± {statistics.stdev(values):.2g}")
+                cells.append(mean_sd(values) if values else "-")
             plain = {
                 r["seed"]: r["test_accuracy"]
                 for r in rows

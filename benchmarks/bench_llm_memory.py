@@ -9,7 +9,6 @@ alternated in one process.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import leantune as lt
+from _common import alternate, save_json
 from leantune.adapters import accounting
 from leantune.core.smollm2 import smollm2_dir
 from leantune.models import precision
@@ -48,15 +48,14 @@ def step_times(rounds: int) -> dict[str, list[float]]:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     batches = prep.batches(0)[:4]
     times: dict[str, list[float]] = {"full head": [], "answer head": []}
-    for _ in range(rounds):
-        for side in times:
-            for b in batches:
-                start = time.perf_counter()
-                out = answer_forward(model, b) if side == "answer head" else model(**b)
-                out.loss.backward()
-                opt.step()
-                opt.zero_grad()
-                times[side].append(time.perf_counter() - start)
+    for _, side in alternate(tuple(times), rounds, mirror=False):
+        for b in batches:
+            start = time.perf_counter()
+            out = answer_forward(model, b) if side == "answer head" else model(**b)
+            out.loss.backward()
+            opt.step()
+            opt.zero_grad()
+            times[side].append(time.perf_counter() - start)
     return times
 
 
@@ -75,7 +74,7 @@ def main() -> None:
         print(f"{side:11s} median step {m:.2f} s")
     print(f"answer head / full head: {med['answer head'] / med['full head']:.2f}x")
     if args.json:
-        args.json.write_text(json.dumps(result | {"median": med}, indent=1) + "\n")
+        save_json(args.json, result | {"median": med})
 
 
 if __name__ == "__main__":

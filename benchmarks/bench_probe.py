@@ -16,16 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-BIN = Path(sys.executable).parent
+from _common import leantune_command, load_json, offline_env, read_summary, run_timed, save_json
+
 OLD = ["--pooling", "pooler", "--no-warm-head", "--keep", "0"]
 """The defaults before issue 17 changed them: BERT's pooler, a random head, no keep loss."""
 AUTO = ["--pooling", "auto"]
@@ -74,20 +71,17 @@ KEYS = (
 
 
 def run(data: str, recipe: str, seed: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
-    cmd = [
-        str(BIN / "leantune"), "tune", "--data", data, "--seed", str(seed), "--name", "r",
+    cmd = leantune_command(
+        "tune", "--data", data, "--seed", str(seed), "--name", "r",
         "--runs-dir", str(tmp), "--overwrite", "--quiet", *RECIPES[recipe],
-    ]  # fmt: skip
+    )  # fmt: skip
     if args.train_examples:
         cmd += ["--train-examples", str(args.train_examples)]
-    env = os.environ | {"HF_HUB_OFFLINE": "1"}
-    start = time.perf_counter()
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-    wall = round(time.perf_counter() - start, 2)
+    done, seconds = run_timed(cmd, offline_env())
     if done.returncode != 0:
         return {"error": (done.stderr.strip().splitlines() or ["?"])[-1]}
-    summary = json.loads((tmp / "r" / "summary.json").read_text())
-    return {k: summary.get(k) for k in KEYS} | {"wall_seconds": wall}
+    summary = read_summary(tmp / "r")
+    return {k: summary.get(k) for k in KEYS} | {"wall_seconds": round(seconds, 2)}
 
 
 def main() -> None:
@@ -99,7 +93,7 @@ def main() -> None:
     parser.add_argument("--train-examples", type=int)
     parser.add_argument("--table", action="store_true", help="print the table of --json; run none")
     args = parser.parse_args()
-    results: dict[str, Any] = json.loads(args.json.read_text()) if args.json.exists() else {}
+    results: dict[str, Any] = load_json(args.json, {})
     if args.table:
         print(markdown(results, args))
         return
@@ -112,12 +106,28 @@ def main() -> None:
                         continue
                     results[key] = run(data, recipe, seed, args, Path(tmp))
                     print(key, json.dumps(results[key]), flush=True)
-                    args.json.write_text(json.dumps(results, indent=1) + "\n")
+                    save_json(args.json, results)
     summarize(results, args)
 
 
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 """Two-sided 95 % Student t quantiles by degrees of freedom (paired differences over seeds)."""
+
+
+def runs_of(results: dict[str, Any], data: str, recipe: str, size: str) -> dict[str, Any]:
+    """The runs of one data, recipe and training size in ``results``, by seed (as the key
+    writes it); failed runs left out."""
+    return {
+        k.split("|")[2]: v
+        for k, v in results.items()
+        if k.split("|")[:2] == [data, recipe] and k.split("|")[3] == size and "error" not in v
+    }
+
+
+def paired_interval(diff: list[float]) -> tuple[float, float]:
+    """The mean of paired differences and the half width of its 95 % confidence interval."""
+    half = T975.get(len(diff) - 1, 1.96) * statistics.stdev(diff) / len(diff) ** 0.5
+    return statistics.mean(diff), half
 
 
 def summarize(results: dict[str, Any], args: argparse.Namespace) -> None:
@@ -127,11 +137,9 @@ def summarize(results: dict[str, Any], args: argparse.Namespace) -> None:
     for data in args.data:
         acc = {
             recipe: {
-                int(k.split("|")[2]): v["test_accuracy"]
-                for k, v in results.items()
-                if k.split("|")[:2] == [data, recipe]
-                and k.split("|")[3] == size
-                and v.get("test_accuracy") is not None
+                int(seed): v["test_accuracy"]
+                for seed, v in runs_of(results, data, recipe, size).items()
+                if v.get("test_accuracy") is not None
             }
             for recipe in args.recipes
         }
@@ -143,9 +151,7 @@ def summarize(results: dict[str, Any], args: argparse.Namespace) -> None:
             line = f"{data:14} {size:>4} {recipe:18} {statistics.mean(values):.4f} ± {spread:.4f}"
             seeds = sorted(set(by_seed) & set(acc.get("probe", {})))
             if recipe != "probe" and len(seeds) > 1:
-                diff = [by_seed[s] - acc["probe"][s] for s in seeds]
-                half = T975.get(len(diff) - 1, 1.96) * statistics.stdev(diff) / len(diff) ** 0.5
-                mean = statistics.mean(diff)
+                mean, half = paired_interval([by_seed[s] - acc["probe"][s] for s in seeds])
                 line += f"  vs probe {mean:+.4f} [{mean - half:+.4f}, {mean + half:+.4f}]"
             print(line + f" (n={len(values)})")
 
@@ -169,19 +175,10 @@ def markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
     out = []
     for data in args.data:
         out += [f"\n{data}, {size} training examples\n", head, "|---" * (len(COLUMNS) + 3) + "|"]
-        probe = {
-            k.split("|")[2]: v["test_accuracy"]
-            for k, v in results.items()
-            if k.split("|")[:2] == [data, "probe"] and k.split("|")[3] == size and "error" not in v
-        }
+        probe = {s: v["test_accuracy"] for s, v in runs_of(results, data, "probe", size).items()}
         for recipe in args.recipes:
-            runs = [
-                v
-                for k, v in results.items()
-                if k.split("|")[:2] == [data, recipe]
-                and k.split("|")[3] == size
-                and "error" not in v
-            ]
+            by_seed = runs_of(results, data, recipe, size)
+            runs = list(by_seed.values())
             if not runs:
                 continue
             cells = []
@@ -194,18 +191,10 @@ def markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
                 if len(values) > 1 and key == "test_accuracy":
                     cell += f" ± {statistics.stdev(values):.4f}"
                 cells.append(cell + (f" (n={len(values)})" if len(values) != len(runs) else ""))
-            by_seed = {
-                k.split("|")[2]: v["test_accuracy"]
-                for k, v in results.items()
-                if k.split("|")[:2] == [data, recipe]
-                and k.split("|")[3] == size
-                and "error" not in v
-            }
-            diff = [100 * (by_seed[s] - probe[s]) for s in by_seed if s in probe]
+            diff = [100 * (v["test_accuracy"] - probe[s]) for s, v in by_seed.items() if s in probe]
             paired = "-"
             if recipe != "probe" and len(diff) > 1:
-                half = T975.get(len(diff) - 1, 1.96) * statistics.stdev(diff) / len(diff) ** 0.5
-                mean = statistics.mean(diff)
+                mean, half = paired_interval(diff)
                 paired = f"{mean:+.1f} [{mean - half:+.1f}, {mean + half:+.1f}]"
             elif recipe != "probe" and diff:
                 paired = f"{diff[0]:+.1f}"

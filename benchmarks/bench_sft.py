@@ -51,13 +51,14 @@ import platform
 import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import replace
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
+
+from _common import alternate, offline_env, paired_ratios, python_command, run_timed, save_json
 
 BATCH, MAX_LENGTH, LR, WARMUP_RATIO, SEED = 16, 128, 2e-3, 0.06, 0
 R, ALPHA, DROPOUT = 8, 16, 0.0
@@ -476,7 +477,7 @@ def child(args: argparse.Namespace) -> None:
     else:
         out = run_trl(work, args.steps, args.variant, not args.no_eval)
     out["load_average_at_end"] = os.getloadavg()
-    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    save_json(args.out, out)
 
 
 def spawn(
@@ -489,23 +490,19 @@ def spawn(
         return json.loads(out.read_text())
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
-    cmd = [sys.executable, __file__, "--side", side, "--variant", variant, "--steps", str(steps)]
+    cmd = python_command(__file__, "--side", side, "--variant", variant, "--steps", str(steps))
     cmd += ["--work", str(work), "--out", str(tmp)] + ([] if evaluate_ else ["--no-eval"])
-    env = dict(
-        os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false"
-    )
-    t0 = time.perf_counter()
+    env = offline_env(HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     log = work / "results" / f"{tag}.log"
-    with log.open("w") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+    proc, seconds = run_timed(cmd, env, log=log)
     if proc.returncode != 0:
         raise SystemExit(
             f"[{tag}] failed (exit {proc.returncode}); see {log}:\n" + log.read_text()[-3000:]
         )
     tmp.rename(out)
     res = json.loads(out.read_text())
-    res["wall_seconds"] = time.perf_counter() - t0
-    out.write_text(json.dumps(res, indent=1) + "\n")
+    res["wall_seconds"] = seconds
+    save_json(out, res)
     print(f"[{tag}] done in {res['wall_seconds']:.0f} s: {summary_line(res)}", flush=True)
     return res
 
@@ -535,7 +532,7 @@ def med(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=8, help="optimizer steps per side")
     ap.add_argument("--rounds", type=int, default=2, help="leantune/TRL pairs, ABBA order")
@@ -556,29 +553,38 @@ def main() -> None:
     ap.add_argument("--variant", default="fp32", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--no-eval", action="store_true", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.side:
-        child(args)
-        return
+    return ap.parse_args()
 
+
+def make_work(args: argparse.Namespace) -> Path:
+    """The work folder of these settings (kept child results are reused; --fresh empties it)."""
     work = args.work / f"steps{args.steps}-batch{BATCH}"
     if args.fresh and work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
-    data = write_data(work, args.steps * BATCH)
-    print(f"data: {data}", flush=True)
-    targets = spawn(work, "targets", "targets", 1)["targets"]
+    return work
+
+
+def adapted_modules(work: Path) -> list[str]:
+    """The modules leantune adapts, from a child, written to targets.json for the TRL side."""
+    targets: list[str] = spawn(work, "targets", "targets", 1)["targets"]
     (work / "targets.json").write_text(json.dumps(targets))
     print(f"{len(targets)} modules adapted: {targets[0]} ... {targets[-1]}", flush=True)
-    base = None if args.no_base else spawn(work, "base", "base", 0)
+    return targets
 
+
+def run_rounds(work: Path, args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
+    """The main rounds, leantune and TRL alternating ABBA; each side's results by round."""
     main_runs: dict[str, list[dict[str, Any]]] = {"leantune": [], "trl": []}
-    for r in range(args.rounds):
-        order = ("leantune", "trl") if r % 2 == 0 else ("trl", "leantune")
-        for side in order:
-            # Training is seeded and deterministic: round 0 evaluates, later rounds time only.
-            res = spawn(work, f"round{r}-{side}", side, args.steps, evaluate_=r == 0)
-            main_runs[side].append(res)
+    for r, side in alternate(("leantune", "trl"), args.rounds):
+        # Training is seeded and deterministic: round 0 evaluates, later rounds time only.
+        res = spawn(work, f"round{r}-{side}", side, args.steps, evaluate_=r == 0)
+        main_runs[side].append(res)
+    return main_runs
+
+
+def run_variants(work: Path, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """One timing-only run per --variants entry (trl-defaults on the TRL side)."""
     variants = [v for v in args.variants.split(",") if v and v != "none"]
     variant_runs: dict[str, dict[str, Any]] = {}
     for v in variants:
@@ -586,40 +592,39 @@ def main() -> None:
             raise SystemExit(f"unknown variant {v!r}")
         side = "trl" if v == "trl-defaults" else "leantune"
         variant_runs[v] = spawn(work, f"variant-{v}", side, args.steps, v, evaluate_=False)
+    return variant_runs
 
-    def agg(runs: list[dict[str, Any]]) -> dict[str, Any]:
-        out = {
-            "step_s": med([median_step(x) for x in runs]),
-            "step_s_per_round": [median_step(x) for x in runs],
-            "fastest_step_s": min(fastest_step(x) for x in runs),
-            "fastest_step_s_per_round": [fastest_step(x) for x in runs],
-            "peak_mb": med([x["peak_rss"]["vmhwm_mb"] for x in runs]),
-            "peak_mb_per_round": [x["peak_rss"]["vmhwm_mb"] for x in runs],
-            "trainable_params": runs[0]["trainable_params"],
-            "modules": runs[0]["modules"],
-        }
-        scored = [x for x in runs if "val_loss" in x]
-        out["val_loss"] = med([x["val_loss"] for x in scored])
-        out["rouge_l"] = med([x["rouge_l"] for x in scored])
-        out["train_loss_final"] = [
-            x.get("train_loss_curve", x.get("train_loss_logged")) for x in runs
-        ]
-        return out
 
-    lt, tr = agg(main_runs["leantune"]), agg(main_runs["trl"])
-    pair_time = [
-        median_step(a) / median_step(b)
-        for a, b in zip(main_runs["leantune"], main_runs["trl"], strict=True)
-    ]
-    pair_mem = [
-        a["peak_rss"]["vmhwm_mb"] / b["peak_rss"]["vmhwm_mb"]
-        for a, b in zip(main_runs["leantune"], main_runs["trl"], strict=True)
-    ]
-    pair_fast = [
-        fastest_step(a) / fastest_step(b)
-        for a, b in zip(main_runs["leantune"], main_runs["trl"], strict=True)
-    ]
-    ratios = {
+def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One side's rounds: medians over rounds (and the values per round), scores of round 0."""
+    out = {
+        "step_s": med([median_step(x) for x in runs]),
+        "step_s_per_round": [median_step(x) for x in runs],
+        "fastest_step_s": min(fastest_step(x) for x in runs),
+        "fastest_step_s_per_round": [fastest_step(x) for x in runs],
+        "peak_mb": med([x["peak_rss"]["vmhwm_mb"] for x in runs]),
+        "peak_mb_per_round": [x["peak_rss"]["vmhwm_mb"] for x in runs],
+        "trainable_params": runs[0]["trainable_params"],
+        "modules": runs[0]["modules"],
+    }
+    scored = [x for x in runs if "val_loss" in x]
+    out["val_loss"] = med([x["val_loss"] for x in scored])
+    out["rouge_l"] = med([x["rouge_l"] for x in scored])
+    out["train_loss_final"] = [x.get("train_loss_curve", x.get("train_loss_logged")) for x in runs]
+    return out
+
+
+def compare(
+    main_runs: dict[str, list[dict[str, Any]]], lt: dict[str, Any], tr: dict[str, Any]
+) -> dict[str, Any]:
+    """leantune / TRL per round (time, fastest step, peak RSS) and their medians; score diffs."""
+    ours, theirs = main_runs["leantune"], main_runs["trl"]
+    pair_time = paired_ratios([median_step(x) for x in ours], [median_step(x) for x in theirs])
+    pair_mem = paired_ratios(
+        [x["peak_rss"]["vmhwm_mb"] for x in ours], [x["peak_rss"]["vmhwm_mb"] for x in theirs]
+    )
+    pair_fast = paired_ratios([fastest_step(x) for x in ours], [fastest_step(x) for x in theirs])
+    return {
         "time": med(pair_time),
         "time_fastest_steps": lt["fastest_step_s"] / tr["fastest_step_s"],
         "time_fastest_per_round": pair_fast,
@@ -629,10 +634,17 @@ def main() -> None:
         "val_loss_diff": lt["val_loss"] - tr["val_loss"],
         "rouge_l_diff": lt["rouge_l"] - tr["rouge_l"],
     }
-    target_met = (
-        ratios["time"] <= 0.8 and ratios["memory"] <= 0.8 and lt["val_loss"] <= tr["val_loss"]
-    )
 
+
+def print_table(
+    args: argparse.Namespace,
+    base: dict[str, Any] | None,
+    lt: dict[str, Any],
+    tr: dict[str, Any],
+    ratios: dict[str, Any],
+    target_met: bool,
+) -> None:
+    """The main table: untrained model, both sides, their ratios, per round, the target."""
     print()
     print(
         f"{args.steps} steps × batch {BATCH}, max length {MAX_LENGTH}, {args.rounds} rounds (ABBA)"
@@ -664,45 +676,79 @@ def main() -> None:
     print(
         f"target (≤ 0.8× time and memory, val loss ≤ TRL's): {'met' if target_met else 'not met'}"
     )
+
+
+def print_variants(
+    variant_runs: dict[str, dict[str, Any]], lt: dict[str, Any], tr: dict[str, Any]
+) -> None:
+    """The variants' table, each against its side's fp32 main rounds."""
+    print()
+    print(
+        "| leantune variant | s/step (median) | fastest step s | vs fp32 fastest | peak RSS MB | vs fp32 |"
+    )
+    print("|---|---|---|---|---|---|")
+    print(
+        f"| fp32 (main rounds) | {lt['step_s']:.2f} | {lt['fastest_step_s']:.2f} | 1.00× | "
+        f"{lt['peak_mb']:,.0f} | 1.00× |"
+    )
+    for v, res in variant_runs.items():
+        ref = tr if v == "trl-defaults" else lt
+        s, m = median_step(res), res["peak_rss"]["vmhwm_mb"]
+        label = "TRL defaults (bf16 + checkpointing), vs TRL fp32" if v == "trl-defaults" else v
+        fast = fastest_step(res)
+        print(
+            f"| {label} | {s:.2f} | {fast:.2f} | {fast / ref['fastest_step_s']:.2f}× | "
+            f"{m:,.0f} | {m / ref['peak_mb']:.2f}× |"
+        )
+
+
+def settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The record's settings: the command line's and the fixed ones of both sides."""
+    return {
+        "steps": args.steps,
+        "rounds": args.rounds,
+        "batch": BATCH,
+        "max_length": MAX_LENGTH,
+        "lr": LR,
+        "warmup_steps": warmup_steps(args.steps),
+        "r": R,
+        "alpha": ALPHA,
+        "dropout": DROPOUT,
+        "val_conversations": VAL_CONVERSATIONS,
+        "test_headlines": TEST_HEADLINES,
+        "max_new_tokens": MAX_NEW_TOKENS,
+        "skip_first_steps": SKIP_FIRST,
+    }
+
+
+def main() -> None:
+    args = parse_args()
+    if args.side:
+        child(args)
+        return
+
+    work = make_work(args)
+    data = write_data(work, args.steps * BATCH)
+    print(f"data: {data}", flush=True)
+    targets = adapted_modules(work)
+    base = None if args.no_base else spawn(work, "base", "base", 0)
+    main_runs = run_rounds(work, args)
+    variant_runs = run_variants(work, args)
+
+    lt, tr = aggregate(main_runs["leantune"]), aggregate(main_runs["trl"])
+    ratios = compare(main_runs, lt, tr)
+    target_met = (
+        ratios["time"] <= 0.8 and ratios["memory"] <= 0.8 and lt["val_loss"] <= tr["val_loss"]
+    )
+    print_table(args, base, lt, tr, ratios, target_met)
     if variant_runs:
-        print()
-        print(
-            "| leantune variant | s/step (median) | fastest step s | vs fp32 fastest | peak RSS MB | vs fp32 |"
-        )
-        print("|---|---|---|---|---|---|")
-        print(
-            f"| fp32 (main rounds) | {lt['step_s']:.2f} | {lt['fastest_step_s']:.2f} | 1.00× | "
-            f"{lt['peak_mb']:,.0f} | 1.00× |"
-        )
-        for v, res in variant_runs.items():
-            ref = tr if v == "trl-defaults" else lt
-            s, m = median_step(res), res["peak_rss"]["vmhwm_mb"]
-            label = "TRL defaults (bf16 + checkpointing), vs TRL fp32" if v == "trl-defaults" else v
-            fast = fastest_step(res)
-            print(
-                f"| {label} | {s:.2f} | {fast:.2f} | {fast / ref['fastest_step_s']:.2f}× | "
-                f"{m:,.0f} | {m / ref['peak_mb']:.2f}× |"
-            )
+        print_variants(variant_runs, lt, tr)
     record = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": machine(),
         "load_average_at_end": os.getloadavg(),
         "versions": versions(),
-        "settings": {
-            "steps": args.steps,
-            "rounds": args.rounds,
-            "batch": BATCH,
-            "max_length": MAX_LENGTH,
-            "lr": LR,
-            "warmup_steps": warmup_steps(args.steps),
-            "r": R,
-            "alpha": ALPHA,
-            "dropout": DROPOUT,
-            "val_conversations": VAL_CONVERSATIONS,
-            "test_headlines": TEST_HEADLINES,
-            "max_new_tokens": MAX_NEW_TOKENS,
-            "skip_first_steps": SKIP_FIRST,
-        },
+        "settings": settings(args),
         "data": data,
         "targets": targets,
         "base": base,
@@ -714,7 +760,7 @@ def main() -> None:
         "runs": main_runs,
     }
     if args.json:
-        args.json.write_text(json.dumps(record, indent=1) + "\n")
+        save_json(args.json, record)
         print(f"\nwritten {args.json}")
 
 

@@ -9,11 +9,8 @@ library only, alternated. Usage: python benchmarks/bench_step.py [--rounds N] [-
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
@@ -23,6 +20,7 @@ from transformers import AutoModelForSequenceClassification
 from transformers.utils import logging as hf_logging
 
 import leantune as lt
+from _common import alternate, paired_ratios, python_command, run_timed, save_json
 from leantune.core.defaults import minilm_dir
 from leantune.core.memory import peak_memory_mb
 
@@ -117,25 +115,18 @@ def main() -> None:
         for lib in models:  # warm up
             step(models[lib], opts[lib], batch)
         times: dict[str, list[float]] = {"leantune": [], "peft": []}
-        for i in range(args.rounds):
-            order = ("leantune", "peft") if i % 2 == 0 else ("peft", "leantune")
-            for lib in order:
-                t0 = time.perf_counter()
-                step(models[lib], opts[lib], batch)
-                times[lib].append(time.perf_counter() - t0)
+        for _, lib in alternate(("leantune", "peft"), args.rounds):
+            t0 = time.perf_counter()
+            step(models[lib], opts[lib], batch)
+            times[lib].append(time.perf_counter() - t0)
         saved = {lib: saved_bytes(m, batch) for lib, m in models.items()}
         del models, opts
         rss: dict[str, list[float]] = {"leantune": [], "peft": []}
-        for lib in ("leantune", "peft", "peft", "leantune"):
-            out = subprocess.run(
-                [sys.executable, __file__, "--child", lib, recipe, "2"],
-                capture_output=True,
-                text=True,
-                check=True,
-            )
+        for _, lib in alternate(("leantune", "peft"), 2):  # leantune, peft, peft, leantune
+            out, _ = run_timed(python_command(__file__, "--child", lib, recipe, "2"), check=True)
             rss[lib].append(float(out.stdout.strip().splitlines()[-1]))
         med = {lib: statistics.median(t) for lib, t in times.items()}
-        ratios = [a / b for a, b in zip(times["leantune"], times["peft"], strict=True)]
+        ratios = paired_ratios(times["leantune"], times["peft"])
         results[recipe] = {
             "trainable": trainable,
             "step_s_median": med,
@@ -158,8 +149,8 @@ def main() -> None:
         "rounds": args.rounds,
     }
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "results": results}, f, indent=1)
+        # No newline at the end, as the committed bench_step.json.
+        save_json(args.json, {"meta": meta, "results": results}, end="")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ Usage: python benchmarks/bench_time_to_acc.py [--json out.json] [--plot out.png]
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import platform
 import sys
@@ -20,38 +19,39 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from _common import read_metrics, run_in_child, save_json, seconds_to
 from leantune.core.memory import peak_memory_mb
 
 TARGET = 0.95
 EVAL_EVERY = 10
 
 
-def run_leantune(out: Any) -> None:
+def run_leantune() -> dict[str, Any]:
+    """leantune tune's defaults (run in a child process): curve, test accuracy, peak RSS."""
     from leantune.tune import TuneConfig, run_tune
 
     with tempfile.TemporaryDirectory() as tmp:
         # l2 0: as peft's recipe (and as the documented figures were made, before L2's default).
         config = TuneConfig(runs_dir=tmp, name="bench", eval_every=EVAL_EVERY, l2=0.0)
         summary = run_tune(config)
-        rows = [json.loads(x) for x in (Path(tmp) / "bench" / "metrics.jsonl").open()]
+        rows = read_metrics(Path(tmp) / "bench")
     curve = [
         {"step": r["step"], "train_seconds": r["train_seconds"], "val_accuracy": r["val_accuracy"]}
         for r in rows
     ]
-    out.put(
-        {
-            "recipe": "leantune tune (defaults: LoRA r=8 all-linear, layers 3-5, lr 2e-3, 2 epochs)",
-            "curve": curve,
-            "test_accuracy": summary["test_accuracy"],
-            "train_seconds": summary["train_seconds"],
-            "steps": summary["steps"],
-            "trainable_params": summary["trainable_params"],
-            "peak_rss_mb": peak_memory_mb(),
-        }
-    )
+    return {
+        "recipe": "leantune tune (defaults: LoRA r=8 all-linear, layers 3-5, lr 2e-3, 2 epochs)",
+        "curve": curve,
+        "test_accuracy": summary["test_accuracy"],
+        "train_seconds": summary["train_seconds"],
+        "steps": summary["steps"],
+        "trainable_params": summary["trainable_params"],
+        "peak_rss_mb": peak_memory_mb(),
+    }
 
 
-def run_peft(out: Any) -> None:
+def run_peft() -> dict[str, Any]:
+    """The peft recipe (run in a child process): curve, test accuracy, peak RSS."""
     sys.path.insert(0, str(Path(__file__).parent))
     from leantune.core.defaults import bbc_news, minilm_dir
     from leantune.models.data import stratified_split
@@ -74,33 +74,17 @@ def run_peft(out: Any) -> None:
         target=TARGET,
         log=None,
     )
-    out.put(
-        {
-            "recipe": "transformers + peft (LoRA r=8 query,value, dropout 0.1, lr 5e-4, pad 128, 3 epochs)",
-            "curve": [
-                {k: r[k] for k in ("step", "train_seconds", "val_accuracy")} for r in result.curve
-            ],
-            "test_accuracy": result.test_accuracy_best,
-            "test_accuracy_final": result.test_accuracy_final,
-            "train_seconds": result.train_seconds,
-            "steps": result.steps,
-            "peak_rss_mb": peak_memory_mb(),
-        }
-    )
-
-
-def seconds_to(curve: list[dict[str, float]], target: float) -> float | None:
-    return next((r["train_seconds"] for r in curve if r["val_accuracy"] >= target), None)
-
-
-def child(fn: Any) -> dict[str, Any]:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=fn, args=(queue,))
-    proc.start()
-    result = queue.get()
-    proc.join()
-    return result  # type: ignore[no-any-return]
+    return {
+        "recipe": "transformers + peft (LoRA r=8 query,value, dropout 0.1, lr 5e-4, pad 128, 3 epochs)",
+        "curve": [
+            {k: r[k] for k in ("step", "train_seconds", "val_accuracy")} for r in result.curve
+        ],
+        "test_accuracy": result.test_accuracy_best,
+        "test_accuracy_final": result.test_accuracy_final,
+        "train_seconds": result.train_seconds,
+        "steps": result.steps,
+        "peak_rss_mb": peak_memory_mb(),
+    }
 
 
 def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
@@ -128,7 +112,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None)
     args = parser.parse_args()
-    results = {"leantune": child(run_leantune), "peft": child(run_peft)}
+    results = {"leantune": run_in_child(run_leantune), "peft": run_in_child(run_peft)}
     for name, res in results.items():
         res["seconds_to_target"] = seconds_to(res["curve"], TARGET)
         print(
@@ -147,7 +131,7 @@ def main() -> None:
         "results": results,
     }
     if args.json:
-        args.json.write_text(json.dumps(record, indent=1) + "\n")
+        save_json(args.json, record)
     if args.plot:
         plot(results, args.plot)
 

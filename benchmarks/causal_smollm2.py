@@ -24,6 +24,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from _common import add_row, has_row, load_json
+
 
 def tech_articles(path: Path) -> Path:
     from leantune.core.defaults import bbc_news
@@ -44,6 +46,17 @@ RECIPES: dict[str, dict[str, Any]] = {
     "lora + keep 100": {"method": "lora", "keep": 100.0},
     "full": {"method": "full", "keep": 0.0},
 }
+KEEP = (
+    "trainable_params",
+    "train_seconds",
+    "steps",
+    "peak_memory_mb",
+    "test_perplexity_before",
+    "test_perplexity",
+    "reference_perplexity_before",
+    "reference_perplexity_after",
+)
+"""The summary keys kept per recipe."""
 
 
 def main() -> None:
@@ -77,33 +90,14 @@ def main() -> None:
         "reference_examples": 128,
         "l2": 0.0,  # as documented: made before L2 1e-3 became LoRA's default
     }
-    rows: list[dict[str, Any]] = (
-        json.loads(args.json.read_text()) if args.json and args.json.exists() else []
-    )
+    rows: list[dict[str, Any]] = load_json(args.json, [])
     for recipe in args.recipes:
-        if any(r.get("recipe") == recipe for r in rows):
+        if has_row(rows, recipe=recipe):
             continue
         name = recipe.replace(" + ", "-").replace(" ", "")
         s = run_tune(TuneConfig(**common, name=name, **RECIPES[recipe]), overwrite=True)
-        rows.append(
-            {"recipe": recipe, "method": RECIPES[recipe]["method"]}
-            | {
-                k: s.get(k)
-                for k in (
-                    "trainable_params",
-                    "train_seconds",
-                    "steps",
-                    "peak_memory_mb",
-                    "test_perplexity_before",
-                    "test_perplexity",
-                    "reference_perplexity_before",
-                    "reference_perplexity_after",
-                )
-            }
-        )
-        print(json.dumps(rows[-1]), flush=True)
-        if args.json:
-            args.json.write_text(json.dumps(rows, indent=1) + "\n")
+        row = {"recipe": recipe, "method": RECIPES[recipe]["method"]}
+        add_row(rows, row | {k: s.get(k) for k in KEEP}, args.json)
     print(
         "\n| recipe | trainable | train s | BBC tech ppl before → after | reference ppl before → after |"
     )

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 from typing import Any
+
+from _common import mean_sd
 
 ORDER = {"auto": 0, "auto-mixed": 1, "sparse": 2, "query,value": 3, "all-linear": 4, "full": 5}
 
@@ -25,9 +26,7 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
 
 
 def cell(values: list[float], digits: int) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+    return mean_sd(values, f".{digits}f", f".{digits}f")
 
 
 def main() -> None:

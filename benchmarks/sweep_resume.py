@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _common import offline_env, python_command, run_timed, save_json
 
 COMMON = ["--train-examples", "300", "--epochs", "2", "--quiet"]
 
@@ -43,8 +44,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.out.exists():
         shutil.rmtree(args.out)
-    cmd = [sys.executable, "-m", "leantune.cli", "sweep", "--trials", "12", "--out", str(args.out)]
-    env = os.environ | {"HF_HUB_OFFLINE": "1"}
+    cmd = python_command("-m", "leantune.cli", "sweep", "--trials", "12", "--out", args.out)
+    env = offline_env()
     start = time.perf_counter()
     proc = subprocess.Popen([*cmd, *COMMON], env=env)
     while finished(args.out) < args.kill_after and proc.poll() is None:
@@ -54,7 +55,7 @@ def main() -> None:
     proc.wait()
     before = finished(args.out)
     killed_at = time.perf_counter() - start
-    rerun = subprocess.run([*cmd, *COMMON], env=env, capture_output=True, text=True)
+    rerun, _ = run_timed([*cmd, *COMMON], env)
     sys.stdout.write(rerun.stdout)
     result = json.loads((args.out / "trials.json").read_text())
     trials = result["trials"]
@@ -73,7 +74,7 @@ def main() -> None:
     }
     print(json.dumps(summary, indent=1))
     if args.json:
-        args.json.write_text(json.dumps(summary, indent=1) + "\n")
+        save_json(args.json, summary)
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ def test_a_module_with_zero_gradient_gets_nothing() -> None:
     assert dead.grad_norm == 0 and dead.spectrum == []
     plan = allocate(scores, 50_000, 60_000, heads=[("classifier", 99)])
     assert dead.name not in {e.module for e in plan.entries}
-    assert plan.lora()  # others do get ranks
+    assert plan.of("lora")  # others do get ranks
 
 
 @pytest.mark.parametrize("budget", [200, 700, 3_000, 20_000])
@@ -69,7 +69,7 @@ def test_plan_never_exceeds_the_budget(budget: int) -> None:
     cheapest = min(m.rank_cost for m in scores.modules if m.spectrum)
     assert budget - plan.params < cheapest or all(
         e.size == len(next(m for m in scores.modules if m.name == e.module).spectrum)
-        for e in plan.lora()
+        for e in plan.of("lora")
     )
 
 
@@ -80,7 +80,7 @@ def test_plan_json_round_trips_and_builds_lora(tmp_path: Path) -> None:
     assert loaded == plan
     model = build("bert")
     loaded.check(model)
-    lt.inject(model, loaded.lora_config())
+    lt.inject(model, loaded.adapter_config())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert trainable == plan.params  # LoRA ranks and the head, exactly as planned
 
@@ -128,7 +128,7 @@ def test_tune_with_select_auto_and_with_a_plan(tmp_path: Path) -> None:
     plan = Plan.load(run / "plan.json")
     assert summary["trainable_params"] == plan.params <= 3000
     # --layers (default upper-half: 1-2 of 3) bounds where the plan goes.
-    assert {layer_index(e.module) for e in plan.lora()} <= {1, 2, None}
+    assert {layer_index(e.module) for e in plan.of("lora")} <= {1, 2, None}
     assert (run / "importance.png").read_bytes()[:4] == b"\x89PNG"
     assert "importance.png" in (run / "report.html").read_text()
     assert 0 < summary["select_share_of_wall"] < 1
@@ -317,7 +317,7 @@ def test_select_and_plan_honour_the_lora_options(tmp_path: Path) -> None:
     assert saved["use_dora"] and saved["use_rslora"] and saved["lora_dropout"] == 0.1
     assert saved["lora_alpha"] == 3.0 * saved["r"]  # alpha / r = 24 / 8 at every rank
     plan = Plan.load(run / "plan.json")
-    assert all(e.options["dora"] for e in plan.lora())
+    assert all(e.options["dora"] for e in plan.of("lora"))
     assert summary["steps"] > 0
     # The plan file carries the options: a plain --plan run gets DoRA again.
     run_tune(TuneConfig(**common, name="again", plan=str(run / "plan.json")))

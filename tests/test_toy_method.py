@@ -3,7 +3,7 @@
 ``ToyConfig`` scales each output of a linear layer by (1 + s), s learned and starting at zero
 (IA3's idea on the output side). It is registered by name, then injected, trained under
 ``run_tune`` with an L2 penalty, saved, loaded, merged and bought by the planner, with no edit
-to any file under ``src/``: the core reaches it only through the hooks of ``methods.base``.
+to any file under ``src/``: the core reaches it only through the hooks of ``adapters.base`` and ``adapters.config``.
 """
 
 from __future__ import annotations

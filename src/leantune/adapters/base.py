@@ -9,8 +9,7 @@ The core (penalties, files, the planner, schedules, ``tune``) reaches a method o
 hooks defined here — a layer's change (``change_entries``, ``l2_change``), file entries
 (``file_tensors``, ``file_targets``, ``file_entry``), rate multipliers (``lr_multipliers``),
 ranks that grow and shrink (``RankAdaptable``) — and those of ``AdapterConfig`` in
-``methods/config.py`` (the config every method's config extends, and the registry), which this
-module re-exports.
+``adapters/config.py`` (the config every method's config extends, and the registry).
 """
 
 from __future__ import annotations
@@ -22,10 +21,7 @@ from typing import Any, ClassVar, NamedTuple, Protocol, Self, cast, runtime_chec
 import torch
 from torch import nn
 
-# ``X as X``: defined in methods/config.py, re-exported so ``methods.base`` holds the whole core.
-from leantune.adapters.config import (
-    AdapterRecord,
-)
+from leantune.adapters.config import AdapterRecord
 from leantune.core.errors import LeantuneError, TargetError
 
 BASE = "__base__"

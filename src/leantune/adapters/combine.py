@@ -17,7 +17,7 @@ the same combinations and the same math (peft's ``utils/merge_utils.py``):
   then the SVD.
 
 What the task tensors are (LoRA: the factors A and B, or the updates for the SVD kinds) is the
-method's hook (``AdapterConfig.combiner``, ``methods/lora_arith.py``); only LoRA has one today.
+method's hook (``AdapterConfig.combiner``, ``adapters/methods/lora/arith.py``, registered with the method); only LoRA has one today.
 A single adapter is always combined linearly, as in peft. The new adapter is not made active.
 Its trained modules (heads, ``modules_to_save``) are copied from one source: the only one that
 has them, or ``head`` (peft instead gives the new adapter untrained copies of the first

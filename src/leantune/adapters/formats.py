@@ -4,7 +4,7 @@ Tensor keys are ``base_model.model.<module>.<peft name>`` (``lora_A.weight`` ...
 ``base_model.model.<head>.<param>``. leantune writes explicit module names in ``target_modules``
 and per-module ranks in ``rank_pattern``, so peft rebuilds exactly the layers leantune had.
 
-A method registered with a peft format (LoRA: ``LORA``, in ``methods/lora_peft.py``) is
+A method registered with a peft format (LoRA: ``LORA``, in ``adapters/methods/lora/peft.py``) is
 written in it. Adapters peft has no type for (BitFit, LayerNorm tuning, sparse masks, and Plans
 mixing methods) are written in the same folder layout with ``"peft_type": "LEANTUNE"`` and a
 ``modules`` table giving each module's method and size (``file_entry``); their tensors are

@@ -6,7 +6,7 @@ swap changes neither: ``prepare_hotswap(model, max_rank)``, called once before c
 the adapter to a rank every later adapter fits in (zero ranks: the output is unchanged), and
 ``hotswap(model, folder)`` copies the new tensors into the existing parameters
 (``param.copy_``). The method says how (``AdapterConfig.swapper``; LoRA's in
-``methods/lora_arith.py`` folds the new scaling into B, so the layer's scaling stays the same
+``adapters/methods/lora/arith.py`` folds the new scaling into B, so the layer's scaling stays the same
 number). The new adapter must target the same modules, with the same heads; what does not fit
 is refused before anything is copied.
 """

@@ -70,9 +70,6 @@ class Plan:
     def params(self) -> int:
         return sum(e.params for e in self.entries)
 
-    def lora(self) -> list[PlanEntry]:
-        return self.of("lora")
-
     def of(self, method: str) -> list[PlanEntry]:
         return [e for e in self.entries if e.method == method]
 
@@ -166,11 +163,6 @@ class Plan:
         when the plan has none."""
         entries = self.of(method)
         return method_config(method).from_plan(entries, self.masks) if entries else None
-
-    def lora_config(self) -> AdapterConfig | None:
-        """The LoRA part alone, with the heads (a plan that is LoRA only)."""
-        config = self.method_config("lora")
-        return None if config is None else replace(config, modules_to_save=self.heads())
 
     def adapter_config(self) -> AdapterConfig | None:
         """The adapter config for this plan: the method's own config when the plan uses one

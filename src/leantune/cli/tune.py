@@ -137,17 +137,41 @@ def _print_summary(summary: dict[str, Any]) -> None:
             f"({summary['trainable_percent']:.2f}%)",
         ),
         ("adapter on disk", f"{summary['adapter_bytes'] / 1e6:.2f} MB  {summary['adapter_path']}"),
-        ("peak memory", f"{summary['peak_memory_mb']:,.0f} MB ({summary['device']})"),
+        ("peak memory", _peak_line(summary)),
         (
             "training",
             f"{summary['train_seconds']:.1f} s, {summary['steps']} steps, "
             f"{summary['examples_per_s']:.1f} examples/s",
         ),
+        ("whole run", _time_line(summary)),
         ("report", str(Path(summary["run"]) / "report.html")),
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         typer.echo(f"{key:<{width}}  {value}")
+
+
+def _peak_line(summary: dict[str, Any]) -> str:
+    """The whole run's peak: the GPU's and the host's on CUDA; the largest rank's under
+    torchrun."""
+    line = f"{summary['peak_memory_mb']:,.0f} MB ({summary['device']}"
+    if "host_peak_memory_mb" in summary:
+        line += f"; host {summary['host_peak_memory_mb']:,.0f} MB"
+    if "peak_memory_mb_by_rank" in summary:
+        line += f"; the largest of {len(summary['peak_memory_mb_by_rank'])} ranks"
+    return line + ", whole run)"
+
+
+def _time_line(summary: dict[str, Any]) -> str:
+    """The run's wall time, where it went, and the process's (imports included)."""
+    phases = summary.get("phase_seconds") or {}
+    top = sorted(phases.items(), key=lambda kv: -kv[1])[:3]
+    line = f"{summary.get('wall_seconds', 0.0):.1f} s"
+    if top:
+        line += " (" + ", ".join(f"{k} {v:.1f} s" for k, v in top) + ")"
+    if "process_seconds" in summary:
+        line += f"; the process {summary['process_seconds']:.1f} s since it started"
+    return line
 
 
 def tune(**kwargs: Any) -> None:

@@ -1,6 +1,6 @@
 """Checked reads of adapter_config.json values: a value of the wrong type is refused with a
 message that names the key and the fix, never coerced (a string "false" is not False, 4.5 is not
-rank 4). The readers of ``formats`` and ``methods.lora_peft`` share them."""
+rank 4). The readers of ``formats`` and ``adapters.methods.lora`` share them."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ The package ships one Q4_1 GGUF file (94 MB) and is located with ``find_spec``, 
 transformers reads GGUF files by dequantizing them, which takes about half a minute, so the first
 call writes the dequantized model (float32, 135M parameters, about 540 MB), its tokenizer and
 chat template as a plain transformers folder under leantune's cache (``$LEANTUNE_CACHE``, else
-``$XDG_CACHE_HOME/leantune``, else ``~/.cache/leantune``; see ``knowledge.cache_root``), and
+``$XDG_CACHE_HOME/leantune``, else ``~/.cache/leantune``; see ``core.defaults.cache_root``), and
 later calls return that folder. Nothing is fetched at run time.
 
 The folder is built in a temporary folder beside the cache and renamed into place, so the cache

@@ -9,9 +9,9 @@ the mean-pooled embeddings beats one on the pooler output by about 3 points on B
 
 :func:`use_pooling` swaps the model's pooler for :class:`Pooler` (no parameters), which pools
 as the folder says; a forward pre-hook on the body hands it the attention mask. Models without
-such a folder keep their own pooler under ``--pooling auto``; ``--pooling mean`` forces the
-masked mean, ``--pooling pooler`` (the default until the benchmarks of issue 17 say otherwise)
-the model's own, which is what transformers and peft use.
+such a folder keep their own pooler under ``--pooling auto`` (the default since issue 17's
+benchmarks); ``--pooling mean`` forces the masked mean, ``--pooling pooler`` the model's own,
+which is what transformers and peft use.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Adaptive budget during training, as AdaLoRA does it, on ordinary LoRA factors.
 
-It works on any layer with rank components (``methods.base.RankAdaptable``: LoRA's). Every
+It works on any layer with rank components (``adapters.base.RankAdaptable``: LoRA's). Every
 adapter is grown to ``factor`` × its rank (new rows of A drawn like LoRA's, new
 columns of B zero, the scaling unchanged, so the model's function is unchanged). While training,
 each entry's sensitivity |w·∂L/∂w| is smoothed (EMA β₁) with its uncertainty |s − s̄| (EMA β₂), as

@@ -4,7 +4,8 @@ Everything that can be wrong with the input (files, columns, labels, model folde
 is checked before anything is written, so bad input never touches the disk.
 
 Run folder ``runs/<name>/``: config.yaml (re-runs the job), labels.json, metrics.jsonl (one
-line per validation), adapter/ (LoRA, peft format) or trained/ (full / head-only tensors),
+line per validation), adapter/ (an adapter method, in peft's format where peft has the method) or trained/
+(full / head / probe tensors),
 history.json, report.html with PNG plots, summary.json (written last) and the marker
 .leantune-run.json. While it trains the run lives in ``runs/.<name>.partial/`` with its
 checkpoint/ (see :mod:`leantune.tune.runfolder`).

@@ -71,9 +71,11 @@ def save_trained(model: nn.Module, run: Path, config: TuneConfig) -> Path:
     return final
 
 
-def write_run_report(run: Path, summary: Mapping[str, Any] | None = None) -> Path:
+def write_run_report(
+    run: Path, summary: Mapping[str, Any] | None = None, figures: bool = True
+) -> Path:
     """report.html and its plots, from the files in the run folder (``summary`` given while
-    the run finishes, read from summary.json after)."""
+    the run finishes, read from summary.json after); ``figures=False``: the page alone."""
     from leantune.tune.report import write_report
 
     run = Path(run)
@@ -102,6 +104,7 @@ def write_run_report(run: Path, summary: Mapping[str, Any] | None = None) -> Pat
         config,
         samples=extra.get("samples"),
         general=extra.get("general"),
+        figures=figures,
         selection=(
             ("importance.png", [asdict(e) for e in plan.entries])
             if plan is not None and (run / "importance.png").exists()

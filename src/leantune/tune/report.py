@@ -61,8 +61,12 @@ def write_report(
     selection: tuple[str, Sequence[Mapping[str, Any]]] | None = None,
     samples: Sequence[Mapping[str, str]] | None = None,
     general: Sequence[Mapping[str, str]] | None = None,
+    figures: bool = True,
 ) -> Path:
     """Write loss.png, metric.png, confusion.png (when confusion is given) and report.html into run_dir; return the html path.
+
+    ``figures=False`` writes report.html alone over the figures already there (a run's report
+    written again with its final figures: drawing the PNGs takes memory of its own).
 
     Without ``confusion`` a ``confusion.png`` left in ``run_dir`` by an earlier report is removed.
 
@@ -89,17 +93,8 @@ def write_report(
         if len(names) != n:
             raise ValueError(f"confusion matrix has {n} classes but {len(names)} label names")
 
-    save_figure(loss_figure(history, train_curve), run_dir / LOSS_PNG)
-    save_figure(metric_figure(history), run_dir / METRIC_PNG)
-    if matrix is not None:
-        save_figure(confusion_figure(matrix, names), run_dir / CONFUSION_PNG)
-    else:  # one left by an earlier report in this folder would not belong to this one
-        (run_dir / CONFUSION_PNG).unlink(missing_ok=True)
-    before_after = before_after_figure(summary)
-    if before_after is not None:
-        save_figure(before_after, run_dir / BEFORE_AFTER_PNG)
-    else:
-        (run_dir / BEFORE_AFTER_PNG).unlink(missing_ok=True)
+    if figures:
+        _write_figures(run_dir, summary, history, train_curve, matrix, names)
 
     text = _render_html(
         run_dir, summary, history, train_curve, matrix, names, config, selection, samples, general
@@ -223,6 +218,10 @@ _LABELS = {
     "peak_memory_mb": "peak memory (MB)",
     "train_seconds": "training time (s)",
     "wall_seconds": "whole run's wall time (s)",
+    "process_seconds": "the process's wall time, imports included (s)",
+    "phase_seconds": "wall time by phase (s)",
+    "host_peak_memory_mb": "host process peak memory (MB)",
+    "peak_memory_mb_by_rank": "peak memory of each rank (MB)",
     "examples_per_s": "training examples per second",
     "steps": "optimizer steps",
     "stopped_early": "stopped early",
@@ -267,6 +266,23 @@ def summary_label(key: str) -> str:
     return key.replace("_", " ")
 
 
+def _phase_table(phases: Mapping[str, float], summary: Mapping[str, Any]) -> str:
+    """Each phase of the run with its wall time and share; the whole run and the process."""
+    wall = float(summary.get("wall_seconds") or sum(phases.values()) or 1.0)
+    rows = [
+        f'<tr><th>{escaped(k)}</th><td class="num">{v:,.1f} s</td>'
+        f'<td class="num">{v / wall:.0%}</td></tr>'
+        for k, v in phases.items()
+    ]
+    rows.append(f'<tr><th>whole run</th><td class="num">{wall:,.1f} s</td><td></td></tr>')
+    if "process_seconds" in summary:
+        rows.append(
+            f'<tr><th>the process (imports included)</th><td class="num">'
+            f"{summary['process_seconds']:,.1f} s</td><td></td></tr>"
+        )
+    return '<table class="kv">\n' + "\n".join(rows) + "\n</table>"
+
+
 def _summary_table(summary: Mapping[str, Any]) -> str:
     """The summary with a human label per row and its summary.json key beside it."""
     rows = [
@@ -288,6 +304,27 @@ def short_model_name(model: object) -> str:
     if path.name == "model" and path.parent.name == MINILM_PACKAGE:
         return "MiniLM-L6 (embedded)"
     return path.name or str(model)
+
+
+def _write_figures(
+    run_dir: Path,
+    summary: Mapping[str, Any],
+    history: Sequence[Mapping[str, float]],
+    train_curve: Sequence[tuple[int, float]],
+    matrix: np.ndarray | None,
+    names: Sequence[str],
+) -> None:
+    save_figure(loss_figure(history, train_curve), run_dir / LOSS_PNG)
+    save_figure(metric_figure(history), run_dir / METRIC_PNG)
+    if matrix is not None:
+        save_figure(confusion_figure(matrix, names), run_dir / CONFUSION_PNG)
+    else:  # one left by an earlier report in this folder would not belong to this one
+        (run_dir / CONFUSION_PNG).unlink(missing_ok=True)
+    before_after = before_after_figure(summary)
+    if before_after is not None:
+        save_figure(before_after, run_dir / BEFORE_AFTER_PNG)
+    else:
+        (run_dir / BEFORE_AFTER_PNG).unlink(missing_ok=True)
 
 
 def _render_html(
@@ -351,6 +388,8 @@ def _render_html(
             "by the tuned one.</p>",
             _samples_table(general),
         ]
+    if phases := summary.get("phase_seconds"):
+        parts += ["<h2>Where the time went</h2>", _phase_table(phases, summary)]
     parts += ["<h2>Summary</h2>", _summary_table(summary)]
     if history:
         parts += ["<h2>Evaluations</h2>", history_table(history)]

@@ -27,14 +27,14 @@ from torch import nn
 
 from leantune.adapters.accounting import ParameterReport, parameter_report
 from leantune.adapters.config import METHODS
-from leantune.analysis.generate import general_answers, general_table
+from leantune.analysis.generate import general_answers
 from leantune.analysis.knowledge import Reference, prepare_reference, reference_texts
 from leantune.core import distributed
 from leantune.core.defaults import cache_root
 from leantune.core.distributed import Parallel, together
 from leantune.core.errors import LeantuneError
 from leantune.core.files import atomic_write, load_into, read_tensors, unique_tensors
-from leantune.core.memory import reset_peak_memory
+from leantune.core.memory import Phases, reset_peak_memory
 from leantune.models.loading import max_positions, num_layers
 from leantune.models.precision import autocast
 from leantune.train.adapt import RankPruner
@@ -54,13 +54,10 @@ from leantune.tune.config import (
 from leantune.tune.fingerprint import data_fingerprint
 from leantune.tune.finished import (
     BEST,
-    HISTORY,
     check_same_start,
-    paired,
     reference_fingerprint,
     save_trained,
     validation_line,
-    write_run_report,
 )
 from leantune.tune.options import PROBE
 from leantune.tune.prepare import Prepared, pick_device, prepare
@@ -73,7 +70,7 @@ from leantune.tune.strategy import (
     probe_result,
     warm_start,
 )
-from leantune.tune.summary import summarize
+from leantune.tune.summary import split_setup, summarize, write_results
 from leantune.tune.track import Tracker, check_backends
 
 STATE = runfolder.STATE
@@ -94,6 +91,7 @@ def run_tune(
     and replaces ``runs/<name>`` only once finished (see :mod:`leantune.tune.runfolder`).
     ``on_validation`` sees each validation row (step, epoch, val_<metric>...) once it is saved;
     an exception it raises (a sweep's pruning) ends the run there, checkpoint kept."""
+    started = time.perf_counter()
     l2_given = config.l2 is not None
     config = config.resolved()
     use_cuda = pick_device(config.device).type == "cuda"
@@ -111,13 +109,19 @@ def run_tune(
     together(check_folder, "checking the run folder")
     recipe = TuneRecipe(config, folder, resume, overwrite, log, on_step, on_validation)
     recipe.l2_given = l2_given  # the plan's adapter may have another L2 default
+    recipe.wall, phase = started, recipe.phases
     try:
         with contextlib.ExitStack() as stack:
-            together(recipe.setup_training, "setup")
-            recipe.join_world()
-            together(lambda: recipe.write_start(stack), "writing the run folder")
-            recipe.baseline()
-            return recipe.finish(recipe.train())
+            with phase("load"):
+                together(recipe.setup_training, "setup")
+                recipe.join_world()
+                together(lambda: recipe.write_start(stack), "writing the run folder")
+            split_setup(recipe)
+            with phase("baseline"):
+                recipe.baseline()
+            with phase("training"):
+                result = recipe.train()
+            return recipe.finish(result)
     except torch.distributed.DistError as e:  # a process died, hangs or cannot be reached
         raise distributed.lost_contact(e, folder.work) from None
 
@@ -153,6 +157,7 @@ class TuneRecipe:
         self.say: Callable[[str], None] = log or (lambda s: None)
         self.on_step, self.on_validation = on_step, on_validation
         self.wall = time.perf_counter()
+        self.phases = Phases()  # where the run's wall time goes (summary.json, the report)
         self.state = folder.work / STATE
         self.pruner: RankPruner | None = None
         self.unfreezer: Unfreezer | None = None
@@ -372,7 +377,7 @@ class TuneRecipe:
 
     def finish(self, result: TrainResult) -> dict[str, Any]:
         """Best weights back, saved, tested; summary, report, and the switch into place."""
-        config, run, model = self.config, self.run, self.prep.model
+        model = self.prep.model
         if result.interrupted:
             self.tracker.close("KILLED")
             return {"interrupted": True, "step": result.steps, "run": str(self.folder.final)}
@@ -391,22 +396,16 @@ class TuneRecipe:
             ranks = self.pruner.finalize()
             adapt_info = {"adapt_start_params": report.trainable, "adapt_ranks": ranks}
             report = parameter_report(model)
-        saved = self.save_trained()
-        test = self.prep.evaluate_test()
-        summary = summarize(self, result, best, report, saved, test, adapt_info)
+        phase = self.phases
+        with phase("save"):
+            saved = self.save_trained()
+        with phase("test"):
+            test = self.prep.evaluate_test()
+        with phase("knowledge"):
+            summary = summarize(self, result, best, report, saved, test, adapt_info)
         if not distributed.current().main:
             return summary  # rank 0 writes the rest
-        extra: dict[str, Any] = {"curve": result.curve, "confusion": test.confusion}
-        if test.samples:
-            extra["samples"] = paired(self.samples_before, test.samples)
-        if config.instruct:
-            extra["general"] = general_table(self.general_before, self.general_after(model))
-        atomic_write(run / HISTORY, json.dumps(extra) + "\n")
-        self.tracker.log({f"final/{k}": v for k, v in summary.items()}, result.steps)
-        self.tracker.close()
-        write_run_report(run, summary)
-        # summary.json last: a folder with it is a finished run; then the switch into place.
-        atomic_write(run / "summary.json", json.dumps(summary, indent=2) + "\n")
+        write_results(self, result, test, summary)
         self.folder.commit()
         return summary
 

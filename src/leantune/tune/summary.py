@@ -3,19 +3,31 @@ parameters, adapter bytes, peak memory, time) and the knowledge kept."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from leantune.adapters.accounting import ParameterReport
 from leantune.analysis.evaluate import Evaluation
+from leantune.analysis.generate import general_table
 from leantune.analysis.knowledge import knowledge_kept
-from leantune.core.files import folder_bytes
-from leantune.core.memory import peak_memory_mb
+from leantune.core.distributed import gather_tensors
+from leantune.core.files import atomic_write, folder_bytes
+from leantune.core.memory import Phases, host_peak_mb, peak_memory_mb, process_seconds
 from leantune.models.loading import model_dir
 from leantune.models.precision import autocast
 from leantune.train.interface import TrainResult
-from leantune.tune.finished import probe_verdict, side_by_side, task_key
+from leantune.tune.finished import (
+    HISTORY,
+    paired,
+    probe_verdict,
+    side_by_side,
+    task_key,
+    write_run_report,
+)
 from leantune.tune.options import PROBE
 
 if TYPE_CHECKING:
@@ -42,7 +54,7 @@ def summarize(
         **report.as_dict(),
         "adapter_bytes": folder_bytes(saved),
         "adapter_path": str(final / saved.relative_to(recipe.run)),
-        "peak_memory_mb": round(peak_memory_mb(prep.device), 1),
+        **rank_peaks(prep.device),
         "train_seconds": round(result.train_seconds, 2),
         "examples_per_s": round(result.examples_per_s, 2),
         "steps": result.steps,
@@ -79,7 +91,79 @@ def summarize(
         summary["select_share_of_wall"] = round(
             prep.scores.seconds / (time.perf_counter() - recipe.wall), 4
         )
-    # The run from its start to this summary (loading, probe, baseline, training, test,
-    # generation, knowledge kept), beside train_seconds.
-    summary["wall_seconds"] = round(time.perf_counter() - recipe.wall, 1)
     return summary
+
+
+def rank_peaks(device: torch.device) -> dict[str, Any]:
+    """The peak memory so far: ``peak_memory_mb`` (CUDA: the GPU's peak allocation, else the
+    process's peak resident memory) and on CUDA the host's as well; under torchrun every
+    rank's (a collective: every rank calls it), the largest as the headline figure."""
+    own = [peak_memory_mb(device), host_peak_mb()]
+    every = [t.tolist() for t in gather_tensors(torch.tensor(own, dtype=torch.float64))]
+    out: dict[str, Any] = {"peak_memory_mb": round(max(r[0] for r in every), 1)}
+    if device.type == "cuda":
+        out["host_peak_memory_mb"] = round(max(r[1] for r in every), 1)
+    if len(every) > 1:
+        out["peak_memory_mb_by_rank"] = [round(r[0], 1) for r in every]
+    return out
+
+
+def final_resources(
+    summary: dict[str, Any], device: torch.device, phases: Phases, wall: float
+) -> dict[str, Any]:
+    """The whole run's figures, read after its last work (rank 0, after the report): the peak
+    memory again (the report and generation count), the run's wall time and its phases, and
+    the time since the process started (imports included: what ``/usr/bin/time`` says)."""
+    out: dict[str, Any] = {}
+    own, host = peak_memory_mb(device), host_peak_mb()
+    by_rank = list(summary.get("peak_memory_mb_by_rank") or [])
+    if by_rank:
+        by_rank[0] = round(max(by_rank[0], own), 1)
+        out["peak_memory_mb_by_rank"] = by_rank
+    out["peak_memory_mb"] = round(max(summary.get("peak_memory_mb", 0.0), own), 1)
+    if device.type == "cuda":
+        out["host_peak_memory_mb"] = round(max(summary.get("host_peak_memory_mb", 0.0), host), 1)
+    out["wall_seconds"] = round(time.perf_counter() - wall, 2)
+    out["phase_seconds"] = phases.rounded()
+    if (since := process_seconds()) is not None:
+        out["process_seconds"] = round(since, 1)
+    return out
+
+
+def split_setup(recipe: TuneRecipe) -> None:
+    """The setup phase's selection and probe apart from loading."""
+    prep, probe = recipe.prep, recipe.probe
+    for name, seconds in (
+        ("selection", prep.scores.seconds if prep.scores is not None else 0.0),
+        ("probe", probe.seconds if probe is not None else 0.0),
+    ):
+        if seconds:
+            recipe.phases.add("load", -seconds)
+            recipe.phases.add(name, seconds)
+
+
+def write_results(
+    recipe: TuneRecipe, result: TrainResult, test: Evaluation, summary: dict[str, Any]
+) -> None:
+    """Rank 0's files of a finished run: history.json, the tracker's last row, the report with
+    the whole run's figures (read after the last work: the page is written again, without
+    redrawing the figures, once they are known), and summary.json last: a folder with it is a
+    finished run."""
+    config, run, phase = recipe.config, recipe.run, recipe.phases
+    extra: dict[str, Any] = {"curve": result.curve, "confusion": test.confusion}
+    if test.samples:
+        extra["samples"] = paired(recipe.samples_before, test.samples)
+    if config.instruct:
+        with phase("generation"):
+            after = recipe.general_after(recipe.prep.model)
+            extra["general"] = general_table(recipe.general_before, after)
+    atomic_write(run / HISTORY, json.dumps(extra) + "\n")
+    recipe.tracker.log({f"final/{k}": v for k, v in summary.items()}, result.steps)
+    recipe.tracker.close()
+    device = recipe.prep.device
+    with phase("report"):
+        write_run_report(run, summary)  # the figures (drawing them takes memory of its own)
+        summary |= final_resources(summary, device, phase, recipe.wall)
+        write_run_report(run, summary, figures=False)  # the page with the final figures
+    summary |= final_resources(summary, device, phase, recipe.wall)
+    atomic_write(run / "summary.json", json.dumps(summary, indent=2) + "\n")

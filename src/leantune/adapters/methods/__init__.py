@@ -1,7 +1,7 @@
 """PEFT methods, one file each, registered here by name.
 
 Importing any part of ``leantune.adapters.methods`` registers leantune's own methods, so the registry
-(``methods.base.METHODS``) is full wherever the core reads it. A new method registers itself
+(``adapters.config.METHODS``) is full wherever the core reads it. A new method registers itself
 the same way (``register(name, ConfigClass)``), from its own module or a test. ``MixedConfig``
 (several methods in one adapter) is no method of its own and is not registered.
 """
