@@ -400,8 +400,7 @@ def test_item02_save_adapter_replaces_only_a_folder_of_adapter_files(tmp_path: P
     import torch
 
     from helpers import build
-    from leantune import LoraConfig, save_adapter
-    from leantune.adapters import inject
+    from leantune import LoraConfig, inject, save_adapter
 
     model = build("bert")
     inject(model, LoraConfig(r=2, targets=["query"]))

@@ -22,7 +22,7 @@ from safetensors.torch import save
 
 import leantune as lt
 from helpers import build, inputs, logits
-from leantune.adapters.formats import WEIGHTS_NAME, read_adapter_files
+from leantune.adapters.formats import WEIGHTS_NAME, describe, read_adapter_files
 from leantune.core.errors import LeantuneError
 from leantune.core.files import check_tensors, read_tensors
 
@@ -161,7 +161,7 @@ def test_a_peft_adapter_whose_file_starts_with_0x80_loads(tmp_path: Path) -> Non
     model = build("llama")
     lt.load_adapter(model, tmp_path)
     torch.testing.assert_close(logits(model, x), expected, atol=1e-5, rtol=1e-5)
-    assert lt.formats.describe(tmp_path)
+    assert describe(tmp_path)
 
 
 def test_every_tensor_reader_goes_through_the_check() -> None:

@@ -6,6 +6,10 @@ job functions (``run_tune``, ``make_config`` ...). The layers below (``core``, `
 ``adapters``, ``analysis``, ``train``, ``tune``, ``search``, ``cli``) are docs/ARCHITECTURE.md.
 """
 
+# isort: off
+from leantune.core import quiet as _quiet  # noqa: F401  (first: quiets torchao before transformers loads it)
+
+# isort: on
 from leantune.adapters.accounting import ParameterReport, parameter_report
 from leantune.adapters.base import BASE, AdapterModule
 from leantune.adapters.combine import combine
@@ -34,7 +38,6 @@ from leantune.adapters.methods.prefix_tuning import PrefixConfig
 from leantune.adapters.methods.prompt import PromptConfig
 from leantune.adapters.methods.sparse import SparseConfig
 from leantune.adapters.methods.vera import VeraConfig
-from leantune.core import quiet as _quiet  # noqa: F401  (first: quiets torchao before transformers loads it)
 from leantune.core.defaults import minilm_dir
 from leantune.core.errors import AdapterFileError, LeantuneError, TargetError
 from leantune.models.pooling import use_pooling
