@@ -214,3 +214,27 @@ def test_min_steps_gives_a_small_set_more_epochs(tmp_path: Path, data_file: Path
     assert saved["epochs"] == -(-12 // per_epoch) and saved["min_steps"] == 12
     with pytest.raises(LeantuneError, match=r"^--min-steps must be 0 \(off\) or more"):
         make_config({"min_steps": -1})
+
+
+def test_under_several_processes_every_rank_computes_the_features(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A rank that read the features from a cache file another rank wrote would skip the
+    forward passes the others are in (FSDP's all-gathers): the FSDP equality test hung in two
+    of this session's three full test runs.
+    Under a world of two, the cache is neither read nor written."""
+    from helpers import build
+    from leantune.analysis import probe
+    from leantune.analysis.evaluate import Encoded
+    from leantune.core.distributed import World
+
+    model = build("bert")
+    enc = Encoded([[2, 5, 6, 3], [2, 7, 3], [2, 8, 9, 10, 3]], [0, 1, 2])
+    probe.fit_probe(model, enc, 0, 3, cache_key="k")  # one process: computed, cached
+    calls = []
+    real = probe.features
+    monkeypatch.setattr(probe, "features", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert probe.fit_probe(model, enc, 0, 3, cache_key="k").cached and not calls
+    monkeypatch.setattr(probe, "current", lambda: World(rank=1, size=2))
+    fitted = probe.fit_probe(model, enc, 0, 3, cache_key="k")
+    assert not fitted.cached and calls == [1]

@@ -23,6 +23,7 @@ from torch import nn
 
 from leantune.analysis.evaluate import Encoded
 from leantune.analysis.knowledge import body_rows
+from leantune.core.distributed import current
 from leantune.core.errors import LeantuneError
 from leantune.core.files import read_tensors, save_tensors
 
@@ -134,7 +135,9 @@ def fit_probe(
         raise LeantuneError("--method probe / --warm-head need labelled classification data")
     head = head_module(model)
     start = time.perf_counter()
-    file = _cache_file(cache_key, train) if cache_key else None
+    # Under several processes every rank computes the features: a rank that read another's
+    # cache file would skip the forward passes (FSDP's collectives) the others are in.
+    file = _cache_file(cache_key, train) if cache_key and not current().parallel else None
     x = _read_cache(file, len(train)) if file is not None and file.is_file() else None
     cached = x is not None
     if x is None:
