@@ -268,6 +268,7 @@ def demo_summary() -> dict[str, Any]:
         "test_accuracy": 0.973,
         "probe_test_accuracy": 0.9617,
         "test_accuracy_before": 0.9617,
+        "test_macro_f1_before": 0.94,
         "knowledge_cosine": 0.9961,
         "knowledge_knn_overlap": 0.91,
         "paraphrase_top1_before": 0.988,
@@ -291,6 +292,8 @@ def test_the_headline_carries_the_four_promises(tmp_path: Path) -> None:
     assert "run folder: demo<" in page and ".partial" not in page
     bar = headline_of(page)
     assert "test accuracy:</b> 0.9617 → 0.973 (+0.0113, the probe first)" in bar
+    # Every "before" of a warm-head run is the probe's (the frozen model with its head).
+    assert "test macro-F1:</b> 0.94 → 0.95 (+0.01, the probe first)" in bar
     assert "knowledge kept:</b> embedding cosine 0.996, paraphrase retrieval 0.988 → 0.988" in bar
     assert "0.33% trainable, adapter 305 KB, peak memory 1,400 MB" in bar
     assert "1,512.4 s in all (210.3 s training)" in bar
@@ -320,8 +323,8 @@ def test_the_instruct_headline_has_answers_before_and_after(tmp_path: Path) -> N
         "task": "instruct",
         "test_exact_match": 0.62,
         "test_exact_match_before": 0.1,
-        "test_rougeL": 0.7,
-        "test_rougeL_before": 0.2,
+        "test_rouge_l": 0.7,
+        "test_rouge_l_before": 0.2,
         "test_perplexity": 3.1,
         "test_perplexity_before": 9.4,
         "reference_perplexity_before": 20.0,

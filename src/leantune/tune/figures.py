@@ -160,7 +160,7 @@ TASK_METRICS = (
     ("accuracy", "accuracy"),
     ("macro_f1", "macro-F1"),
     ("exact_match", "exact match"),
-    ("rougeL", "ROUGE-L"),
+    ("rouge_l", "ROUGE-L"),
     ("perplexity", "perplexity"),
 )
 
@@ -172,6 +172,8 @@ def summary_number(summary: Mapping[str, Any], key: str) -> float | None:
 def task_rows(summary: Mapping[str, Any]) -> list[tuple[str, float | None, float, str]]:
     """(label, before, after, what "before" is) for each task metric the run measured on test
     (a diverged run's NaN included)."""
+    # With a warm head every "before" is the frozen model with the probe's head.
+    probed = any(str(k).startswith("probe_test_") for k in summary)
     rows = []
     for metric, label in TASK_METRICS:
         value = summary.get(f"test_{metric}")
@@ -180,7 +182,7 @@ def task_rows(summary: Mapping[str, Any]) -> list[tuple[str, float | None, float
         after = float(value)
         probe = summary_number(summary, f"probe_test_{metric}")
         before = probe if probe is not None else summary_number(summary, f"test_{metric}_before")
-        rows.append((label, before, after, "the probe" if probe is not None else "the base"))
+        rows.append((label, before, after, "the probe" if probed else "the base"))
     return rows
 
 
@@ -205,7 +207,7 @@ def before_after_figure(summary: Mapping[str, Any]) -> Figure | None:
         summary_number(summary, "reference_perplexity_before"),
     )
     if ppl is not None and ppl0 is not None:
-        pairs.append(("reference\n1/perplexity ×ppl₀", 1.0, ppl0 / ppl))
+        pairs.append(("reference text\nperplexity before / after", 1.0, ppl0 / ppl))
     if not pairs:
         return None
     fig = Figure(figsize=(1.6 + 1.5 * len(pairs), 2.8), dpi=DPI)
