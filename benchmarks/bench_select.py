@@ -9,17 +9,31 @@ sparse (a FISH mask over the upper half at the budget). Every run is ``run_tune`
 child process (``_common.tune_in_child``; peak RSS = that process's VmHWM); everything else is
 the tune defaults (2 epochs, lr 2e-3 for LoRA, 5e-5 for full).
 
+Issue 28 (placement at the same trainable count): ``uniform`` is LoRA on every linear layer
+of the top k layers at rank r, ``qv`` LoRA on query and value of every layer at rank r, both
+written as plans (``--plan``) with a few modules at r + 1 so the count lands within 3 % of
+auto's; every recipe runs with the tune defaults (warm head, keep loss, L2, schedule, epochs):
+the table compares placement and nothing else. ``--data bbc-headlines``, ``--train-examples
+100``; ``--json`` resumes (finished rows are kept); ``--table`` prints the table of a JSON with
+each recipe's paired difference from auto (mean, 95 % t interval).
+
 Usage: python benchmarks/bench_select.py [--budgets 0.1% 0.3% 1%] [--seeds 0 1 2]
        [--no-full] [--full-seeds 0] [--recipes auto query,value all-linear] [--layers all] [--json out.json]
+       python benchmarks/bench_select.py --defaults --data bbc-headlines --budgets 0.1% \
+           --recipes auto uniform qv auto-mixed sparse --seeds 0 1 2 --no-full --json b.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import statistics
+import tempfile
 from pathlib import Path
 from typing import Any
 
-from _common import add_row, mean_sd, save_json, tune_in_child
+from _common import add_row, has_row, load_json, mean_sd, save_json, tune_in_child
 
 MINILM_PARAMS = 22_713_216  # base parameters without the 5-class head
 HEAD = 384 * 5 + 5
@@ -31,7 +45,83 @@ def budget_count(spec: str) -> int:
     return int(float(spec.rstrip("%")) / 100 * (MINILM_PARAMS + HEAD))
 
 
+LAYERS = 6
+HIDDEN, FFN = 384, 1536
+KINDS = {  # module suffix in a layer: LoRA parameters per unit of rank
+    "attention.self.query": 2 * HIDDEN,
+    "attention.self.key": 2 * HIDDEN,
+    "attention.self.value": 2 * HIDDEN,
+    "attention.output.dense": 2 * HIDDEN,
+    "intermediate.dense": HIDDEN + FFN,
+    "output.dense": FFN + HIDDEN,
+}
+PLANS = Path(tempfile.gettempdir()) / "bench_select_plans"
+
+
+def uniform_plan(recipe: str, budget: str) -> Path:
+    """A plan.json of LoRA at one rank on the recipe's modules, a few at rank + 1, within 3 %
+    of the LoRA count auto spends (the budget less the head): ``uniform`` takes every linear
+    layer of as many top layers as rank 1 pays for, ``qv`` query and value of every layer."""
+    target = budget_count(budget) - HEAD
+    kinds = (
+        KINDS
+        if recipe == "uniform"
+        else {k: KINDS[k] for k in KINDS if k.endswith(("query", "value"))}
+    )
+    per_layer = sum(kinds.values())
+    if recipe == "uniform":
+        k = max(1, min(LAYERS, target // per_layer))  # as many top layers as rank 1 pays for
+        layers = list(range(LAYERS - k, LAYERS))
+    else:
+        layers = list(range(LAYERS))
+    modules = [
+        (f"bert.encoder.layer.{i}.{kind}", cost)
+        for i in reversed(layers)
+        for kind, cost in kinds.items()
+    ]
+    rank = max(1, target // sum(c for _, c in modules))
+    ranks = {m: rank for m, _ in modules}
+    spent = sum(c * rank for _, c in modules)
+    for m, c in modules:  # top layers first, one more rank while it brings the count closer
+        if abs(spent + c - target) < abs(spent - target):
+            ranks[m] += 1
+            spent += c
+    entries = [
+        {
+            "module": m,
+            "method": "lora",
+            "size": ranks[m],
+            "params": ranks[m] * c,
+            "gain": 0.0,
+            "options": {},
+        }
+        for m, c in modules
+    ]
+    entries.append(
+        {
+            "module": "classifier",
+            "method": "head",
+            "size": HEAD,
+            "params": HEAD,
+            "gain": 0.0,
+            "options": {},
+        }
+    )
+    plan = {
+        "budget": budget_count(budget),
+        "base_params": MINILM_PARAMS,
+        "score": "uniform",
+        "entries": entries,
+    }
+    PLANS.mkdir(exist_ok=True)
+    path = PLANS / f"{recipe}-{budget.rstrip('%')}.json"
+    path.write_text(json.dumps(plan, indent=1))
+    return path
+
+
 def recipe_options(recipe: str, budget: str) -> dict[str, Any]:
+    if recipe in ("uniform", "qv"):
+        return {"plan": str(uniform_plan(recipe, budget))}
     if recipe == "auto":
         return {"select": "auto", "budget": budget}
     if recipe == "auto-mixed":  # the plan may also buy biases, norms and sparse entries
@@ -56,7 +146,47 @@ KEEP = (
     "trainable_params",
     "select_seconds",
     "select_share_of_wall",
+    "knowledge_cosine",
+    "probe_test_accuracy",
+    "wall_seconds",
 )
+
+
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def paired_table(rows: list[dict[str, Any]]) -> str:
+    """Per (data, budget, recipe): trainable count, test accuracy mean ± sd, and the paired
+    difference from auto over the seeds both have (mean and 95 % t interval, points)."""
+    groups: dict[tuple[str, str, str], dict[int, dict[str, Any]]] = {}
+    for r in rows:
+        key = (str(r.get("data", "bbc")), str(r["budget"]), str(r["recipe"]))
+        groups.setdefault(key, {})[int(r["seed"])] = r
+    lines = [
+        "| data | budget | recipe | trainable | test acc | vs auto (points, 95 % CI) | seeds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (data, budget, recipe), by_seed in sorted(groups.items()):
+        accs = [r["test_accuracy"] for r in by_seed.values()]
+        counts = sorted({r["trainable_params"] for r in by_seed.values()})
+        auto = groups.get((data, budget, "auto"), {})
+        diffs = [
+            100 * (by_seed[s]["test_accuracy"] - auto[s]["test_accuracy"])
+            for s in by_seed
+            if s in auto
+        ]
+        vs = "—"
+        if recipe != "auto" and len(diffs) >= 2:
+            m, sd = statistics.mean(diffs), statistics.stdev(diffs)
+            half = T95.get(len(diffs) - 1, 2.0) * sd / math.sqrt(len(diffs))
+            vs = f"{m:+.2f} [{m - half:+.2f}, {m + half:+.2f}]"
+        elif recipe != "auto" and diffs:
+            vs = f"{diffs[0]:+.2f} (one seed)"
+        count = ", ".join(f"{c:,}" for c in counts)
+        lines.append(
+            f"| {data} | {budget} | {recipe} | {count} | {mean_sd(accs)} | {vs} | {len(accs)} |"
+        )
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -72,14 +202,34 @@ def main() -> None:
     )
     parser.add_argument("--layers", default=None, help="--layers for auto (default upper-half)")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--data", default=None, help="--data for every run (bbc-headlines)")
+    parser.add_argument("--train-examples", type=int, default=None)
+    parser.add_argument(
+        "--defaults", action="store_true", help="the tune defaults (L2 too), as issue 28 asks"
+    )
+    parser.add_argument("--table", action="store_true", help="print the JSON's table, run nothing")
     args = parser.parse_args()
-    rows: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = load_json(args.json, []) if args.json else []
+    if args.table:
+        print(paired_table(rows))
+        return
+    data = args.data or "bbc"
+    data_label = data + (f"/{args.train_examples}" if args.train_examples else "")
+    common: dict[str, Any] = {"l2": None} if args.defaults else {}
+    if args.data:
+        common["data"] = args.data
+    if args.train_examples:
+        common["train_examples"] = args.train_examples
     for seed in args.seeds:
         for budget in args.budgets:
             for recipe in args.recipes:
+                done = {"data": data_label, "budget": budget, "recipe": recipe, "seed": seed}
+                if has_row(rows, **done):
+                    continue
                 extra = {"layers": args.layers} if recipe.startswith("auto") and args.layers else {}
-                res = tune_in_child(recipe_options(recipe, budget) | {"seed": seed} | extra, KEEP)
-                add_row(rows, {"budget": budget, "recipe": recipe, "seed": seed, **res})
+                options = common | recipe_options(recipe, budget) | {"seed": seed} | extra
+                res = tune_in_child(options, KEEP)
+                add_row(rows, done | res, args.json)
         if not args.no_full and (args.full_seeds is None or seed in args.full_seeds):
             res = tune_in_child(recipe_options("full", "") | {"seed": seed}, KEEP)
             add_row(rows, {"budget": "100%", "recipe": "full", "seed": seed, **res})
@@ -97,6 +247,8 @@ def main() -> None:
         )
     if args.json:
         save_json(args.json, rows)
+    print()
+    print(paired_table(rows))
 
 
 if __name__ == "__main__":
