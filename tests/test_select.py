@@ -15,7 +15,7 @@ from leantune.adapters.targets import layer_index
 from leantune.analysis.plan import Plan, allocate, parse_budget
 from leantune.analysis.select import score
 from leantune.core.errors import LeantuneError
-from leantune.tune import TuneConfig, run_tune
+from leantune.tune import TuneConfig, make_config, run_tune
 
 
 def batches(n: int = 4, seed: int = 0) -> list[dict[str, torch.Tensor]]:
@@ -328,3 +328,23 @@ def test_select_and_plan_honour_the_lora_options(tmp_path: Path) -> None:
     # A command line that contradicts the plan is refused.
     with pytest.raises(LeantuneError, match=r"the plan.s LoRA entries say dropout 0\.1"):
         run_tune(TuneConfig(**common, name="third", plan=str(run / "plan.json"), dropout=0.2))
+
+
+def test_warm_head_scoring_scores_through_the_probes_head(
+    tmp_path: Path, bert_dir: Path, data_file: Path
+) -> None:
+    """--score-head warm fits the probe's head before scoring: the scores (and so the plan's
+    gains) differ from scoring through the random head, and each is the same twice."""
+    from leantune.tune.prepare import prepare
+
+    def scored(head: str) -> list[float]:
+        options = {"model": str(bert_dir), "data": str(data_file), "select": "auto"}
+        prep = prepare(make_config(options | {"budget": "2%", "score_head": head}))
+        assert prep.scores is not None
+        return [m.fisher for m in prep.scores.modules]
+
+    random_head, warm = scored("random"), scored("warm")
+    assert warm == scored("warm") and random_head == scored("random")
+    assert max(abs(a - b) / max(a, b, 1e-12) for a, b in zip(warm, random_head, strict=True)) > 0.05
+    with pytest.raises(LeantuneError, match="score_head"):
+        make_config({"score_head": "probe"})

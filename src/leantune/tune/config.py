@@ -94,7 +94,7 @@ class TuneConfig(
     groups (``tune/options.py``), run options first."""
 
     def __post_init__(self) -> None:
-        choices = {"task": TASKS, "method": run_methods()}
+        choices = {"task": TASKS, "method": run_methods(), "score_head": ("random", "warm")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise LeantuneError(

@@ -202,6 +202,10 @@ class PlacementOptions:
     """A plan.json (from leantune select or --select auto, maybe edited) to tune by."""
     score_examples: int = 64
     """Training examples --select auto scores the parameters on."""
+    score_head: str = "random"
+    """classify, --select auto: the head the parameters are scored with: random (the new
+    head's own) or warm (the probe's head, fitted first: the gradients then describe the
+    task rather than a random head's noise). Measured in docs/BENCHMARKS.md, issue 28."""
     adapt: float = 1.0
     """Adaptive budget (AdaLoRA-style): LoRA starts at this multiple of its ranks and prunes
     rank components by smoothed |w·grad| importance, cubically from the end of warmup to 70%

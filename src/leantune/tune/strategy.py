@@ -23,7 +23,7 @@ from leantune.adapters.planning import SPARSE_CHUNK, Scores
 from leantune.adapters.targets import output_head_names
 from leantune.analysis.evaluate import Encoded, make_batch
 from leantune.analysis.plan import Plan, allocate, apply_options, parse_budget, parse_methods
-from leantune.analysis.probe import Probe, fit_probe, probe_fits
+from leantune.analysis.probe import Probe, fit_probe, head_module, probe_fits
 from leantune.analysis.select import score
 from leantune.core.errors import LeantuneError
 from leantune.models.loading import num_layers
@@ -152,6 +152,10 @@ def make_plan(
     # Rank enough single entries per module for such units to be able to take the whole budget.
     ranks_entries = any(METHODS[m].ranks_entries for m in methods)
     entries = max(16 * SPARSE_CHUNK, budget) if ranks_entries else 0
+    if config.score_head == "warm" and not config.causal and probe_fits(model):
+        # The probe's head first: scored through a random head, the gradients are mostly its
+        # noise. The run's warm start fits the same head again (its features then cached).
+        fit_probe(model, train, pad_id, head_module(model).out_features)
     scores = score(model, batches, skip=[h for h, _ in heads], max_entries=entries)
     # --layers bounds where the plan may go (default: the upper half, so backward stays short
     # and the frozen bottom can be cached); modules outside the layer stack stay candidates.
