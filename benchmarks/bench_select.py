@@ -124,6 +124,8 @@ def recipe_options(recipe: str, budget: str) -> dict[str, Any]:
         return {"plan": str(uniform_plan(recipe, budget))}
     if recipe == "auto":
         return {"select": "auto", "budget": budget}
+    if recipe == "auto-all":  # free to place on every layer, as qv is (issue 28)
+        return {"select": "auto", "budget": budget, "layers": "all"}
     if recipe == "auto-warm":  # scored through the probe's head (issue 28)
         return {"select": "auto", "budget": budget, "score_head": "warm"}
     if recipe == "auto-mixed":  # the plan may also buy biases, norms and sparse entries
