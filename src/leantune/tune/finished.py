@@ -362,13 +362,9 @@ def check_same_start(config: TuneConfig, folder: RunFolder, fingerprint: dict[st
             f"{getattr(config, changed[0])}); resume with the same data, or start over "
             "with --overwrite"
         )
-    now = json.loads(json.dumps(started_with(config)))
-    recorded = started.get("config", now)
-    # An option newer than the run (a later leantune added it) must be at its default.
-    defaults = json.loads(json.dumps(started_with(TuneConfig())))
-    changed = sorted(
-        k for k in set(recorded) | set(now) if recorded.get(k, defaults.get(k)) != now.get(k)
-    )
+    now, defaults = (json.loads(json.dumps(started_with(c))) for c in (config, TuneConfig()))
+    recorded = started.get("config", now)  # an option newer than the run: at its default
+    changed = sorted(k for k in {*recorded, *now} if recorded.get(k, defaults.get(k)) != now.get(k))
     if changed:
         raise LeantuneError(
             f"{folder.work / 'config.yaml'} changed since the run started ({', '.join(changed)}); "
