@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import queue as queue_module
 import statistics
 import subprocess
 import sys
@@ -53,7 +54,13 @@ def run_in_child(fn: Callable[..., T], *args: Any) -> T:
     queue = ctx.Queue()
     proc = ctx.Process(target=_call_and_send, args=(fn, args, queue))
     proc.start()
-    result = queue.get()
+    while True:  # a child that dies (an import error, a crash) must not leave us waiting
+        try:
+            result = queue.get(timeout=5)
+            break
+        except queue_module.Empty:
+            if not proc.is_alive():
+                raise RuntimeError(f"{fn.__name__} died in its child (exit {proc.exitcode})")
     proc.join()
     return result
 

@@ -26,14 +26,13 @@ Usage: python benchmarks/bench_select.py [--budgets 0.1% 0.3% 1%] [--seeds 0 1 2
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from _common import add_row, has_row, load_json, mean_sd, save_json, tune_in_child
+from peft_placement import eva_adapter, plan_file
 
 MINILM_PARAMS = 22_713_216  # base parameters without the 5-class head
 HEAD = 384 * 5 + 5
@@ -45,83 +44,18 @@ def budget_count(spec: str) -> int:
     return int(float(spec.rstrip("%")) / 100 * (MINILM_PARAMS + HEAD))
 
 
-LAYERS = 6
-HIDDEN, FFN = 384, 1536
-KINDS = {  # module suffix in a layer: LoRA parameters per unit of rank
-    "attention.self.query": 2 * HIDDEN,
-    "attention.self.key": 2 * HIDDEN,
-    "attention.self.value": 2 * HIDDEN,
-    "attention.output.dense": 2 * HIDDEN,
-    "intermediate.dense": HIDDEN + FFN,
-    "output.dense": FFN + HIDDEN,
-}
-PLANS = Path(tempfile.gettempdir()) / "bench_select_plans"
-
-
-def uniform_plan(recipe: str, budget: str) -> Path:
-    """A plan.json of LoRA at one rank on the recipe's modules, a few at rank + 1, within 3 %
-    of the LoRA count auto spends (the budget less the head): ``uniform`` takes every linear
-    layer of as many top layers as rank 1 pays for, ``qv`` query and value of every layer."""
-    target = budget_count(budget) - HEAD
-    kinds = (
-        KINDS
-        if recipe == "uniform"
-        else {k: KINDS[k] for k in KINDS if k.endswith(("query", "value"))}
-    )
-    per_layer = sum(kinds.values())
-    if recipe == "uniform":
-        k = max(1, min(LAYERS, target // per_layer))  # as many top layers as rank 1 pays for
-        layers = list(range(LAYERS - k, LAYERS))
-    else:
-        layers = list(range(LAYERS))
-    modules = [
-        (f"bert.encoder.layer.{i}.{kind}", cost)
-        for i in reversed(layers)
-        for kind, cost in kinds.items()
-    ]
-    rank = max(1, target // sum(c for _, c in modules))
-    ranks = {m: rank for m, _ in modules}
-    spent = sum(c * rank for _, c in modules)
-    for m, c in modules:  # top layers first, one more rank while it brings the count closer
-        if abs(spent + c - target) < abs(spent - target):
-            ranks[m] += 1
-            spent += c
-    entries = [
-        {
-            "module": m,
-            "method": "lora",
-            "size": ranks[m],
-            "params": ranks[m] * c,
-            "gain": 0.0,
-            "options": {},
-        }
-        for m, c in modules
-    ]
-    entries.append(
-        {
-            "module": "classifier",
-            "method": "head",
-            "size": HEAD,
-            "params": HEAD,
-            "gain": 0.0,
-            "options": {},
-        }
-    )
-    plan = {
-        "budget": budget_count(budget),
-        "base_params": MINILM_PARAMS,
-        "score": "uniform",
-        "entries": entries,
-    }
-    PLANS.mkdir(exist_ok=True)
-    path = PLANS / f"{recipe}-{budget.rstrip('%')}.json"
-    path.write_text(json.dumps(plan, indent=1))
-    return path
-
-
-def recipe_options(recipe: str, budget: str) -> dict[str, Any]:
-    if recipe in ("uniform", "qv"):
-        return {"plan": str(uniform_plan(recipe, budget))}
+def recipe_options(recipe: str, budget: str, common: dict[str, Any]) -> dict[str, Any]:
+    if "+" in recipe:  # qv+grad: the recipe with --init grad; +warm: --score-head warm
+        base, *extras = recipe.split("+")
+        more = {"grad": {"init": "grad"}, "warm": {"score_head": "warm"}}
+        options = recipe_options(base, budget, common)
+        for extra in extras:
+            options |= more[extra]
+        return options
+    if recipe in ("uniform", "qv", "kappa"):  # plans written for the run's model and data
+        return {"plan": plan_file(common, budget, recipe)}
+    if recipe == "eva":  # peft's EVA init on uniform's modules, trained from there
+        return {"init_adapter": eva_adapter(common, budget)}
     if recipe == "auto":
         return {"select": "auto", "budget": budget}
     if recipe == "auto-all":  # free to place on every layer, as qv is (issue 28)
@@ -231,11 +165,16 @@ def main() -> None:
                 if has_row(rows, **done):
                     continue
                 extra = {"layers": args.layers} if recipe.startswith("auto") and args.layers else {}
-                options = common | recipe_options(recipe, budget) | {"seed": seed} | extra
+                options = (
+                    common
+                    | recipe_options(recipe, budget, common | {"seed": seed})
+                    | {"seed": seed}
+                    | extra
+                )
                 res = tune_in_child(options, KEEP)
                 add_row(rows, done | res, args.json)
         if not args.no_full and (args.full_seeds is None or seed in args.full_seeds):
-            res = tune_in_child(recipe_options("full", "") | {"seed": seed}, KEEP)
+            res = tune_in_child(recipe_options("full", "", {}) | {"seed": seed}, KEEP)
             add_row(rows, {"budget": "100%", "recipe": "full", "seed": seed, **res})
     print("\n| budget | recipe | trainable | test acc | train s | peak RSS MB |")
     print("|---|---|---|---|---|---|")

@@ -36,6 +36,9 @@ class ModuleScore:
     sparse_gains: list[float] = field(default_factory=list)
     """Σ ḡ² of each successive SPARSE_CHUNK entries of sparse_order (falling: chunks of the
     Fisher ranking, sorted by this gain)."""
+    directions: torch.Tensor | None = field(default=None, repr=False)
+    """(k, in): the top right singular vectors of the mean gradient, largest first; kept when
+    scoring for ``--init grad`` (LoRA's A starts on them)."""
 
     @property
     def params(self) -> int:
@@ -66,6 +69,11 @@ class Scores:
     norms: list[NormScore] = field(default_factory=list)
     chunk: int = SPARSE_CHUNK
     """Entries per sparse unit (``ModuleScore.sparse_gains`` are per chunk of this many)."""
+
+    @property
+    def has_directions(self) -> bool:
+        """Whether the scoring kept gradient directions (for --init grad)."""
+        return any(m.directions is not None for m in self.modules)
 
     def module(self, name: str) -> ModuleScore:
         """The score of linear layer ``name`` (looked up by the planner per unit)."""

@@ -38,7 +38,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from leantune.adapters.config import METHODS, AdapterConfig, MixedConfig, method_config
-from leantune.adapters.planning import PlanEntry, Scores
+from leantune.adapters.planning import ModuleScore, PlanEntry, Scores
 from leantune.core.errors import LeantuneError
 from leantune.core.files import read_tensors
 
@@ -322,3 +322,42 @@ def _buy_units(
         left -= u[1]
         push(method, name, i + 1)
     return taken, count, gains
+
+
+def uniform_plan(
+    modules: Sequence[ModuleScore],
+    budget: int,
+    base_params: int,
+    heads: Sequence[tuple[str, int]] = (),
+    kinds: Sequence[str] | None = None,
+) -> Plan:
+    """The hand-placed recipe of the same size a plan is measured against: LoRA on every
+    linear layer (or those of ``kinds``) of as many top layers as rank 1 pays for within
+    ``budget`` less the heads, at one rank, a few top modules at one more where that brings
+    the count closer; with ``kinds`` (e.g. query, value), every layer."""
+    left = budget - sum(n for _, n in heads)
+    stack = [m for m in modules if m.layer is not None and (kinds is None or m.kind in kinds)]
+    if not stack or left <= 0:
+        raise LeantuneError("no layer-stack linear modules (or no budget past the head)")
+    layers = sorted({m.layer for m in stack if m.layer is not None}, reverse=True)
+    if kinds is None:  # top layers whole, as many as rank 1 pays for (one at least)
+        per_layer = {i: sum(m.rank_cost for m in stack if m.layer == i) for i in layers}
+        chosen: list[int] = []
+        for i in layers:
+            if chosen and sum(per_layer[j] for j in [*chosen, i]) > left:
+                break
+            chosen.append(i)
+        stack = [m for m in stack if m.layer in chosen]
+    stack.sort(key=lambda m: -(m.layer or 0))  # top layers first, model order within
+    rank = max(1, left // sum(m.rank_cost for m in stack))
+    ranks = {m.name: rank for m in stack}
+    spent = rank * sum(m.rank_cost for m in stack)
+    for m in stack:  # one more rank while it brings the count closer to the budget
+        if abs(spent + m.rank_cost - left) < abs(spent - left):
+            ranks[m.name] += 1
+            spent += m.rank_cost
+    plan = Plan(budget, base_params, [PlanEntry(m, HEAD, n, n) for m, n in heads], "uniform")
+    order = {m.name: i for i, m in enumerate(modules)}
+    for m in sorted(stack, key=lambda m: order[m.name]):
+        plan.entries.append(PlanEntry(m.name, "lora", ranks[m.name], ranks[m.name] * m.rank_cost))
+    return plan

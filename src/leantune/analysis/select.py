@@ -61,9 +61,12 @@ def score(
     skip: Sequence[str] = (),
     max_rank: int = 64,
     max_entries: int = 16 * SPARSE_CHUNK,
+    directions: int = 0,
 ) -> Scores:
     """Importance of every linear layer (and norm layer) of ``model`` for the loss on
-    ``batches``; ``max_entries`` bounds the sparse units ranked per layer (0: none)."""
+    ``batches``; ``max_entries`` bounds the sparse units ranked per layer (0: none);
+    ``directions``: keep each layer's top right singular vectors of its mean gradient (for
+    ``--init grad``)."""
     if not batches:
         raise LeantuneError("the scoring set has no examples; give at least one batch")
     modules = scorable_modules(model, skip)
@@ -81,7 +84,7 @@ def score(
     nb = len(batches)
     with torch.no_grad():
         results = [
-            _module_score(n, module, weights[n], grads, nb, max_rank, max_entries)
+            _module_score(n, module, weights[n], grads, nb, max_rank, max_entries, directions)
             for n, module in modules.items()
         ]
         norm_scores = [_norm_score(n, module, grads.grad_sum, nb) for n, module in norms.items()]
@@ -166,12 +169,20 @@ def _module_score(
     nb: int,
     max_rank: int,
     max_entries: int,
+    directions: int = 0,
 ) -> ModuleScore:
     """The scores of one linear layer from the gradients summed over ``nb`` batches."""
     mean = grads.grad_sum[f"{n}.weight"] / nb
     wf = weight.detach().float()
     as_linear = mean if isinstance(module, nn.Linear) else mean.t()
-    sv = torch.linalg.svdvals(as_linear.cpu())[:max_rank] if mean.any() else torch.zeros(0)
+    vh = None
+    if not mean.any():
+        sv = torch.zeros(0)
+    elif directions:
+        _, sv, vh = torch.linalg.svd(as_linear.cpu(), full_matrices=False)
+        sv, vh = sv[:max_rank], vh[:directions].clone()
+    else:
+        sv = torch.linalg.svdvals(as_linear.cpu())[:max_rank]
     out_f, in_f = as_linear.shape
     bias = grads.grad_sum.get(f"{n}.bias")
     m = ModuleScore(
@@ -185,6 +196,7 @@ def _module_score(
         spectrum=[float(s) ** 2 for s in sv if s > 0],
         bias_size=0 if bias is None else bias.numel(),
         bias_gain=0.0 if bias is None else float((bias / nb).pow(2).sum()),
+        directions=vh,
     )
     if max_entries and mean.any():
         ef = grads.entry_fisher[n]

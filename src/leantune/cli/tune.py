@@ -9,7 +9,9 @@ from typing import Annotated, Any
 
 import typer
 
-from leantune.analysis.plan import entry_label
+from leantune.adapters.planning import Scores
+from leantune.adapters.targets import layer_index
+from leantune.analysis.plan import HEAD, Plan, entry_label, uniform_plan
 from leantune.cli.common import app, config_options, fail, flag, with_signature
 from leantune.core.errors import LeantuneError
 
@@ -188,6 +190,24 @@ def tune(**kwargs: Any) -> None:
     )
 
 
+def uniform_line(plan: Plan, scores: Scores) -> str:
+    """The hand-placed LoRA recipe of the plan's size (the one it is expected to beat)."""
+    heads = [(e.module, e.params) for e in plan.entries if e.method == HEAD]
+    try:
+        uniform = uniform_plan(scores.modules, plan.budget, plan.base_params, heads)
+    except LeantuneError:
+        return "to beat: no uniform LoRA recipe fits this budget"
+    entries = uniform.of("lora")
+    ranks = sorted({e.size for e in entries})
+    layers = sorted({layer_index(e.module) for e in entries}, key=lambda i: i or 0)
+    return (
+        f"to beat: uniform LoRA of the same size: rank {'/'.join(map(str, ranks))} on all "
+        f"{len(entries)} linear modules of layer(s) {', '.join(map(str, layers))} "
+        f"({uniform.params:,} parameters with the head); about: leantune tune --layers "
+        f"{','.join(map(str, layers))} --r {ranks[0]}"
+    )
+
+
 def select(**kwargs: Any) -> None:
     """Score which parameters matter for the task and spend --budget on them (a Plan).
 
@@ -229,6 +249,7 @@ def select(**kwargs: Any) -> None:
         f"{plan.budget:,} budgeted parameters ({100 * plan.params / plan.base_params:.3f}% of "
         f"{plan.base_params:,}); scored {scores.examples} examples in {scores.seconds:.1f} s"
     )
+    typer.echo(uniform_line(plan, scores))
     if probe:
         typer.echo(
             "probe (the frozen model with a fitted head; the score to beat): validation "

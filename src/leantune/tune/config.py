@@ -140,8 +140,12 @@ class TuneConfig(
                 f"--metric {self.metric!r} is not a {self.task} metric; use one of {allowed_metrics}"
             )
         self.fractions()  # validates
+        if self.select == "none":  # hand placement, said out loud
+            self.select = None
         if self.select not in (None, "auto"):
-            raise LeantuneError(f"--select {self.select!r}: the one selector is auto")
+            raise LeantuneError(f"--select {self.select!r} is unknown; use auto or none")
+        if self.init_adapter is not None:
+            self._check_init_adapter()
         if self.select and self.plan:
             raise LeantuneError("--select auto makes a plan and --plan gives one; pick one")
         self._check_method()
@@ -161,6 +165,20 @@ class TuneConfig(
         if self.reference_examples < 0:
             raise LeantuneError("--reference-examples must be 0 (off) or more")
         parse_track(self.track)
+
+    def _check_init_adapter(self) -> None:
+        """--init-adapter: an adapter folder, without options that place another adapter."""
+        path = Path(self.init_adapter or "")
+        if not (path / "adapter_config.json").is_file():
+            raise LeantuneError(
+                f"--init-adapter {path}: no adapter_config.json there; give an adapter folder "
+                "(a run's adapter/, or peft's save_pretrained folder)"
+            )
+        if self.select or self.plan or self.method in OWN_PARAMETERS:
+            raise LeantuneError(
+                "--init-adapter gives the adapter to start from; drop --select / --plan / "
+                f"--method {self.method}"
+            )
 
     def _check_precision(self) -> None:
         for key, allowed in (

@@ -138,6 +138,11 @@ class MethodOptions:
     top-Fisher weight entries within --budget and --layers, a FISH mask); full (every
     parameter) or head (the task head only); probe (the head alone, fitted to convergence on
     the frozen model's features: a logistic regression in seconds, no training loop)."""
+    init_adapter: str | None = None
+    """An adapter folder (peft's or leantune's) the run starts from instead of a new adapter:
+    its config says the method, targets and ranks, its weights are the start (an adapter that
+    peft initialised, e.g. with EVA or LoftQ; or an earlier run's, to go on training on new
+    data). --method must name its method; --targets, --r, --select and --plan do not apply."""
     warm_head: bool | None = None
     """classify: start from the probe's head (fitted on the frozen model's features) instead
     of a random one, then train the method (LP-FT). Left out: on for classification where the
@@ -189,9 +194,10 @@ class PlacementOptions:
     """Layers adapted (and where --select auto may spend): upper-half, all, a range 3-5 or a
     list 3,4,5."""
     select: str | None = None
-    """auto: score the parameters on a few training batches and spend --budget on the ones that
-    matter (per module: a method from --plan-methods and its size, + the head) within --layers;
-    replaces --targets and --r."""
+    """none (the default: --targets or --plan place the adapter by hand) or auto: score the
+    parameters on a few training batches and spend --budget on the ones that matter (per
+    module: a method from --plan-methods and its size, + the head) within --layers; replaces
+    --targets and --r."""
     budget: str = "0.5%"
     """Trainable parameters for --select auto and --method sparse: a count (68000) or a share of
     the model (0.5%)."""
@@ -297,6 +303,10 @@ class KnowledgeOptions:
     smallest k that keeps its tokens under a quarter of the task's (1 for long texts)."""
     keep_examples: int = 256
     """Reference texts the keep loss cycles through (beyond the --reference-examples ones)."""
+    general_examples: int = 200
+    """Causal LMs (instruct, causal-lm): prompts of the embedded general-ability set (arithmetic,
+    facts, instruction following; 268 in all) answered greedily before and after training and
+    scored by rule: the general score, before -> after (0 turns it off)."""
 
 
 @dataclass

@@ -52,7 +52,16 @@ from leantune.models.precision import (
 )
 from leantune.train.answer import Forward, answer_forward_for
 from leantune.tune.config import TuneConfig
-from leantune.tune.strategy import apply_method, apply_plan, head_modules, make_plan, uses_plan
+from leantune.tune.strategy import (
+    apply_method,
+    apply_plan,
+    gradient_scores,
+    head_modules,
+    make_plan,
+    start_from_adapter,
+    start_on_gradient,
+    uses_plan,
+)
 
 
 @dataclass
@@ -360,9 +369,21 @@ def prepare(config: TuneConfig, with_method: bool = True) -> Prepared:
     plan, scores = None, None
     if with_method and uses_plan(config):
         plan, scores = shared_plan(model, config, train_enc, tok.pad_token_id)
+    if with_method and config.init == "grad" and (scores is None or not scores.has_directions):
+        # Every process scores the same seeded batches: the same directions without a broadcast.
+        scores = gradient_scores(model, config, train_enc, tok.pad_token_id)
+    if with_method and plan is not None:
         apply_plan(model, plan)
+    elif with_method and config.init_adapter:
+        start_from_adapter(model, config)
     elif with_method:
         apply_method(model, config)
+    if with_method and config.init == "grad":
+        assert scores is not None
+        started = start_on_gradient(model, scores)
+        notes.append(
+            f"--init grad: {started} LoRA layer(s) start on the task gradient's top directions"
+        )
     if config.base_dtype not in (None, "fp32"):  # after the adapters, which stay fp32
         check_base_dtype(dtype_of(config.base_dtype), device)
         cast_base(model, config.base_dtype)

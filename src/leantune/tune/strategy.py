@@ -18,7 +18,9 @@ from torch import nn
 
 from leantune.adapters.base import records
 from leantune.adapters.config import METHODS, AdapterConfig, name_matches
+from leantune.adapters.formats import load_adapter
 from leantune.adapters.inject import adapter_layers, inject
+from leantune.adapters.methods.lora.layers import LoraLayer
 from leantune.adapters.planning import SPARSE_CHUNK, Scores
 from leantune.adapters.targets import output_head_names
 from leantune.analysis.evaluate import Encoded, make_batch
@@ -113,6 +115,19 @@ def apply_method(model: nn.Module, config: TuneConfig) -> None:
             p.requires_grad_(True)
 
 
+def start_from_adapter(model: nn.Module, config: TuneConfig) -> None:
+    """--init-adapter: the folder's adapter, trainable, the rest of the model frozen; its
+    method must be the run's (--method), which decides the run's defaults and report."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    load_adapter(model, str(config.init_adapter), trainable=True)
+    method = records(model)["default"].config.method
+    if method != config.method:
+        raise LeantuneError(
+            f"--init-adapter {config.init_adapter} holds a {method} adapter; pass --method {method}"
+        )
+
+
 def scoring_batches(
     config: TuneConfig, train: Encoded, pad_id: int
 ) -> list[dict[str, torch.Tensor]]:
@@ -156,7 +171,10 @@ def make_plan(
         # The probe's head first: scored through a random head, the gradients are mostly its
         # noise. The run's warm start fits the same head again (its features then cached).
         fit_probe(model, train, pad_id, head_module(model).out_features)
-    scores = score(model, batches, skip=[h for h, _ in heads], max_entries=entries)
+    directions = GRAD_DIRECTIONS if config.init == "grad" else 0
+    scores = score(
+        model, batches, skip=[h for h, _ in heads], max_entries=entries, directions=directions
+    )
     # --layers bounds where the plan may go (default: the upper half, so backward stays short
     # and the frozen bottom can be cached); modules outside the layer stack stay candidates.
     allowed = parse_layers(config.layers, num_layers(model))
@@ -174,6 +192,45 @@ def make_plan(
     plan = allocate(candidates, budget, base, heads, methods=methods)
     apply_run_options(plan, config)
     return plan, scores
+
+
+GRAD_DIRECTIONS = 64
+"""Right singular vectors of each layer's mean gradient kept for --init grad (the most rank
+a LoRA module starts on them; rows past it keep the standard init)."""
+GRAD_ROW_NORM = 1 / math.sqrt(3)
+"""Row norm of A under --init grad: the expected row norm of the standard (Kaiming-uniform,
+a=√5) init, so only the direction changes."""
+
+
+def gradient_scores(model: nn.Module, config: TuneConfig, train: Encoded, pad_id: int) -> Scores:
+    """--init grad without --select auto: the scoring pass, for its gradient directions only
+    (the same --score-examples batches and head as selection)."""
+    if config.score_head == "warm" and not config.causal and probe_fits(model):
+        fit_probe(model, train, pad_id, head_module(model).out_features)
+    heads = [] if config.causal else head_modules(model, False)
+    batches = scoring_batches(config, train, pad_id)
+    return score(model, batches, skip=heads, max_entries=0, directions=GRAD_DIRECTIONS)
+
+
+def start_on_gradient(model: nn.Module, scores: Scores) -> int:
+    """--init grad: each LoRA adapter's A starts on its layer's top right singular vectors of
+    the task gradient (B stays zero, so the model starts unchanged and the first steps move B
+    along the gradient's top directions, as LoRA-GA argues). Returns the layers set."""
+    directions = {m.name: m.directions for m in scores.modules if m.directions is not None}
+    done = 0
+    for name, layer in adapter_layers(model):
+        vh = directions.get(name)
+        if not isinstance(layer, LoraLayer) or vh is None:
+            continue
+        for adapter_name in layer.adapter_names():
+            adapter = layer.adapter(adapter_name)
+            if adapter.init != "grad" or adapter.A.shape[1] != vh.shape[1]:
+                continue
+            k = min(adapter.r, vh.shape[0])
+            with torch.no_grad():
+                adapter.A[:k].copy_(vh[:k].to(adapter.A) * GRAD_ROW_NORM)
+            done += 1
+    return done
 
 
 def apply_run_options(plan: Plan, config: TuneConfig, where: str = "the plan") -> None:

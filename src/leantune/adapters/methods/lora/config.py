@@ -28,7 +28,7 @@ from leantune.core.errors import AdapterFileError, LeantuneError
 if TYPE_CHECKING:
     from leantune.adapters.planning import PlanEntry, Scores
 
-INITS = ("standard", "gaussian", "pissa")
+INITS = ("standard", "gaussian", "pissa", "grad")
 PLAN_OPTIONS = ("alpha_ratio", "dropout", "dora", "rslora", "init")
 """Options a plan's LoRA entry may carry (the rank is its size; alpha = alpha_ratio · r)."""
 
@@ -61,7 +61,10 @@ class LoraConfig(AdapterConfig):
     """DoRA: learn a per-output magnitude and a LoRA direction (Linear and Conv1D layers)."""
     init: str = "standard"
     """standard (A Kaiming-uniform, B zero), gaussian (A normal with std 1/r, B zero), or
-    pissa (A, B from the top-r singular vectors of W; the residual stays frozen in W)."""
+    pissa (A, B from the top-r singular vectors of W; the residual stays frozen in W), or
+    grad (A on the top-r right singular vectors of the layer's task gradient, measured on
+    --score-examples training examples as --select auto scores; B zero, so the model starts
+    unchanged and the adapter is a plain LoRA in peft's format)."""
     rank_pattern: dict[str, int] = field(default_factory=dict)
     """Per-module ranks: a key matches a module whose name ends in it (peft's rule)."""
     alpha_pattern: dict[str, float] = field(default_factory=dict)
