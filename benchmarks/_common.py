@@ -60,7 +60,9 @@ def run_in_child(fn: Callable[..., T], *args: Any) -> T:
             break
         except queue_module.Empty:
             if not proc.is_alive():
-                raise RuntimeError(f"{fn.__name__} died in its child (exit {proc.exitcode})")
+                raise RuntimeError(
+                    f"{fn.__name__} died in its child (exit {proc.exitcode})"
+                ) from None
     proc.join()
     return result
 

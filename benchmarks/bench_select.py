@@ -87,42 +87,53 @@ KEEP = (
     "knowledge_cosine",
     "probe_test_accuracy",
     "wall_seconds",
+    # --task instruct (SmolLM2): the issue's figures
+    "best_val_loss",
+    "test_exact_match",
+    "test_rouge_l",
+    "test_perplexity",
+    "reference_perplexity",
+    "reference_perplexity_change",
 )
+LOWER_IS_BETTER = ("loss", "perplexity")
 
 
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
-def paired_table(rows: list[dict[str, Any]]) -> str:
-    """Per (data, budget, recipe): trainable count, test accuracy mean ± sd, and the paired
-    difference from auto over the seeds both have (mean and 95 % t interval, points)."""
+def paired_table(rows: list[dict[str, Any]], metric: str = "test_accuracy") -> str:
+    """Per (data, budget, recipe): trainable count, ``metric`` mean ± sd, and the paired
+    difference from auto over the seeds both have (mean and 95 % t interval; accuracies in
+    points, losses as they are)."""
     groups: dict[tuple[str, str, str], dict[int, dict[str, Any]]] = {}
     for r in rows:
-        key = (str(r.get("data", "bbc")), str(r["budget"]), str(r["recipe"]))
-        groups.setdefault(key, {})[int(r["seed"])] = r
+        if metric in r:
+            key = (str(r.get("data", "bbc")), str(r["budget"]), str(r["recipe"]))
+            groups.setdefault(key, {})[int(r["seed"])] = r
+    scale = 1 if any(w in metric for w in LOWER_IS_BETTER) else 100
     lines = [
-        "| data | budget | recipe | trainable | test acc | vs auto (points, 95 % CI) | seeds |",
+        f"| data | budget | recipe | trainable | {metric} | vs auto (95 % CI) | seeds |",
         "|---|---|---|---|---|---|---|",
     ]
     for (data, budget, recipe), by_seed in sorted(groups.items()):
-        accs = [r["test_accuracy"] for r in by_seed.values()]
+        values = [r[metric] for r in by_seed.values()]
         counts = sorted({r["trainable_params"] for r in by_seed.values()})
         auto = groups.get((data, budget, "auto"), {})
-        diffs = [
-            100 * (by_seed[s]["test_accuracy"] - auto[s]["test_accuracy"])
-            for s in by_seed
-            if s in auto
-        ]
+        diffs = [scale * (by_seed[s][metric] - auto[s][metric]) for s in by_seed if s in auto]
         vs = "—"
         if recipe != "auto" and len(diffs) >= 2:
             m, sd = statistics.mean(diffs), statistics.stdev(diffs)
             half = T95.get(len(diffs) - 1, 2.0) * sd / math.sqrt(len(diffs))
-            vs = f"{m:+.2f} [{m - half:+.2f}, {m + half:+.2f}]"
+            vs = (
+                f"{m:+.3g} [{m - half:+.3g}, {m + half:+.3g}]"
+                if scale == 1
+                else (f"{m:+.2f} [{m - half:+.2f}, {m + half:+.2f}]")
+            )
         elif recipe != "auto" and diffs:
-            vs = f"{diffs[0]:+.2f} (one seed)"
+            vs = f"{diffs[0]:+.3g} (one seed)"
         count = ", ".join(f"{c:,}" for c in counts)
         lines.append(
-            f"| {data} | {budget} | {recipe} | {count} | {mean_sd(accs)} | {vs} | {len(accs)} |"
+            f"| {data} | {budget} | {recipe} | {count} | {mean_sd(values)} | {vs} | {len(values)} |"
         )
     return "\n".join(lines)
 
@@ -146,18 +157,25 @@ def main() -> None:
         "--defaults", action="store_true", help="the tune defaults (L2 too), as issue 28 asks"
     )
     parser.add_argument("--table", action="store_true", help="print the JSON's table, run nothing")
+    parser.add_argument("--task", default=None, help="--task for every run (instruct: SmolLM2)")
+    parser.add_argument("--gen-examples", type=int, default=None, help="instruct: test prompts")
+    parser.add_argument("--metric", default="test_accuracy", help="the table's column")
     args = parser.parse_args()
     rows: list[dict[str, Any]] = load_json(args.json, []) if args.json else []
     if args.table:
-        print(paired_table(rows))
+        print(paired_table(rows, args.metric))
         return
-    data = args.data or "bbc"
+    data = args.data or ("smollm2-instruct" if args.task == "instruct" else "bbc")
     data_label = data + (f"/{args.train_examples}" if args.train_examples else "")
     common: dict[str, Any] = {"l2": None} if args.defaults else {}
     if args.data:
         common["data"] = args.data
     if args.train_examples:
         common["train_examples"] = args.train_examples
+    if args.task:  # the general-ability set is not what placement is measured on here
+        common |= {"task": args.task, "general_examples": 0}
+    if args.gen_examples is not None:
+        common["gen_examples"] = args.gen_examples
     for seed in args.seeds:
         for budget in args.budgets:
             for recipe in args.recipes:
@@ -176,22 +194,23 @@ def main() -> None:
         if not args.no_full and (args.full_seeds is None or seed in args.full_seeds):
             res = tune_in_child(recipe_options("full", "", {}) | {"seed": seed}, KEEP)
             add_row(rows, {"budget": "100%", "recipe": "full", "seed": seed, **res})
-    print("\n| budget | recipe | trainable | test acc | train s | peak RSS MB |")
+    print(f"\n| budget | recipe | trainable | {args.metric} | train s | peak RSS MB |")
     print("|---|---|---|---|---|---|")
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in rows:
-        groups.setdefault((r["budget"], r["recipe"]), []).append(r)
+        if args.metric in r:
+            groups.setdefault((r["budget"], r["recipe"]), []).append(r)
     for (budget, recipe), rs in groups.items():
         print(
             f"| {budget} | {recipe} | {rs[0]['trainable_params']:,} | "
-            f"{mean_sd([r['test_accuracy'] for r in rs])} | "
+            f"{mean_sd([r[args.metric] for r in rs])} | "
             f"{mean_sd([r['train_seconds'] for r in rs])} | "
             f"{mean_sd([r['peak_rss_mb'] for r in rs])} |"
         )
     if args.json:
         save_json(args.json, rows)
     print()
-    print(paired_table(rows))
+    print(paired_table(rows, args.metric))
 
 
 if __name__ == "__main__":

@@ -10,9 +10,9 @@ import torch
 
 import leantune as lt
 from helpers import build, tiny_model_folder, topic_rows, write_rows
-from leantune.adapters.planning import PlanEntry
+from leantune.adapters.planning import ModuleScore, PlanEntry
 from leantune.adapters.targets import layer_index
-from leantune.analysis.plan import Plan, allocate, parse_budget
+from leantune.analysis.plan import Plan, allocate, parse_budget, uniform_plan
 from leantune.analysis.select import score
 from leantune.core.errors import LeantuneError
 from leantune.tune import TuneConfig, make_config, run_tune
@@ -160,6 +160,10 @@ def test_select_command_prints_the_ranking_and_writes_the_plan(tmp_path: Path) -
         "plan",
     ]
     assert f"{plan.params:,} of {plan.budget:,} budgeted" in res.stdout
+    # Beside the plan, the hand-placed recipe of the same size it is expected to beat.
+    beat = next(x for x in res.stdout.splitlines() if x.startswith("to beat: uniform LoRA"))
+    count = int(beat.split("(")[1].split(" parameters")[0].replace(",", ""))
+    assert abs(count - plan.budget) <= 0.1 * plan.budget and "--layers" in beat
     # The probe's validation score stands beside the plan: the bar its adapters must clear.
     line = next(x for x in res.stdout.splitlines() if x.startswith("probe ("))
     assert 0.0 <= float(line.split(" accuracy ")[1].split(",")[0]) <= 1.0
@@ -348,3 +352,137 @@ def test_warm_head_scoring_scores_through_the_probes_head(
     assert max(abs(a - b) / max(a, b, 1e-12) for a, b in zip(warm, random_head, strict=True)) > 0.05
     with pytest.raises(LeantuneError, match="score_head"):
         make_config({"score_head": "probe"})
+
+
+def _modules(layers: int = 3) -> list[ModuleScore]:
+    kinds = {"attention.self.query": (32, 32), "attention.self.value": (32, 32)}
+    kinds |= {"intermediate.dense": (64, 32), "output.dense": (32, 64)}
+    return [
+        ModuleScore(f"enc.layer.{i}.{k}", k, i, shape)
+        for i in range(layers)
+        for k, shape in kinds.items()
+    ]
+
+
+@pytest.mark.parametrize("budget", [700, 1500, 4000, 20_000])
+def test_uniform_plan_spends_the_budget_on_the_top_layers(budget: int) -> None:
+    """Issue 28: the recipe a plan is measured against: every linear module of the top layers
+    at one rank (a few at one more), as close to the budget as whole ranks allow."""
+    modules = _modules()
+    plan = uniform_plan(modules, budget, 10**6, heads=[("classifier", 99)])
+    lora = plan.of("lora")
+    layers = sorted({layer_index(e.module) for e in lora})
+    assert layers == list(range(3 - len(layers), 3))  # the top ones, contiguous
+    per_layer = {e.module.split(".")[2] for e in lora}
+    assert all(sum(1 for e in lora if e.module.split(".")[2] == i) == 4 for i in per_layer)
+    ranks = {e.size for e in lora}
+    assert max(ranks) - min(ranks) <= 1
+    # Whole ranks land within half a module's rank of the budget (above or below it).
+    assert abs(plan.params - budget) <= max(m.rank_cost for m in modules) / 2
+    if len(layers) < 3:  # another layer at rank 1 would not have fitted
+        assert (len(layers) + 1) * 320 > budget - 99
+    assert plan.of("head")[0].params == 99
+    assert plan == uniform_plan(modules, budget, 10**6, heads=[("classifier", 99)])
+
+
+def test_uniform_plan_of_some_kinds_takes_every_layer() -> None:
+    kinds = ["attention.self.query", "attention.self.value"]
+    plan = uniform_plan(_modules(), 3000, 10**6, kinds=kinds)
+    assert {
+        e.module.rsplit(".", 3)[-2] + "." + e.module.rsplit(".", 1)[-1] for e in plan.of("lora")
+    }
+    assert {layer_index(e.module) for e in plan.of("lora")} == {0, 1, 2}
+    assert all(e.module.endswith(("query", "value")) for e in plan.of("lora"))
+    assert plan.params <= 3000 + 64
+    with pytest.raises(LeantuneError, match="no layer-stack"):
+        uniform_plan(_modules(), 3000, 10**6, kinds=["nothing"])
+
+
+def test_init_grad_starts_lora_on_the_gradients_top_directions(
+    bert_dir: Path, data_file: Path
+) -> None:
+    """Issue 28: --init grad: each A's rows are the top right singular vectors of its layer's
+    mean task gradient (scaled to the standard init's row norm), B is zero so the model starts
+    unchanged; the same under --select auto (the plan's own scores) and hand targets."""
+    from leantune.adapters.inject import adapter_layers, disable
+    from leantune.tune.prepare import prepare
+    from leantune.tune.strategy import GRAD_ROW_NORM, scoring_batches
+
+    common = {"model": str(bert_dir), "data": str(data_file), "r": 2}
+    base = prepare(make_config(common), with_method=False)
+    batch = scoring_batches(base.config, base.train, base.tok.pad_token_id)
+    heads = ["classifier"]
+    reference = score(base.model, batch, skip=heads, max_entries=0, directions=4)
+    for options in ({"init": "grad"}, {"init": "grad", "select": "auto", "budget": "3%"}):
+        prep = prepare(make_config(common | options))
+        layers = dict(adapter_layers(prep.model))
+        assert layers
+        for name, layer in layers.items():
+            a = layer.adapter("default")
+            vh = reference.module(name).directions
+            assert vh is not None
+            k = min(a.r, vh.shape[0])
+            # Singular vectors are defined up to sign; the scoring is deterministic, so equal.
+            assert torch.allclose(a.A[:k], vh[:k] * GRAD_ROW_NORM, atol=1e-5)
+            assert torch.count_nonzero(a.B) == 0
+        ids = batch[0]["input_ids"]
+        prep.model.eval()
+        with torch.no_grad(), disable(prep.model):
+            before = prep.model(input_ids=ids).logits
+        with torch.no_grad():
+            after = prep.model(input_ids=ids).logits
+        assert torch.equal(before, after)
+    standard = prepare(make_config(common))
+    a = next(iter(dict(adapter_layers(standard.model)).values())).adapter("default").A
+    assert not torch.allclose(a.norm(dim=1), torch.full((a.shape[0],), GRAD_ROW_NORM))
+
+
+def test_init_adapter_starts_from_the_folders_weights(
+    tmp_path: Path, bert_dir: Path, data_file: Path
+) -> None:
+    """Issue 28: --init-adapter starts the run from an adapter folder (here one peft made and
+    initialised itself), trains it in leantune's loop, and refuses what does not fit."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    from leantune.adapters.inject import adapter_layers
+    from leantune.tune.prepare import prepare
+
+    targets = ["bert.encoder.layer.1.attention.self.query", "bert.encoder.layer.1.output.dense"]
+    hf = AutoModelForSequenceClassification.from_pretrained(bert_dir, num_labels=3)
+    config = LoraConfig(r=3, lora_alpha=6, target_modules=targets, task_type="SEQ_CLS")
+    peft_model = get_peft_model(hf, config)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()  # a start that is not LoRA's default
+    folder = tmp_path / "start"
+    peft_model.save_pretrained(folder)
+    common = {"model": str(bert_dir), "data": str(data_file)}
+    prep = prepare(make_config(common | {"init_adapter": str(folder)}))
+    layers = dict(adapter_layers(prep.model))
+    assert sorted(layers) == sorted(targets)
+    saved = dict(peft_model.named_parameters())
+    for name, layer in layers.items():
+        a = layer.adapter("default")
+        assert a.r == 3 and a.A.requires_grad
+        key = f"base_model.model.{name}.lora_B.default.weight"
+        assert torch.equal(a.B.detach(), saved[key].detach())
+    trainable = {n for n, p in prep.model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora." in n or n.startswith("classifier") for n in trainable)
+    summary = run_tune(
+        TuneConfig(**common, init_adapter=str(folder), runs_dir=str(tmp_path / "runs"), epochs=1)
+    )
+    assert summary["steps"] > 0
+    with pytest.raises(LeantuneError, match=r"no adapter_config\.json"):
+        make_config(common | {"init_adapter": str(tmp_path / "nowhere")})
+    with pytest.raises(LeantuneError, match="drop --select"):
+        make_config(common | {"init_adapter": str(folder), "select": "auto"})
+    with pytest.raises(LeantuneError, match="holds a lora adapter; pass --method lora"):
+        prepare(make_config(common | {"init_adapter": str(folder), "method": "ia3"}))
+
+
+def test_select_none_is_hand_placement() -> None:
+    assert make_config({"select": "none"}).select is None
+    with pytest.raises(LeantuneError, match="use auto or none"):
+        make_config({"select": "best"})

@@ -62,18 +62,22 @@ def score(
     max_rank: int = 64,
     max_entries: int = 16 * SPARSE_CHUNK,
     directions: int = 0,
+    only: Sequence[str] | None = None,
 ) -> Scores:
     """Importance of every linear layer (and norm layer) of ``model`` for the loss on
     ``batches``; ``max_entries`` bounds the sparse units ranked per layer (0: none);
     ``directions``: keep each layer's top right singular vectors of its mean gradient (for
-    ``--init grad``)."""
+    ``--init grad``); ``only``: just these linear layers, no norm layer (backward then stops
+    at the lowest of them)."""
     if not batches:
         raise LeantuneError("the scoring set has no examples; give at least one batch")
     modules = scorable_modules(model, skip)
+    if only is not None:
+        modules = {n: m for n, m in modules.items() if n in set(only)}
     if not modules:
         raise LeantuneError("the model has no linear layers to score")
     start = time.perf_counter()
-    norms = _norm_modules(model, skip)
+    norms = _norm_modules(model, skip) if only is None else {}
     weights = {n: _weight(m) for n, m in modules.items()}
     # Every tensor whose gradient is read: layer weights, their biases, norm scales and shifts.
     tracked: dict[str, nn.Parameter] = {f"{n}.weight": w for n, w in weights.items()}

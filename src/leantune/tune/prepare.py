@@ -369,9 +369,6 @@ def prepare(config: TuneConfig, with_method: bool = True) -> Prepared:
     plan, scores = None, None
     if with_method and uses_plan(config):
         plan, scores = shared_plan(model, config, train_enc, tok.pad_token_id)
-    if with_method and config.init == "grad" and (scores is None or not scores.has_directions):
-        # Every process scores the same seeded batches: the same directions without a broadcast.
-        scores = gradient_scores(model, config, train_enc, tok.pad_token_id)
     if with_method and plan is not None:
         apply_plan(model, plan)
     elif with_method and config.init_adapter:
@@ -379,8 +376,11 @@ def prepare(config: TuneConfig, with_method: bool = True) -> Prepared:
     elif with_method:
         apply_method(model, config)
     if with_method and config.init == "grad":
-        assert scores is not None
-        started = start_on_gradient(model, scores)
+        # Every process scores the same seeded batches: the same directions without a broadcast.
+        found = scores
+        if found is None or not found.has_directions:
+            found = gradient_scores(model, config, train_enc, tok.pad_token_id)
+        started = start_on_gradient(model, found)
         notes.append(
             f"--init grad: {started} LoRA layer(s) start on the task gradient's top directions"
         )

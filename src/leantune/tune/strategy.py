@@ -203,13 +203,14 @@ a=√5) init, so only the direction changes."""
 
 
 def gradient_scores(model: nn.Module, config: TuneConfig, train: Encoded, pad_id: int) -> Scores:
-    """--init grad without --select auto: the scoring pass, for its gradient directions only
-    (the same --score-examples batches and head as selection)."""
-    if config.score_head == "warm" and not config.causal and probe_fits(model):
-        fit_probe(model, train, pad_id, head_module(model).out_features)
-    heads = [] if config.causal else head_modules(model, False)
+    """--init grad without --select auto's scores: the scoring pass over the adapted layers
+    only (after injection: B is zero, so their weights' gradients are the base model's), on
+    the --score-examples batches selection uses."""
+    adapted = [name for name, layer in adapter_layers(model) if isinstance(layer, LoraLayer)]
+    if not adapted:
+        return Scores([], 0, 0.0)
     batches = scoring_batches(config, train, pad_id)
-    return score(model, batches, skip=heads, max_entries=0, directions=GRAD_DIRECTIONS)
+    return score(model, batches, max_entries=0, directions=GRAD_DIRECTIONS, only=adapted)
 
 
 def start_on_gradient(model: nn.Module, scores: Scores) -> int:
