@@ -99,8 +99,10 @@ def test_tune_instruct_improves_the_generated_answers(setup: tuple[Path, Path], 
     page = (run / "report.html").read_text()
     assert "Example generations" in page and samples[0]["reference"] in page
     general = json.loads((run / "history.json").read_text())["general"]
-    assert len(general) == 4 and all(g["base_answer"] != g["answer"] for g in general)
-    assert "general prompts" in page
+    assert len(general) == summary["general_examples"] == 200  # --general-examples' default
+    assert all(g["base_answer"] != g["answer"] for g in general[:4])
+    assert 0 <= summary["general_before"] <= 1 and 0 <= summary["general_after"] <= 1
+    assert "general prompts" in page and "general score" in page
 
 
 def test_tune_instruct_with_lora_then_eval_and_generate(setup: tuple[Path, Path], tmp_path: Path):

@@ -23,20 +23,11 @@ from torch import nn
 from leantune.core.errors import LeantuneError
 from leantune.models.chat import ChatExample, Message, prompt_and_reference
 from leantune.models.loading import model_inputs
-from leantune.models.precision import autocast
 
 SHORT_WORDS = 3
 """References of at most this many words are scored by exact match, longer ones by ROUGE-L
 (when the data does not say which: the embedded data's rows do)."""
 SHORT_KINDS = ("topic", "short")
-GENERAL_PROMPTS = (
-    "What is the capital of France?",
-    "Give three tips for staying healthy.",
-    "What is 12 times 11?",
-    "Write one sentence about the sea.",
-)
-"""General (not task) prompts an instruct run answers before and after training: what the
-chat model could do, and whether it still can (the report shows both)."""
 
 
 @dataclass(frozen=True)
@@ -79,7 +70,6 @@ def render_prompts(tok: Any, conversations: Sequence[Sequence[Message]]) -> list
     ]
 
 
-@torch.no_grad()
 def generate(
     model: nn.Module,
     tok: Any,
@@ -91,6 +81,20 @@ def generate(
 ) -> list[str]:
     """The model's answer to each conversation (special tokens dropped, stripped)."""
     texts = render_prompts(tok, conversations)
+    return generate_texts(model, tok, texts, sampling, batch_size=batch_size, streamer=streamer)
+
+
+@torch.no_grad()
+def generate_texts(
+    model: nn.Module,
+    tok: Any,
+    texts: Sequence[str],
+    sampling: Sampling = Sampling(),
+    *,
+    batch_size: int = 8,
+    streamer: Any = None,
+) -> list[str]:
+    """The model's continuation of each text (special tokens dropped, stripped)."""
     was_training, side = model.training, tok.padding_side
     model.eval()
     tok.padding_side = "left"  # new tokens follow the prompt in every row
@@ -208,21 +212,3 @@ def evaluate_by_generation(
     prompts = [prompt_and_reference(ex)[0] for ex in examples]
     answers = generate(model, tok, prompts, sampling, batch_size=batch_size)
     return score_answers(examples, answers)
-
-
-def general_answers(
-    model: nn.Module, tok: Any, precision: str = "fp32", max_new_tokens: int = 48
-) -> list[str]:
-    """The model's greedy answers to ``GENERAL_PROMPTS`` (under autocast to ``precision``)."""
-    convs = [[{"role": "user", "content": p}] for p in GENERAL_PROMPTS]
-    device = next(model.parameters()).device
-    with autocast(precision, device):
-        return generate(model, tok, convs, Sampling(max_new_tokens=max_new_tokens))
-
-
-def general_table(before: Sequence[str], after: Sequence[str]) -> list[dict[str, str]]:
-    """Each general prompt with the base model's and the tuned model's answer."""
-    return [
-        {"prompt": p, "base_answer": b, "answer": a}
-        for p, b, a in zip(GENERAL_PROMPTS, before, after, strict=True)
-    ]

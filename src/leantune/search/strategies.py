@@ -184,6 +184,8 @@ ROW_KEYS = (
     "knowledge_cosine",
     "knowledge_knn_overlap",
     "paraphrase_top1",
+    "general_before",
+    "general_after",
 )
 
 
@@ -239,9 +241,9 @@ def recommend(rows: Sequence[Mapping[str, Any]], metric: str, higher: bool, slac
 def markdown_table(rows: Sequence[Mapping[str, Any]], metric: str) -> str:
     head = (
         f"| strategy | test {metric} | trainable % | adapter MB | train s | peak MB | "
-        "knowledge cosine | 10-NN overlap | paraphrase top-1 |"
+        "knowledge cosine | 10-NN overlap | paraphrase top-1 | general score |"
     )
-    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
 
     def num(value: Any, fmt: str) -> str:
         return "-" if value is None else format(value, fmt)
@@ -249,7 +251,7 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], metric: str) -> str:
     for r in rows:
         if r.get("error"):
             error = str(r["error"]).replace("|", "/")
-            lines.append(f"| {r['strategy']} | failed: {error} |" + " - |" * 7)
+            lines.append(f"| {r['strategy']} | failed: {error} |" + " - |" * 8)
             continue
         lines.append(
             f"| {r['strategy']} | {num(r.get(f'test_{metric}'), '.4f')} | "
@@ -257,9 +259,15 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], metric: str) -> str:
             f"{num(None if r.get('adapter_bytes') is None else r['adapter_bytes'] / 1e6, '.2f')} | "
             f"{num(r.get('train_seconds'), '.0f')} | {num(r.get('peak_memory_mb'), ',.0f')} | "
             f"{num(r.get('knowledge_cosine'), '.3f')} | {num(r.get('knowledge_knn_overlap'), '.3f')} | "
-            f"{num(r.get('paraphrase_top1'), '.3f')} |"
+            f"{num(r.get('paraphrase_top1'), '.3f')} | {_general(r)} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _general(row: Mapping[str, Any]) -> str:
+    """The general score before -> after (a row from before the measure: -)."""
+    before, after = row.get("general_before"), row.get("general_after")
+    return "-" if before is None or after is None else f"{before:.3f} → {after:.3f}"
 
 
 def strategy_configs(

@@ -208,6 +208,12 @@ def before_after_figure(summary: Mapping[str, Any]) -> Figure | None:
     )
     if ppl is not None and ppl0 is not None:
         pairs.append(("reference text\nperplexity before / after", 1.0, ppl0 / ppl))
+    general, general0 = (
+        summary_number(summary, "general_after"),
+        summary_number(summary, "general_before"),
+    )
+    if general is not None and general0 is not None:
+        pairs.append(("general\nscore", general0, general))
     if not pairs:
         return None
     fig = Figure(figsize=(1.6 + 1.5 * len(pairs), 2.8), dpi=DPI)

@@ -31,6 +31,7 @@ from leantune.tune.figures import (
     summary_number,
     task_rows,
 )
+from leantune.tune.general_report import general_sample, general_scores, general_text
 from leantune.tune.html import (
     cell,
     escaped,
@@ -60,7 +61,7 @@ def write_report(
     config: Mapping[str, Any] | None = None,
     selection: tuple[str, Sequence[Mapping[str, Any]]] | None = None,
     samples: Sequence[Mapping[str, str]] | None = None,
-    general: Sequence[Mapping[str, str]] | None = None,
+    general: Sequence[Mapping[str, Any]] | None = None,
     figures: bool = True,
 ) -> Path:
     """Write loss.png, metric.png, confusion.png (when confusion is given) and report.html into run_dir; return the html path.
@@ -192,6 +193,8 @@ def _headline(summary: Mapping[str, Any]) -> str:
                 text = f"{before:.4g} → {after:.4g} ({base} first; lower is better)"
         items.append(("task", f"test {label}", text))
     items.append(("kept", "knowledge kept", _knowledge_text(summary)))
+    if (general := general_text(summary)) is not None:
+        items.append(("kept", "general ability", general))
     if resources := _resources_text(summary):
         items.append(("cost", "resources", resources))
     if not items:
@@ -242,6 +245,12 @@ _LABELS = {
     "paraphrase_top1": "paraphrase retrieval top-1, tuned",
     "knowledge_seconds": "knowledge measurement time (s)",
     "knowledge_share_of_wall": "knowledge measurement's share of the wall time",
+    "general_before": "general score, base model (share of the general prompts passed)",
+    "general_after": "general score, tuned",
+    "general_delta": "general score, tuned − base",
+    "general_examples": "general prompts answered",
+    "general_prompting": "how the general prompts were put",
+    "general_seconds": "general prompts' answering time, before and after (s)",
     "select_seconds": "selection time (s)",
     "select_share_of_wall": "selection's share of the wall time",
 }
@@ -337,7 +346,7 @@ def _render_html(
     config: Mapping[str, Any] | None,
     selection: tuple[str, Sequence[Mapping[str, Any]]] | None = None,
     samples: Sequence[Mapping[str, str]] | None = None,
-    general: Sequence[Mapping[str, str]] | None = None,
+    general: Sequence[Mapping[str, Any]] | None = None,
 ) -> str:
     method = summary.get("method")
     model = summary.get("model")
@@ -382,11 +391,13 @@ def _render_html(
             _samples_table(samples[:SAMPLES_SHOWN]),
         ]
     if general:
+        shown = general_sample(general, SAMPLES_SHOWN)
         parts += [
             "<h2>Knowledge kept: general prompts</h2>",
-            '<p class="muted">Prompts outside the task, answered (greedy) by the base model and '
-            "by the tuned one.</p>",
-            _samples_table(general),
+            *general_scores(general),
+            f'<p class="muted">{len(shown)} of the {len(general)} general prompts answered '
+            "(greedy) by the base model and by the tuned one (history.json keeps them all).</p>",
+            _samples_table(shown),
         ]
     if phases := summary.get("phase_seconds"):
         parts += ["<h2>Where the time went</h2>", _phase_table(phases, summary)]

@@ -27,7 +27,7 @@ from torch import nn
 
 from leantune.adapters.accounting import ParameterReport, parameter_report
 from leantune.adapters.config import METHODS
-from leantune.analysis.generate import general_answers
+from leantune.analysis.general import GeneralMeasure
 from leantune.analysis.knowledge import Reference, prepare_reference, reference_texts
 from leantune.core import distributed
 from leantune.core.defaults import cache_root
@@ -131,7 +131,7 @@ class TuneRecipe:
 
     prep: Prepared
     samples_before: list[dict[str, str]]
-    general_before: list[str]
+    general: GeneralMeasure | None = None
     l2_given: bool = True
     fingerprint: dict[str, Any]
     report: ParameterReport
@@ -197,6 +197,8 @@ class TuneRecipe:
         total_steps = math.ceil(len(prep.batches(0)) / config.grad_accum) * config.epochs
         if config.adapt > 1:
             self.pruner = grow_ranks(model, config, total_steps, self.say)
+        if config.causal:  # checked before anything is written
+            self.general = GeneralMeasure.of(config.general_examples, config.precision)
         self.texts, self.source = (
             reference_texts(config.reference_text, config.reference_examples, config.seed)
             if config.reference_examples
@@ -311,8 +313,8 @@ class TuneRecipe:
             )
         before = prep.evaluate_test()
         self.task_before, self.samples_before = before.metrics, before.samples
-        if config.instruct:
-            self.general_before = general_answers(model, prep.tok, config.precision)
+        if self.general is not None:
+            self.general.answer_before(model, prep.tok)
         if config.cache_prefix:
             self.frozen = FrozenLayerCache(model, [len(x) for x in prep.train.ids])
             self.say(
@@ -401,6 +403,9 @@ class TuneRecipe:
             saved = self.save_trained()
         with phase("test"):
             test = self.prep.evaluate_test()
+        if self.general is not None:
+            with phase("generation"):
+                self.general.answer_after(model, self.prep.tok)
         with phase("knowledge"):
             summary = summarize(self, result, best, report, saved, test, adapt_info)
         if not distributed.current().main:
@@ -417,9 +422,6 @@ class TuneRecipe:
             if distributed.current().main:
                 return save_trained(self.prep.model, self.run, self.config)
         return self.run / ("adapter" if self.config.method in METHODS else "trained")
-
-    def general_after(self, model: nn.Module) -> list[str]:
-        return general_answers(model, self.prep.tok, self.config.precision)
 
     def on_best(self, model: nn.Module, row: dict[str, float]) -> None:
         if self.pruner is not None and not self.pruner.done:

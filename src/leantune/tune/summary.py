@@ -12,7 +12,7 @@ import torch
 
 from leantune.adapters.accounting import ParameterReport
 from leantune.analysis.evaluate import Evaluation
-from leantune.analysis.generate import general_table
+from leantune.analysis.general import general_line
 from leantune.analysis.knowledge import knowledge_kept
 from leantune.core.distributed import gather_tensors
 from leantune.core.files import atomic_write, folder_bytes
@@ -83,7 +83,9 @@ def summarize(
         summary["knowledge_share_of_wall"] = round(
             kept["knowledge_seconds"] / (time.perf_counter() - recipe.wall), 4
         )
-    recipe.say(side_by_side(summary, key))
+    if recipe.general is not None:
+        summary |= recipe.general.summary()
+    recipe.say(side_by_side(summary, key) + general_line(summary))
     if (verdict := probe_verdict(summary, config.metric or key)) is not None:
         recipe.say(verdict)
     if prep.scores is not None:
@@ -149,14 +151,12 @@ def write_results(
     the whole run's figures (read after the last work: the page is written again, without
     redrawing the figures, once they are known), and summary.json last: a folder with it is a
     finished run."""
-    config, run, phase = recipe.config, recipe.run, recipe.phases
+    run, phase = recipe.run, recipe.phases
     extra: dict[str, Any] = {"curve": result.curve, "confusion": test.confusion}
     if test.samples:
         extra["samples"] = paired(recipe.samples_before, test.samples)
-    if config.instruct:
-        with phase("generation"):
-            after = recipe.general_after(recipe.prep.model)
-            extra["general"] = general_table(recipe.general_before, after)
+    if recipe.general is not None:
+        extra["general"] = recipe.general.table()
     atomic_write(run / HISTORY, json.dumps(extra) + "\n")
     recipe.tracker.log({f"final/{k}": v for k, v in summary.items()}, result.steps)
     recipe.tracker.close()
