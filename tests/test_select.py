@@ -470,6 +470,11 @@ def test_init_adapter_starts_from_the_folders_weights(
         assert torch.equal(a.B.detach(), saved[key].detach())
     trainable = {n for n, p in prep.model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora." in n or n.startswith("classifier") for n in trainable)
+    # peft's EVA writes init_lora_weights "eva": its start leaves the base weight alone.
+    saved_config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(
+        json.dumps(saved_config | {"init_lora_weights": "eva"})
+    )
     summary = run_tune(
         TuneConfig(**common, init_adapter=str(folder), runs_dir=str(tmp_path / "runs"), epochs=1)
     )

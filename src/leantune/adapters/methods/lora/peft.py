@@ -107,7 +107,9 @@ def config_from_peft(cfg: Mapping[str, Any]) -> LoraConfig:
     init = cfg.get("init_lora_weights", True)
     if not isinstance(init, bool | str):
         raise checks.bad("init_lora_weights", init, "true, false or an init name")
-    if isinstance(init, str) and init.lower() not in ("gaussian",):
+    # EVA starts A on the inputs' principal directions with B zero and leaves the base weight
+    # as it was: its file is a plain LoRA update, like gaussian's.
+    if isinstance(init, str) and init.lower() not in ("gaussian", "eva"):
         raise AdapterFileError(
             f"init_lora_weights={init!r}: such adapters need a rewritten base model; convert it "
             "to a plain LoRA with peft (path_initial_model_for_weight_conversion) first"
