@@ -1,13 +1,13 @@
 """Placement recipes for bench_select (issue 28) that leantune does not make itself.
 
-- ``uniform_plan_file`` / ``qv_plan_file``: ``leantune.analysis.plan.uniform_plan`` written as
-  a plan.json for the run's model at the budget (any model: the modules come from the model).
+- ``plan_file(..., "uniform" | "qv")``: ``leantune.analysis.plan.uniform_plan`` written as a
+  plan.json for the run's model at the budget (any model: the modules come from the model).
 - ``eva_adapter``: peft's EVA (``init_lora_weights="eva"``, ``initialize_lora_eva_weights``) on
-  the uniform recipe's modules at its mean rank, computed by peft on the run's own training
-  batches and saved by peft; the run then starts from it (``--init-adapter``), so leantune's
+  every linear module of the top k layers at rank r (k, r: the count closest to the budget),
+  computed by peft on the run's own training batches and saved by peft; the run then starts from it (``--init-adapter``), so leantune's
   loop trains it with the same defaults as every other recipe. EVA redistributes the ranks
   (rho 2), so its count differs a little from the others (the table lists it).
-- ``kappa_plan_file``: the targets ``peft.helpers.KappaTuneSelector`` ranks best (lowest
+- ``plan_file(..., "kappa")``: the targets ``peft.helpers.KappaTuneSelector`` ranks best (lowest
   condition number of the weight), rank 1 each in its order until the budget is spent. It also
   ranks the task head (``classifier``/``score``): dropped, since every recipe trains the head
   in full; the pooler, a pretrained linear layer, stays a candidate (as it is for auto).
@@ -17,7 +17,6 @@ Each runs in a child process (``run_in_child``) so the parent stays small.
 
 from __future__ import annotations
 
-import statistics
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -103,23 +102,36 @@ def plan_file(options: dict[str, Any], budget: str, recipe: str) -> str:
     return run_in_child(_plan, options, budget, recipe)
 
 
+def _one_rank_recipe(modules: list[Any], left: int) -> tuple[list[str], int]:
+    """Every linear module of the top k layers at one rank r, k and r chosen so the count is
+    closest to ``left``: EVA's starting point (it then moves ranks between these modules,
+    keeping their sum)."""
+    layers = sorted({m.layer for m in modules if m.layer is not None}, reverse=True)
+    best: tuple[int, list[str], int] = (left, [], 1)
+    for k in range(1, len(layers) + 1):
+        chosen = [m for m in modules if m.layer in layers[:k]]
+        cost = sum(m.rank_cost for m in chosen)
+        for r in range(1, 65):
+            if abs(r * cost - left) < best[0]:
+                best = (abs(r * cost - left), [m.name for m in chosen], r)
+    return best[1], best[2]
+
+
 def _eva(options: dict[str, Any], budget: str, out: str) -> str:
     import torch
     from peft import EvaConfig, LoraConfig, get_peft_model, initialize_lora_eva_weights
 
     from leantune.analysis.evaluate import make_batch
-    from leantune.analysis.plan import parse_budget, uniform_plan
+    from leantune.analysis.plan import parse_budget
 
     prep = _prepared(options)
     modules, heads, base = _modules_and_heads(prep)
-    plan = uniform_plan(modules, parse_budget(budget, base), base, heads)
-    lora = plan.of("lora")
-    r = max(1, round(statistics.mean(e.size for e in lora)))
+    targets, r = _one_rank_recipe(modules, parse_budget(budget, base) - sum(n for _, n in heads))
     causal = prep.config.causal
     config = LoraConfig(
         r=r,
         lora_alpha=2 * r,  # leantune's default alpha / r = 2
-        target_modules=[e.module for e in lora],
+        target_modules=targets,
         modules_to_save=[h for h, _ in heads] or None,
         init_lora_weights="eva",
         eva_config=EvaConfig(rho=2.0, use_label_mask=causal),
