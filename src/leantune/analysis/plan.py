@@ -348,6 +348,11 @@ def uniform_plan(
                 break
             chosen.append(i)
         stack = [m for m in stack if m.layer in chosen]
+        if per_layer[chosen[0]] > left:
+            raise LeantuneError(
+                f"the budget past the head ({left:,}) buys less than rank 1 on one layer's "
+                f"linear modules ({per_layer[chosen[0]]:,} parameters)"
+            )
     stack.sort(key=lambda m: -(m.layer or 0))  # top layers first, model order within
     rank = max(1, left // sum(m.rank_cost for m in stack))
     ranks = {m.name: rank for m in stack}

@@ -195,8 +195,8 @@ def uniform_line(plan: Plan, scores: Scores) -> str:
     heads = [(e.module, e.params) for e in plan.entries if e.method == HEAD]
     try:
         uniform = uniform_plan(scores.modules, plan.budget, plan.base_params, heads)
-    except LeantuneError:
-        return "to beat: no uniform LoRA recipe fits this budget"
+    except LeantuneError as e:
+        return f"to beat: no uniform LoRA recipe of this size ({e})"
     entries = uniform.of("lora")
     ranks = sorted({e.size for e in entries})
     layers = sorted({layer_index(e.module) for e in entries}, key=lambda i: i or 0)
