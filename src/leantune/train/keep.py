@@ -12,7 +12,9 @@ next-token probabilities at every position. Each training batch then adds, for t
   renormalised, p the model's probabilities at those tokens.
 
 The texts are reference texts *not* among those that measure knowledge kept (the two sets are
-disjoint), never the task's data. Cost: one forward and backward of ``batch_size`` short texts
+disjoint), never the task's data. An instruct run distils on general conversations instead
+(:mod:`leantune.train.keep_chat`): each row comes with a mask of the tokens that count (the
+assistant's), and the KL is taken only at the positions that predict them. Cost: one forward and backward of ``batch_size`` short texts
 per training batch (``--keep-every k``: every k-th batch at k times the weight);
 ``train_keep`` is logged like the other terms.
 
@@ -70,29 +72,39 @@ class KeepLoss:
         causal: bool,
         batch_size: int = KEEP_BATCH,
         every: int = 1,
+        masks: list[list[bool]] | None = None,
     ) -> None:
+        """``masks`` (causal LMs): per row, which tokens count (True: the KL is taken at the
+        position that predicts that token); None: every token after the first."""
         if not weight > 0:
             raise LeantuneError(f"--keep must be a positive weight, got {weight}")
+        if masks is not None:  # a row with nothing to count would add 0/0
+            rows = [(x, m) for x, m in zip(ids, masks, strict=True) if any(m[1 : len(x)])]
+            ids, masks = [x for x, _ in rows], [m for _, m in rows]
         if not ids:
             raise LeantuneError(
                 "--keep needs reference text: install fortunes-min or give --reference-text"
             )
         self.weight, self.causal, self.pad_id = weight, causal, pad_id
         self.every, self.calls = every, 0
-        self.batches = [
-            pad_batch(ids[i : i + batch_size], pad_id) for i in range(0, len(ids), batch_size)
-        ]
+        starts = range(0, len(ids), batch_size)
+        self.batches = [pad_batch(ids[i : i + batch_size], pad_id) for i in starts]
+        # Per batch, the positions whose next-token prediction counts (rows × (length - 1)).
+        self.counted = [b["attention_mask"][:, 1:].bool() for b in self.batches]
+        if masks is not None:
+            for n, i in enumerate(starts):
+                self.counted[n] &= counted_rows(masks[i : i + batch_size], self.batches[n])
         device = next(model.parameters()).device
         was_training = model.training
         model.eval()
         self.targets: list[tuple[torch.Tensor, ...]] = []
         with torch.no_grad():
-            for batch in self.batches:
+            for batch, counted in zip(self.batches, self.counted, strict=True):
                 on = {k: v.to(device) for k, v in batch.items()}
                 if causal:
                     logits = model(**on).logits[:, :-1].float()
                     p = logits.softmax(-1).topk(min(TOP_K, logits.shape[-1]), dim=-1)
-                    keep = on["attention_mask"][:, 1:].bool()
+                    keep = counted.to(device)
                     ends = torch.cat([keep.new_zeros(1, dtype=torch.long), keep.sum(1).cumsum(0)])
                     self.targets.append(
                         (p.indices[keep], p.values[keep] / p.values[keep].sum(-1, True), ends)
@@ -123,7 +135,7 @@ class KeepLoss:
             top, probs, ends = self.targets[i]
             lo, hi = int(ends[start]), int(ends[end])
             logits = model(**on).logits[:, :-1]
-            keep = on["attention_mask"][:, 1:].bool()
+            keep = self.counted[i][start:end].to(device)
             term = topk_keep(logits[keep], top[lo:hi], probs[lo:hi])
             mine, total = hi - lo, int(ends[-1])
         else:
@@ -131,3 +143,11 @@ class KeepLoss:
             mine, total = end - start, rows
         share = 0.0 if empty else mine * world.size / total
         return {"keep": self.weight * self.every * share * term}
+
+
+def counted_rows(masks: list[list[bool]], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The padded (rows × (length - 1)) mask of the positions that predict a counted token."""
+    out = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
+    for row, mask in enumerate(masks):
+        out[row, : len(mask)] = torch.tensor(mask, dtype=torch.bool)
+    return out[:, 1:]

@@ -295,14 +295,16 @@ class KnowledgeOptions:
     """Weight of the keep loss: each batch also pulls the model's outputs on general reference
     text (not the texts that measure knowledge kept) toward the original model's — the pooled
     embedding's cosine for encoders, KL to the original's top-16 next-token probabilities for
-    causal LMs. 0 is off. Left out: 1 for classification (off when there is no reference
-    text), 0 for causal LMs."""
+    causal LMs; --task instruct: KL on the assistant's tokens of general conversations answered
+    once by the original model (cached). 0 is off. Left out: 1 for classification (off when
+    there is no reference text), 0 for causal LMs."""
     keep_every: int = 0
     """The keep loss on every k-th batch only, at k times the weight: the same pull for a k-th
     of its cost (short task texts make the keep batch the larger part of a step). 0: the
     smallest k that keeps its tokens under a quarter of the task's (1 for long texts)."""
     keep_examples: int = 256
-    """Reference texts the keep loss cycles through (beyond the --reference-examples ones)."""
+    """Reference texts (instruct: general conversations) the keep loss cycles through (beyond
+    the --reference-examples ones)."""
     general_examples: int = 200
     """Causal LMs (instruct, causal-lm): prompts of the embedded general-ability set (arithmetic,
     facts, instruction following; 268 in all) answered greedily before and after training and

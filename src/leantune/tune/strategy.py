@@ -6,6 +6,7 @@ and ``head`` are not adapter methods (they train the model's own parameters)."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 import re
@@ -32,6 +33,7 @@ from leantune.models.loading import num_layers
 from leantune.train.adapt import RankPruner
 from leantune.train.interface import TrainResult
 from leantune.train.keep import KEEP_BATCH, KeepLoss
+from leantune.train.keep_chat import chat_keep_rows
 from leantune.train.regularize import Penalty, find_changes, fisher_diagonal
 from leantune.tune.config import TuneConfig, parse_targets
 from leantune.tune.options import FULL, PROBE
@@ -285,19 +287,24 @@ def make_penalty(model: nn.Module, config: TuneConfig, prep: Prepared) -> Penalt
 
 def make_keep(model: nn.Module, config: TuneConfig, prep: Prepared) -> KeepLoss | None:
     """--keep: the keep loss on reference texts disjoint from those that measure knowledge
-    kept (the original's side computed here, before any step). Left out (None): the task's
-    default weight (DEFAULT_KEEP), off with a note when there is no reference text."""
+    kept, or for --task instruct on general conversations answered by the original model
+    (``chat_keep``); the original's side computed here, before any step. Left out (None): the
+    task's default weight (DEFAULT_KEEP), off with a note when there is no reference text."""
     weight = config.keep if config.keep is not None else DEFAULT_KEEP[config.causal]
     if not weight:
         return None
     from leantune.analysis.knowledge import reference_texts
     from leantune.models.loading import max_positions
 
-    n = config.reference_examples
-    texts, _ = reference_texts(config.reference_text, n + config.keep_examples, config.seed)
-    length = min(64, max_positions(model) or 64)
-    ids = prep.tok(texts[n:], truncation=True, max_length=length)["input_ids"] if texts[n:] else []
-    ids = [x for x in ids if len(x) > (1 if config.causal else 0)]
+    masks = None
+    if config.instruct:
+        ids, masks = chat_keep(model, config, prep)
+    else:
+        n = config.reference_examples
+        texts, _ = reference_texts(config.reference_text, n + config.keep_examples, config.seed)
+        texts, length = texts[n:], min(64, max_positions(model) or 64)
+        ids = prep.tok(texts, truncation=True, max_length=length)["input_ids"] if texts else []
+        ids = [x for x in ids if len(x) > (1 if config.causal else 0)]
     pad = prep.tok.pad_token_id if prep.tok.pad_token_id is not None else 0
     if not ids and config.keep is None:
         prep.notes.append(
@@ -314,7 +321,26 @@ def make_keep(model: nn.Module, config: TuneConfig, prep: Prepared) -> KeepLoss 
             if every > 1
             else "keep loss: on every batch"
         )
-    return KeepLoss(model, ids, pad, weight, config.causal, every=every)
+    return KeepLoss(model, ids, pad, weight, config.causal, every=every, masks=masks)
+
+
+def chat_keep(
+    model: nn.Module, config: TuneConfig, prep: Prepared
+) -> tuple[list[list[int]], list[list[bool]]]:
+    """--task instruct: the keep loss's --keep-examples general conversations, answered by the
+    original model (cached per model folder, template and what changes the answers), rendered
+    with the chat template and counted on the assistant's tokens (train/keep_chat.py)."""
+    from leantune.analysis.knowledge import folder_fingerprint
+    from leantune.models.loading import max_positions, model_dir
+
+    template = hashlib.sha256(str(prep.tok.chat_template).encode()).hexdigest()
+    folder = folder_fingerprint(model_dir(config.model, config.task))
+    setup = [config.precision, config.base_dtype, config.quantize, config.init_adapter]
+    key = [folder, template, prep.device.type, *map(str, setup)]
+    length = min(config.max_length, max_positions(model) or config.max_length)
+    return chat_keep_rows(
+        model, prep.tok, config.keep_examples, length, key, config.precision, prep.notes.append
+    )
 
 
 DEFAULT_KEEP = {False: 1.0, True: 0.0}
