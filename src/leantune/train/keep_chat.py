@@ -13,8 +13,10 @@ An instruct run distils toward the original model on general *conversations*, no
   ``ANSWER_TOKENS`` new tokens, generated once in fixed blocks of ``ANSWER_BLOCK`` (so an
   instruction's answer does not depend on how many a run takes or which were cached before)
   and cached as JSON under leantune's cache folder, keyed by the model folder's fingerprint,
-  the chat template, the set's version and what changes the answers (precision, base dtype,
-  quantization, a starting adapter);
+  the chat template, the set's version and what changes the answers (device, base dtype,
+  quantization, a starting adapter). They are generated in the weights' own dtype, without
+  autocast, whatever the run's --precision: as the KL's targets are computed (and on a CPU
+  three times faster than under bf16 autocast);
 * **rows**: each ``[user: instruction, assistant: answer]`` rendered with the chat template and
   masked as the instruct task masks its labels (:func:`leantune.models.chat.tokenize_chats`):
   only the assistant's tokens count in the KL (:class:`leantune.train.keep.KeepLoss`'s masks).
@@ -41,7 +43,6 @@ from leantune.core.defaults import cache_root
 from leantune.core.distributed import broadcast_json, current
 from leantune.core.files import atomic_write
 from leantune.models.chat import IGNORE, ChatExample, tokenize_chats
-from leantune.models.precision import autocast
 
 KEEP_SET_VERSION = 1
 """Changes whenever the instructions, their order or how they are answered change."""
@@ -127,7 +128,6 @@ def base_answers(
     tok: Any,
     instructions: Sequence[str],
     key: Sequence[Any],
-    precision: str = "fp32",
 ) -> tuple[list[str], int]:
     """The model's greedy answer to each of ``instructions`` (a prefix of the set's order) and
     how many were generated now (0: all read from the cache). Call it before training: the
@@ -139,11 +139,9 @@ def base_answers(
     blocks = range(0, len(instructions), ANSWER_BLOCK)
     missing = [full[b : b + ANSWER_BLOCK] for b in blocks]
     missing = [block for block in missing if any(p not in saved for p in block)]
-    device = next(model.parameters()).device
     for block in missing:
         convs = [[{"role": "user", "content": p}] for p in block]
-        with autocast(precision, device):
-            answers = generate(model, tok, convs, Sampling(ANSWER_TOKENS), batch_size=len(block))
+        answers = generate(model, tok, convs, Sampling(ANSWER_TOKENS), batch_size=len(block))
         saved |= dict(zip(block, broadcast_json(answers), strict=True))
     if missing and world.main:
         write_answers(file, saved)
@@ -170,14 +168,13 @@ def chat_keep_rows(
     count: int,
     max_length: int,
     key: Sequence[Any],
-    precision: str = "fp32",
     say: Callable[[str], None] | None = None,
 ) -> tuple[list[list[int]], list[list[bool]]]:
     """The keep loss's rows for a chat model: ``count`` general conversations (the set's first),
     answered by the model (read from the cache, or generated and cached), rendered and masked."""
     instructions = keep_instructions(count)
     start = time.perf_counter()
-    answers, generated = base_answers(model, tok, instructions, key, precision)
+    answers, generated = base_answers(model, tok, instructions, key)
     if say is not None:
         how = (
             f"{generated} base answers generated in {time.perf_counter() - start:.1f} s and cached"

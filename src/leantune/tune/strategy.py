@@ -335,12 +335,10 @@ def chat_keep(
 
     template = hashlib.sha256(str(prep.tok.chat_template).encode()).hexdigest()
     folder = folder_fingerprint(model_dir(config.model, config.task))
-    setup = [config.precision, config.base_dtype, config.quantize, config.init_adapter]
+    setup = [config.base_dtype, config.quantize, config.init_adapter]
     key = [folder, template, prep.device.type, *map(str, setup)]
     length = min(config.max_length, max_positions(model) or config.max_length)
-    return chat_keep_rows(
-        model, prep.tok, config.keep_examples, length, key, config.precision, prep.notes.append
-    )
+    return chat_keep_rows(model, prep.tok, config.keep_examples, length, key, prep.notes.append)
 
 
 DEFAULT_KEEP = {False: 1.0, True: 0.0}
