@@ -56,13 +56,15 @@ def recipe_options(recipe: str, budget: str, common: dict[str, Any]) -> dict[str
         return {"plan": plan_file(common, budget, recipe)}
     if recipe == "eva":  # peft's EVA init on uniform's modules, trained from there
         return {"init_adapter": eva_adapter(common, budget)}
-    if recipe == "auto":
+    if recipe.startswith("auto"):  # the rows before --init auto: LoRA's standard init
+        return {"init": "standard"} | recipe_options(f"selected{recipe[4:]}", budget, common)
+    if recipe == "selected":
         return {"select": "auto", "budget": budget}
-    if recipe == "auto-all":  # free to place on every layer, as qv is (issue 28)
+    if recipe == "selected-all":  # free to place on every layer, as qv is (issue 28)
         return {"select": "auto", "budget": budget, "layers": "all"}
-    if recipe == "auto-warm":  # scored through the probe's head (issue 28)
+    if recipe == "selected-warm":  # scored through the probe's head (issue 28)
         return {"select": "auto", "budget": budget, "score_head": "warm"}
-    if recipe == "auto-mixed":  # the plan may also buy biases, norms and sparse entries
+    if recipe == "selected-mixed":  # the plan may also buy biases, norms and sparse entries
         return {"select": "auto", "budget": budget, "plan_methods": "lora,bitfit,layernorm,sparse"}
     if recipe == "sparse":  # a FISH mask over the upper half at the budget
         return {"method": "sparse", "budget": budget}
@@ -101,9 +103,11 @@ LOWER_IS_BETTER = ("loss", "perplexity")
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
-def paired_table(rows: list[dict[str, Any]], metric: str = "test_accuracy") -> str:
+def paired_table(
+    rows: list[dict[str, Any]], metric: str = "test_accuracy", versus: str = "auto"
+) -> str:
     """Per (data, budget, recipe): trainable count, ``metric`` mean ± sd, and the paired
-    difference from auto over the seeds both have (mean and 95 % t interval; accuracies in
+    difference from ``versus`` over the seeds both have (mean and 95 % t interval; accuracies in
     points, losses as they are)."""
     groups: dict[tuple[str, str, str], dict[int, dict[str, Any]]] = {}
     for r in rows:
@@ -112,16 +116,16 @@ def paired_table(rows: list[dict[str, Any]], metric: str = "test_accuracy") -> s
             groups.setdefault(key, {})[int(r["seed"])] = r
     scale = 1 if any(w in metric for w in LOWER_IS_BETTER) else 100
     lines = [
-        f"| data | budget | recipe | trainable | {metric} | vs auto (95 % CI) | seeds |",
+        f"| data | budget | recipe | trainable | {metric} | vs {versus} (95 % CI) | seeds |",
         "|---|---|---|---|---|---|---|",
     ]
     for (data, budget, recipe), by_seed in sorted(groups.items()):
         values = [r[metric] for r in by_seed.values()]
         counts = sorted({r["trainable_params"] for r in by_seed.values()})
-        auto = groups.get((data, budget, "auto"), {})
+        auto = groups.get((data, budget, versus), {})
         diffs = [scale * (by_seed[s][metric] - auto[s][metric]) for s in by_seed if s in auto]
         vs = "—"
-        if recipe != "auto" and len(diffs) >= 2:
+        if recipe != versus and len(diffs) >= 2:
             m, sd = statistics.mean(diffs), statistics.stdev(diffs)
             half = T95.get(len(diffs) - 1, 2.0) * sd / math.sqrt(len(diffs))
             vs = (
@@ -129,7 +133,7 @@ def paired_table(rows: list[dict[str, Any]], metric: str = "test_accuracy") -> s
                 if scale == 1
                 else (f"{m:+.2f} [{m - half:+.2f}, {m + half:+.2f}]")
             )
-        elif recipe != "auto" and diffs:
+        elif recipe != versus and diffs:
             vs = f"{diffs[0]:+.3g} (one seed)"
         count = ", ".join(f"{c:,}" for c in counts)
         lines.append(
@@ -160,10 +164,11 @@ def main() -> None:
     parser.add_argument("--task", default=None, help="--task for every run (instruct: SmolLM2)")
     parser.add_argument("--gen-examples", type=int, default=None, help="instruct: test prompts")
     parser.add_argument("--metric", default="test_accuracy", help="the table's column")
+    parser.add_argument("--versus", default="auto", help="the table's paired differences from")
     args = parser.parse_args()
     rows: list[dict[str, Any]] = load_json(args.json, []) if args.json else []
     if args.table:
-        print(paired_table(rows, args.metric))
+        print(paired_table(rows, args.metric, args.versus))
         return
     data = args.data or ("smollm2-instruct" if args.task == "instruct" else "bbc")
     data_label = data + (f"/{args.train_examples}" if args.train_examples else "")
@@ -210,7 +215,7 @@ def main() -> None:
     if args.json:
         save_json(args.json, rows)
     print()
-    print(paired_table(rows, args.metric))
+    print(paired_table(rows, args.metric, args.versus))
 
 
 if __name__ == "__main__":

@@ -492,5 +492,9 @@ def test_init_adapter_starts_from_the_folders_weights(
 
 def test_select_none_is_hand_placement() -> None:
     assert make_config({"select": "none"}).select is None
+    # --init auto (the default): the gradient's directions under --select auto, else standard.
+    assert make_config({"select": "auto"}).resolved().init == "grad"
+    assert make_config({"select": "none"}).resolved().init == "standard"
+    assert make_config({"select": "auto", "init": "standard"}).resolved().init == "standard"
     with pytest.raises(LeantuneError, match="use auto or none"):
         make_config({"select": "best"})

@@ -219,7 +219,12 @@ class TuneConfig(
         if cls is not None:
             # The method checks its own options (LoRA: r, alpha, dropout, init, --targets).
             cls.from_options(
-                {**asdict(self), "targets": parse_targets(self.targets), "layers": None}
+                {
+                    **asdict(self),
+                    "init": self.lora_init(),
+                    "targets": parse_targets(self.targets),
+                    "layers": None,
+                }
             )
             refusal = cls.run_refusal(asdict(self))
             if refusal:
@@ -257,9 +262,18 @@ class TuneConfig(
     def instruct(self) -> bool:
         return self.task == "instruct"
 
+    def lora_init(self) -> str:
+        """--init auto (the default): grad under --select auto, whose scoring measures the
+        gradient directions anyway (issue 28's table: +1.7 points at 0.1 %), standard for hand
+        placement."""
+        if self.init != "auto":
+            return self.init
+        return "grad" if self.select == "auto" else "standard"
+
     def resolved(self) -> TuneConfig:
         """Defaults that depend on other fields filled in, as saved in config.yaml."""
         values = asdict(self)
+        values["init"] = self.lora_init()
         if self.lr is None:
             values["lr"] = default_lr(self.method)
         if self.l2 is None:

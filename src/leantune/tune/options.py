@@ -159,7 +159,7 @@ class LoraOptions:
     dropout: float = 0.0
     rslora: bool = False
     dora: bool = False
-    init: str = "standard"
+    init: str = "auto"
     targets: str = "all-linear"
     """LoRA targets: all-linear, a comma list of module names, or a regex."""
 

@@ -239,7 +239,8 @@ def start_on_gradient(model: nn.Module, scores: Scores) -> int:
 def apply_run_options(plan: Plan, config: TuneConfig, where: str = "the plan") -> None:
     """Give the plan's entries the run's options for their methods (``plan_options``: LoRA's
     --alpha, --dropout, --dora ...), refusing a contradiction with options the plan carries."""
-    defaults = TuneConfig()
+    # --init's default depends on --select (auto: grad under --select auto, else standard).
+    defaults = replace(TuneConfig(), init=TuneConfig(select=config.select).lora_init())
     for method in plan.methods():
         cls = METHODS[method]
         ours = cls.plan_options(asdict(config))

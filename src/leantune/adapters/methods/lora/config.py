@@ -64,7 +64,8 @@ class LoraConfig(AdapterConfig):
     pissa (A, B from the top-r singular vectors of W; the residual stays frozen in W), or
     grad (A on the top-r right singular vectors of the layer's task gradient, measured on
     --score-examples training examples as --select auto scores; B zero, so the model starts
-    unchanged and the adapter is a plain LoRA in peft's format)."""
+    unchanged and the adapter is a plain LoRA in peft's format). leantune tune's default,
+    auto: grad under --select auto, standard otherwise."""
     rank_pattern: dict[str, int] = field(default_factory=dict)
     """Per-module ranks: a key matches a module whose name ends in it (peft's rule)."""
     alpha_pattern: dict[str, float] = field(default_factory=dict)
@@ -203,7 +204,7 @@ class LoraConfig(AdapterConfig):
             if key in ("dora", "rslora") and not isinstance(value, bool):
                 return f"{key} {value!r} must be true or false"
             if key == "init" and not isinstance(value, str):
-                return f"init {value!r} must be a name (standard, gaussian, pissa)"
+                return f"init {value!r} must be a name ({', '.join(INITS)})"
             if key in ("dropout", "alpha_ratio") and (
                 isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0
             ):
