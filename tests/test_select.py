@@ -408,8 +408,9 @@ def test_init_grad_starts_lora_on_the_gradients_top_directions(
     mean task gradient (scaled to the standard init's row norm), B is zero so the model starts
     unchanged; the same under --select auto (the plan's own scores) and hand targets."""
     from leantune.adapters.inject import adapter_layers, disable
+    from leantune.adapters.methods.lora.start import ROW_NORM as GRAD_ROW_NORM
     from leantune.tune.prepare import prepare
-    from leantune.tune.strategy import GRAD_ROW_NORM, scoring_batches
+    from leantune.tune.strategy import scoring_batches
 
     common = {"model": str(bert_dir), "data": str(data_file), "r": 2}
     base = prepare(make_config(common), with_method=False)

@@ -3,10 +3,7 @@ YAML comments), and reading, writing and type-checking config.yaml files."""
 
 from __future__ import annotations
 
-import ast
 import contextlib
-import inspect
-import itertools
 import math
 import re
 import typing
@@ -39,6 +36,7 @@ from leantune.tune.options import (
     RunOptions,
     VirtualTokenOptions,
     check_new_options,
+    field_docs,
 )
 from leantune.tune.track import parse_track
 
@@ -298,25 +296,6 @@ class TuneConfig(
             data = Path(self.data).stem if self.data else "bbc"
             values["name"] = f"{model}-{data}-{self.method}"
         return TuneConfig(**values)
-
-
-def field_docs(cls: type, inherited: bool = True) -> dict[str, str]:
-    """Field docstrings (the string right after each field) of ``cls`` and (``inherited``)
-    the classes it inherits fields from: CLI help and YAML comments."""
-    docs: dict[str, str] = {}
-    for klass in reversed(cls.__mro__) if inherited else [cls]:
-        if not is_dataclass(klass):
-            continue
-        body = ast.parse(inspect.getsource(klass)).body[0].body  # type: ignore[attr-defined]
-        for node, nxt in itertools.pairwise(body):
-            if (
-                isinstance(node, ast.AnnAssign)
-                and isinstance(node.target, ast.Name)
-                and isinstance(nxt, ast.Expr)
-                and isinstance(nxt.value, ast.Constant)
-            ):
-                docs[node.target.id] = " ".join(str(nxt.value.value).split())
-    return docs
 
 
 def option_groups() -> dict[str, str]:

@@ -8,8 +8,11 @@ field's docstring is its help text and its comment in config.yaml.
 
 from __future__ import annotations
 
+import ast
+import inspect
+import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, is_dataclass
 from typing import Any
 
 from leantune.core.errors import LeantuneError
@@ -307,7 +310,7 @@ class KnowledgeOptions:
     the --reference-examples ones)."""
     general_examples: int = 200
     """Causal LMs (instruct, causal-lm): prompts of the embedded general-ability set (arithmetic,
-    facts, instruction following; 268 in all) answered greedily before and after training and
+    facts, instruction following; 278 in all) answered greedily before and after training and
     scored by rule: the general score, before -> after (0 turns it off)."""
 
 
@@ -358,3 +361,22 @@ def check_new_options(c: Any) -> None:
         raise LeantuneError(f"--pooling {c.pooling!r} is unknown; use one of {POOLINGS}")
     if not c.dist_timeout > 0:
         raise LeantuneError(f"--dist-timeout must be positive seconds, got {c.dist_timeout}")
+
+
+def field_docs(cls: type, inherited: bool = True) -> dict[str, str]:
+    """Field docstrings (the string right after each field) of ``cls`` and (``inherited``)
+    the classes it inherits fields from: CLI help and YAML comments."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__) if inherited else [cls]:
+        if not is_dataclass(klass):
+            continue
+        body = ast.parse(inspect.getsource(klass)).body[0].body  # type: ignore[attr-defined]
+        for node, nxt in itertools.pairwise(body):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+            ):
+                docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs

@@ -21,7 +21,7 @@ from leantune.adapters.base import records
 from leantune.adapters.config import METHODS, AdapterConfig, name_matches
 from leantune.adapters.formats import load_adapter
 from leantune.adapters.inject import adapter_layers, inject
-from leantune.adapters.methods.lora.layers import LoraLayer
+from leantune.adapters.methods.lora.start import lora_layers, start_on_directions
 from leantune.adapters.planning import SPARSE_CHUNK, Scores
 from leantune.adapters.targets import output_head_names
 from leantune.analysis.evaluate import Encoded, make_batch
@@ -199,16 +199,13 @@ def make_plan(
 GRAD_DIRECTIONS = 64
 """Right singular vectors of each layer's mean gradient kept for --init grad (the most rank
 a LoRA module starts on them; rows past it keep the standard init)."""
-GRAD_ROW_NORM = 1 / math.sqrt(3)
-"""Row norm of A under --init grad: the expected row norm of the standard (Kaiming-uniform,
-a=√5) init, so only the direction changes."""
 
 
 def gradient_scores(model: nn.Module, config: TuneConfig, train: Encoded, pad_id: int) -> Scores:
     """--init grad without --select auto's scores: the scoring pass over the adapted layers
     only (after injection: B is zero, so their weights' gradients are the base model's), on
     the --score-examples batches selection uses."""
-    adapted = [name for name, layer in adapter_layers(model) if isinstance(layer, LoraLayer)]
+    adapted = lora_layers(model)
     if not adapted:
         return Scores([], 0, 0.0)
     batches = scoring_batches(config, train, pad_id)
@@ -217,23 +214,9 @@ def gradient_scores(model: nn.Module, config: TuneConfig, train: Encoded, pad_id
 
 def start_on_gradient(model: nn.Module, scores: Scores) -> int:
     """--init grad: each LoRA adapter's A starts on its layer's top right singular vectors of
-    the task gradient (B stays zero, so the model starts unchanged and the first steps move B
-    along the gradient's top directions, as LoRA-GA argues). Returns the layers set."""
+    the task gradient (``lora.start``). Returns the adapters set."""
     directions = {m.name: m.directions for m in scores.modules if m.directions is not None}
-    done = 0
-    for name, layer in adapter_layers(model):
-        vh = directions.get(name)
-        if not isinstance(layer, LoraLayer) or vh is None:
-            continue
-        for adapter_name in layer.adapter_names():
-            adapter = layer.adapter(adapter_name)
-            if adapter.init != "grad" or adapter.A.shape[1] != vh.shape[1]:
-                continue
-            k = min(adapter.r, vh.shape[0])
-            with torch.no_grad():
-                adapter.A[:k].copy_(vh[:k].to(adapter.A) * GRAD_ROW_NORM)
-            done += 1
-    return done
+    return start_on_directions(model, directions)
 
 
 def apply_run_options(plan: Plan, config: TuneConfig, where: str = "the plan") -> None:
