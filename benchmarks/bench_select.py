@@ -11,11 +11,16 @@ the tune defaults (2 epochs, lr 2e-3 for LoRA, 5e-5 for full).
 
 Issue 28 (placement at the same trainable count): ``uniform`` is LoRA on every linear layer
 of the top k layers at rank r, ``qv`` LoRA on query and value of every layer at rank r, both
-written as plans (``--plan``) with a few modules at r + 1 so the count lands within 3 % of
-auto's; every recipe runs with the tune defaults (warm head, keep loss, L2, schedule, epochs):
-the table compares placement and nothing else. ``--data bbc-headlines``, ``--train-examples
-100``; ``--json`` resumes (finished rows are kept); ``--table`` prints the table of a JSON with
-each recipe's paired difference from auto (mean, 95 % t interval).
+``leantune.analysis.plan.uniform_plan`` written as plans (``--plan``) with a few modules at
+r + 1 so the count lands near auto's; ``eva`` is peft's EVA init and ``kappa`` peft's
+KappaTuneSelector targets (``peft_placement.py``, peft's own API); ``auto*`` rows pin LoRA's
+standard init (as recorded before ``--init auto``); a ``+grad`` suffix adds ``--init grad``
+(``auto+grad`` is today's ``--select auto``), ``+warm`` ``--score-head warm``. Every recipe
+runs with the tune defaults (warm head, keep loss, L2, schedule, epochs): the table compares
+placement (and the start) and nothing else. ``--data bbc-headlines``, ``--train-examples
+100``, ``--task instruct`` (SmolLM2; ``--metric best_val_loss``); ``--json`` resumes
+(finished rows are kept); ``--table`` prints the table of a JSON with each recipe's paired
+difference from ``--versus`` (default auto; mean, 95 % t interval).
 
 Usage: python benchmarks/bench_select.py [--budgets 0.1% 0.3% 1%] [--seeds 0 1 2]
        [--no-full] [--full-seeds 0] [--recipes auto query,value all-linear] [--layers all] [--json out.json]
