@@ -110,7 +110,8 @@ def _item(rule: str, *answers: str, kind: str = "instruction") -> GeneralItem:
         (_item("contains", "H2O", kind="fact"), "It is H₂O.", "It is HO."),
         (_item("contains", "0", kind="fact"), "At zero degrees.", "At 10 degrees."),
         (_item("contains", "South America", kind="fact"), "In South America.", "In America."),
-        (_item("one_word"), "Green.", "The answer is green."),
+        (_item("one_word", "green"), "Green.", "The answer is green."),
+        (_item("one_word", "day"), "Day", "Night"),
         (_item("one_sentence"), "The sea is deep and blue.", "The sea is deep. It is blue."),
         (_item("one_sentence"), "The moon shines at night!", "The moon\nshines at night"),
         (_item("list_three"), "1. Apples\n2. Pears\n3. Plums", "1. Apples\n2. Pears"),
@@ -121,7 +122,9 @@ def _item(rule: str, *answers: str, kind: str = "instruction") -> GeneralItem:
         (_item("yes_no", "no"), "no", "Yes, they can."),
         (_item("number_only", "4"), "4", "A dog has 4 legs."),
         (_item("number_only", "4"), "Four.", "5"),
-        (_item("max_words"), "Soft, curious and independent.", "A cat is a small furry pet."),
+        (_item("few_words"), "Soft, curious and independent.", "A cat is a small furry pet."),
+        (_item("few_words"), "Soft and curious", "Cats"),
+        (_item("min_words"), " ".join(["word"] * 20), "A short answer."),
     ],
 )
 def test_each_rule_passes_the_right_answer_and_fails_the_wrong_one(

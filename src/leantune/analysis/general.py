@@ -93,13 +93,14 @@ def _number_only(text: str, answers: Sequence[str]) -> bool:
 
 RULES: dict[str, Callable[[str, Sequence[str]], bool]] = {
     "contains": _contains,
-    "one_word": lambda text, _: len(_words(text)) == 1,
+    "one_word": lambda text, answers: len(_words(text)) == 1 and _contains(text, answers),
     "one_sentence": lambda text, _: len(_sentences(text)) == 1 and len(_words(text)) >= 3,
     "list_three": lambda text, _: _list_items(text) == 3,
     "uppercase": lambda text, _: _uppercase(text),
     "yes_no": _first_word,
     "number_only": _number_only,
-    "max_words": lambda text, _: 1 <= len(_words(text)) <= 5,
+    "few_words": lambda text, _: 2 <= len(_words(text)) <= 5,
+    "min_words": lambda text, _: len(_words(text)) >= 20,
 }
 """Each rule: (the model's answer, the item's expected answers) → passed."""
 

@@ -5,8 +5,10 @@ and scores it.
 * arithmetic, generated with a fixed seed (``random.Random(GENERAL_SEED)``): sums, differences,
   products and exact quotients whose result differs from both operands;
 * facts from the tables below: capitals, units and counts, dates, simple science and language;
-* instruction following, scored by rule: one word, one sentence, a list of three, uppercase,
-  yes or no, a number alone, at most five words.
+* instruction following, scored by rule: one word (the right one), one sentence, a list of
+  three, uppercase, yes or no (the right one), the number alone (the right one), two to five
+  words, at least twenty words. Rules that reward a short answer and rules that reward a long
+  one are balanced, so that a model that answers everything with one word does not gain.
 
 Today's four prompts (the capital of France, three health tips, 12 times 11, one sentence about
 the sea) are part of it; :func:`general_prompts` gives every prompt, so that training data (the
@@ -119,10 +121,11 @@ _FACTS = {
 _INSTRUCTIONS = {
     "one_word": (
         "Answer with one word only: {}",
-        "what colour is grass?|what animal says moo?|what is the opposite of night?|what do "
-        "you call frozen water?|what do cows drink?|which season comes after winter?|what "
-        "is the colour of a ripe banana?|what do you sleep on?|what falls from clouds when "
-        "it rains?|what animal barks?",
+        "what colour is grass?=green|what animal says moo?=cow/cows|what is the opposite of "
+        "night?=day|what do you call frozen water?=ice|what do cows drink?=water|which "
+        "season comes after winter?=spring|what is the colour of a ripe banana?=yellow|what "
+        "do you sleep on?=bed/mattress/pillow|what falls from clouds when it rains?=rain/water/"
+        "raindrops/drops|what animal barks?=dog/dogs",
     ),
     "one_sentence": (
         "Write one sentence about {}.",
@@ -143,7 +146,7 @@ _INSTRUCTIONS = {
     ),
     "yes_no": (
         "Answer with yes or no only: {}",
-        "is the sun a star?=yes|is water wet?=yes|can fish fly?=no|is ice cold?=yes|"
+        "is the sun a star?=yes|is snow white?=yes|can fish fly?=no|is ice cold?=yes|"
         "is the moon made of cheese?=no|do cats bark?=no|is Paris in France?=yes|"
         "is five greater than ten?=no|do birds have feathers?=yes|is fire cold?=no",
     ),
@@ -155,9 +158,14 @@ _INSTRUCTIONS = {
         "how many sides does a square have?=4|what is ten minus three?=7|how many wheels "
         "does a tricycle have?=3",
     ),
-    "max_words": (
-        "Describe {} in at most five words.",
+    "few_words": (
+        "Describe {} in two to five words.",
         "a cat|the ocean|a summer day|a library|coffee|a mountain|a train|a garden|snow|music",
+    ),
+    "min_words": (
+        "Write at least twenty words about {}.",
+        "the sun|a river|your morning|a market|the wind|a birthday|a bridge|a school|the stars|"
+        "a holiday",
     ),
 }
 
@@ -225,10 +233,8 @@ def _instruction_items() -> list[GeneralItem]:
     for rule, (template, fills) in _INSTRUCTIONS.items():
         for fill in fills.split("|"):
             text, _, answer = fill.partition("=")
-            prompt = template.format(text)
-            items.append(
-                GeneralItem(prompt, "instruction", rule, (answer,) if answer else (), rule)
-            )
+            answers = tuple(answer.split("/")) if answer else ()
+            items.append(GeneralItem(template.format(text), "instruction", rule, answers, rule))
     return items
 
 
