@@ -23,8 +23,9 @@ scores. Parameters' ``requires_grad`` flags are restored afterwards.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -63,12 +64,14 @@ def score(
     max_entries: int = 16 * SPARSE_CHUNK,
     directions: int = 0,
     only: Sequence[str] | None = None,
+    forward: Callable[[nn.Module, Batch], Any] | None = None,
 ) -> Scores:
     """Importance of every linear layer (and norm layer) of ``model`` for the loss on
     ``batches``; ``max_entries`` bounds the sparse units ranked per layer (0: none);
     ``directions``: keep each layer's top right singular vectors of its mean gradient (for
     ``--init grad``); ``only``: just these linear layers, no norm layer (backward then stops
-    at the lowest of them)."""
+    at the lowest of them); ``forward(model, batch)``: the run's own forward when it has one
+    (instruct: the output head at the answer tokens only; the same loss, far cheaper)."""
     if not batches:
         raise LeantuneError("the scoring set has no examples; give at least one batch")
     modules = scorable_modules(model, skip)
@@ -84,7 +87,7 @@ def score(
     for n, m in [*modules.items(), *norms.items()]:
         for key, p in m.named_parameters(recurse=False):
             tracked[f"{n}.{key}"] = p
-    grads = _gradients(model, batches, weights, tracked, max_entries)
+    grads = _gradients(model, batches, weights, tracked, max_entries, forward)
     nb = len(batches)
     with torch.no_grad():
         results = [
@@ -121,6 +124,7 @@ def _gradients(
     weights: Mapping[str, nn.Parameter],
     tracked: Mapping[str, nn.Parameter],
     max_entries: int,
+    forward: Callable[[nn.Module, Batch], Any] | None = None,
 ) -> _Gradients:
     """Backward over every batch with only ``tracked`` requiring gradients; the model's
     gradient flags and training mode are restored after."""
@@ -144,7 +148,8 @@ def _gradients(
         for batch in batches:
             for p in tracked.values():
                 p.grad = None
-            out = model(**{k: v.to(device) for k, v in batch.items()})
+            on = {k: v.to(device) for k, v in batch.items()}
+            out = forward(model, on) if forward is not None else model(**on)
             out.loss.backward()
             examples += len(batch["labels"])
             for key, p in tracked.items():

@@ -30,7 +30,9 @@ from leantune.analysis.probe import Probe, fit_probe, head_module, probe_fits
 from leantune.analysis.select import score
 from leantune.core.errors import LeantuneError
 from leantune.models.loading import num_layers
+from leantune.models.precision import autocast
 from leantune.train.adapt import RankPruner
+from leantune.train.answer import Forward, answer_forward_for
 from leantune.train.interface import TrainResult
 from leantune.train.keep import KEEP_BATCH, KeepLoss
 from leantune.train.keep_chat import chat_keep_rows
@@ -174,9 +176,15 @@ def make_plan(
         # noise. The run's warm start fits the same head again (its features then cached).
         fit_probe(model, train, pad_id, head_module(model).out_features)
     directions = GRAD_DIRECTIONS if config.init == "grad" else 0
-    scores = score(
-        model, batches, skip=[h for h, _ in heads], max_entries=entries, directions=directions
-    )
+    with autocast(config.precision, next(model.parameters()).device):
+        scores = score(
+            model,
+            batches,
+            skip=[h for h, _ in heads],
+            max_entries=entries,
+            directions=directions,
+            forward=scoring_forward(model, config, batches),
+        )
     # --layers bounds where the plan may go (default: the upper half, so backward stays short
     # and the frozen bottom can be cached); modules outside the layer stack stay candidates.
     allowed = parse_layers(config.layers, num_layers(model))
@@ -209,7 +217,19 @@ def gradient_scores(model: nn.Module, config: TuneConfig, train: Encoded, pad_id
     if not adapted:
         return Scores([], 0, 0.0)
     batches = scoring_batches(config, train, pad_id)
-    return score(model, batches, max_entries=0, directions=GRAD_DIRECTIONS, only=adapted)
+    with autocast(config.precision, next(model.parameters()).device):
+        forward = scoring_forward(model, config, batches)
+        return score(
+            model, batches, max_entries=0, directions=GRAD_DIRECTIONS, only=adapted, forward=forward
+        )
+
+
+def scoring_forward(
+    model: nn.Module, config: TuneConfig, batches: list[dict[str, torch.Tensor]]
+) -> Forward | None:
+    """The forward scoring runs: for instruct, the training's own (the output head at the
+    answer tokens only: the same loss and gradients at a fraction of the cost), else None."""
+    return answer_forward_for(model, batches[0]) if config.instruct and batches else None
 
 
 def start_on_gradient(model: nn.Module, scores: Scores) -> int:
