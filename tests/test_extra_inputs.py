@@ -5,6 +5,7 @@ has no such input (DistilBERT). Every path gives the model only what its forward
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -49,10 +50,13 @@ def test_model_inputs_keeps_what_the_forward_names() -> None:
     assert set(model_inputs(build("bert"), batch)) == set(batch)
 
 
-def keep_logged(run: Path) -> float:
-    """The keep loss logged at the last evaluation (the term ran)."""
+def keep_logged(run: Path) -> bool:
+    """Whether the keep loss ran: logged at the last evaluation, finite. (The chat keep loss
+    is a KL toward the model's own answers: near 0 on a tiny model, rounding may make it
+    -1e-8, so its sign says nothing.)"""
     lines = (run / "metrics.jsonl").read_text().splitlines()
-    return float(json.loads(lines[-1]).get("train_keep", 0.0))
+    value = json.loads(lines[-1]).get("train_keep")
+    return value is not None and math.isfinite(float(value))
 
 
 def generate_cli(run: Path, tmp_path: Path) -> None:
@@ -88,7 +92,7 @@ def test_an_instruct_run_trains_generates_and_answers(
     }
     summary = run_tune(make_config(options))
     run = tmp_path / "runs" / "chat"
-    assert "test_exact_match" in summary and keep_logged(run) > 0
+    assert "test_exact_match" in summary and keep_logged(run)
     history = json.loads((run / "history.json").read_text())
     assert history["general"]  # the general prompts were answered before and after
     generate_cli(run, tmp_path)
@@ -115,7 +119,7 @@ def test_a_causal_lm_run_trains_and_its_run_generates(
         "keep_examples": 8,
     }
     summary = run_tune(make_config(options))
-    assert keep_logged(tmp_path / "runs" / "text") > 0 and summary["test_perplexity"] > 0
+    assert keep_logged(tmp_path / "runs" / "text") and summary["test_perplexity"] > 0
     generate_cli(tmp_path / "runs" / "text", tmp_path)
 
 
