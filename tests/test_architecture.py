@@ -18,7 +18,7 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 PACKAGE = SRC / "leantune"
-LAYERS = ("core", "models", "adapters", "analysis", "train", "tune", "search", "cli")
+LAYERS = ("core", "models", "adapters", "analysis", "train", "tune", "export", "search", "cli")
 """Bottom to top: a module imports from its own layer and the ones below only."""
 
 

@@ -13,7 +13,7 @@ import sys
 from leantune.cli import finished, runs, tune  # noqa: F401
 
 # isort: split
-from leantune.cli import combine  # noqa: F401
+from leantune.cli import combine, export  # noqa: F401
 from leantune.cli.common import app, fail
 from leantune.core.errors import LeantuneError
 

@@ -85,15 +85,16 @@ def merge(
         ),
     ] = False,
 ) -> None:
-    """Export the run as a plain transformers model folder, adapter merged in.
+    """Export the run as a plain transformers model folder, adapter merged in (fp32).
 
     The folder holds the tokenizer too and loads with from_pretrained, without leantune or peft.
     It may not be the run or its base model; .leantune-merge.json lists the files merge wrote.
+    The same as ``leantune export RUN --to hf --dtype fp32``.
     """
-    from leantune.tune import merge_run
+    from leantune.export import export_run
 
     try:
-        folder = merge_run(run, out, overwrite)
+        folder, _ = export_run(run, "hf", out, dtype="fp32", overwrite=overwrite)
     except LeantuneError as e:
         fail(str(e))
     typer.echo(f"merged model written to {folder}")
