@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench bench-step bench-tta causal lint format clean
+.PHONY: install test demo bench bench-step bench-tta causal lint format clean gguf-check
 
 install: $(STAMP)
 
@@ -46,6 +46,21 @@ bench-tta: install
 # Issue 5's causal-LM experiment (not in CI; ~15 min on 2 cores): SmolLM2-135M on BBC tech.
 causal: install
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/causal_smollm2.py --json benchmarks/causal_smollm2.json
+
+# llama.cpp through llama-cpp-python for the GGUF parity tests (not in `make test`, whose tests
+# skip without it): pip compiles llama.cpp from source, about 25 minutes on 2 cores, so the
+# wheel is built once (CPU only, no llava) into $(LLAMA_WHEELS) and later installs take seconds.
+LLAMA_CPP_VERSION := 0.3.36
+LLAMA_WHEELS ?= $(HOME)/.cache/leantune/wheels
+LLAMA_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DGGML_BLAS=OFF -DGGML_CUDA=OFF -DLLAMA_BUILD_TESTS=OFF \
+	-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
+
+gguf-check: install
+	@ls $(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1 || \
+		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" nice $(BIN)/pip wheel -q --no-deps -w $(LLAMA_WHEELS) \
+		llama-cpp-python==$(LLAMA_CPP_VERSION)
+	$(BIN)/pip install -q --find-links $(LLAMA_WHEELS) -e '.[test,gguf-check]'
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests/test_export.py tests/test_export_llama_cpp.py
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks

@@ -187,8 +187,12 @@ def source_pre(base: Path) -> str | None:
 def check_gguf_run(request: Request) -> None:
     """Refuse before loading weights: a run that is not a causal LM, a family llama.cpp's
     names are not mapped for here."""
+    import importlib.util
+
     from transformers import AutoConfig
 
+    if importlib.util.find_spec("gguf") is None:
+        raise LeantuneError("GGUF export needs the package gguf; pip install 'leantune[gguf]'")
     if not request.config.causal:
         raise LeantuneError(
             f"{request.run} is a {request.config.task} run (an encoder with a classification "

@@ -1,6 +1,7 @@
 """``export --to ollama``: the GGUF file and a ``Modelfile`` beside it.
 
-The Modelfile (syntax of Ollama's docs/modelfile.md and docs/template.md, Ollama 0.12) holds
+The Modelfile (syntax of Ollama's docs/modelfile.md and docs/template.md as on its main branch,
+commit 03127ff; the ``.Messages`` / ``$last`` form of Ollama's own library templates) holds
 ``FROM ./<file>.gguf``, a Go ``TEMPLATE`` built from the run's Jinja chat template, the
 template's default system prompt as ``SYSTEM``, and ``PARAMETER stop`` for the end-of-turn and
 eos tokens. Ollama does not run Jinja, so the template is translated: the Jinja template is
