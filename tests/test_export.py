@@ -305,3 +305,45 @@ def test_encoder_run_to_gguf_is_refused(tmp_path: Path) -> None:
         out = tmp_path / f"out-{to}"
         refused(cli("export", tmp_path / "runs" / "c", "--to", to, "--out", out), "--to hf")
         assert not out.exists()
+
+
+@pytest.mark.slow  # about a minute: SmolLM2's tokenizer read from the GGUF, 49,152 tokens
+def test_smollm2_vocabulary_matches_its_own_gguf(tmp_path: Path) -> None:
+    """The embedded SmolLM2's GGUF is the ground truth: the tokenizer keys leantune writes for
+    it (tokens, types, merges, special ids, pre-tokenizer, template) are the file's own."""
+    from transformers import AutoTokenizer
+
+    from leantune.core.smollm2 import smollm2_gguf
+    from leantune.export.gguf_vocab import write_vocabulary
+
+    source = smollm2_gguf()
+    tok = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+    truth = read_fields(source)
+    writer = gguf.GGUFWriter(tmp_path / "v.gguf", "llama")
+    vocab = int(truth["llama.vocab_size"])  # type: ignore[call-overload]
+    write_vocabulary(writer, tok, vocab, eot=tok.convert_tokens_to_ids("<|im_end|>"), pre="smollm")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    ours = read_fields(tmp_path / "v.gguf")
+    for key in (
+        "tokenizer.ggml.model",
+        "tokenizer.ggml.pre",
+        "tokenizer.ggml.tokens",
+        "tokenizer.ggml.token_type",
+        "tokenizer.ggml.merges",
+        "tokenizer.ggml.bos_token_id",
+        "tokenizer.ggml.eos_token_id",
+        "tokenizer.ggml.padding_token_id",
+        "tokenizer.ggml.unknown_token_id",
+        "tokenizer.ggml.add_bos_token",
+        "tokenizer.chat_template",
+    ):
+        assert ours[key] == truth[key], key
+    assert ours["tokenizer.ggml.eot_token_id"] == truth["tokenizer.ggml.eos_token_id"]
+    # Without the override the tokenizer's own pre-tokenizer (a bare byte-level split once
+    # transformers has rebuilt it) gives gpt2, which splits SmolLM2's text into the same ids.
+    from leantune.export.gguf_vocab import pre_tokenizer_name
+
+    assert pre_tokenizer_name(json.loads(tok.backend_tokenizer.to_str())) == "gpt2"
