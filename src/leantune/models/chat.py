@@ -233,6 +233,22 @@ def _spans(
     return text, spans, max(text.find(messages[0]["content"]), 0)  # the template's preamble
 
 
+def use_template(tok: Any, template: str | None) -> None:
+    """--template (text, or a file holding it) as the tokenizer's chat template; without one
+    the tokenizer must have its own."""
+    if template is not None:
+        path = Path(template)
+        text = (
+            path.read_text(encoding="utf-8") if "{" not in template and path.is_file() else template
+        )
+        if "{" not in text:
+            raise LeantuneError(
+                f"--template {template!r} is neither a Jinja template nor a file holding one"
+            )
+        tok.chat_template = text
+    check_template(tok, None)
+
+
 def check_template(tokenizer: Any, template: str | None) -> None:
     """Refuse a tokenizer with no chat template when none is given, and a slow tokenizer."""
     if template is None and not getattr(tokenizer, "chat_template", None):

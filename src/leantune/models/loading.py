@@ -17,8 +17,10 @@ from torch import nn
 from leantune.core.errors import LeantuneError
 from leantune.core.files import check_tensors
 
-TASKS = ("classify", "causal-lm", "instruct")
-CAUSAL_TASKS = ("causal-lm", "instruct")
+TASKS = ("classify", "causal-lm", "instruct", "preference")
+CAUSAL_TASKS = ("causal-lm", "instruct", "preference")
+CHAT_TASKS = ("instruct", "preference")
+"""Tasks on conversations rendered with the chat template (``models/chat.py``)."""
 
 
 def model_inputs(model: nn.Module, inputs: Mapping[str, Any]) -> dict[str, Any]:
@@ -42,7 +44,7 @@ def model_dir(path: str | Path | None, task: str = "classify") -> Path:
     MiniLM-L6, or SmolLM2-135M-Instruct for instruct (built into the cache once). The names
     ``minilm`` and ``smollm2`` (when no such folder exists) are the embedded models."""
     name = None if path is None or Path(path).exists() else str(path)
-    if (path is None and task == "instruct") or name == "smollm2":
+    if (path is None and task in CHAT_TASKS) or name == "smollm2":
         from leantune.core.smollm2 import smollm2_dir
 
         return smollm2_dir()

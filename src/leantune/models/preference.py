@@ -27,6 +27,7 @@ beginning and one prompt token.
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,9 +35,10 @@ from typing import Any
 
 import torch
 
+from leantune.core.defaults import bbc_news
 from leantune.core.errors import LeantuneError
-from leantune.models.chat import Message, _messages, _render, _spans, check_template
-from leantune.models.data import _kind, _missing, read_rows
+from leantune.models.chat import HEADLINE, Message, _messages, _render, _spans, check_template
+from leantune.models.data import _kind, _missing, read_rows, stratified_split
 
 IGNORE = -100
 COLUMNS = ("prompt", "chosen", "rejected", "completion", "label")
@@ -334,3 +336,37 @@ def preference_batch(
         batch["ref_logps"] = data.ref[list(rows), 0]
         batch["ref_kl_logps"] = data.ref[list(rows), 1]
     return batch
+
+
+# ---------------------------------------------------------------------------- the embedded pairs
+
+
+def bbc_preferences(
+    seed: int, fractions: tuple[float, float, float], body_words: int | None
+) -> tuple[list[PreferenceExample], list[PreferenceExample], list[PreferenceExample]]:
+    """The embedded preference pairs: for each BBC article, its real headline preferred over
+    the headline of another article of the same topic (a hard negative: as fluent and as much
+    on topic, so only the article's own facts tell them apart), the prompt being the instruct
+    default's headline request (``models/chat.py``); split by article, stratified by topic."""
+    bbc = bbc_news()
+    heads, bodies = [], []
+    for text in bbc.texts:
+        head, _, body = text.partition("\n")
+        words = body.split()
+        if body_words is not None and len(words) > body_words:
+            body = " ".join(words[:body_words])
+        heads.append(head.strip())
+        bodies.append(body.strip())
+    by_topic: dict[int, list[int]] = {}
+    for n, label in enumerate(bbc.labels):
+        by_topic.setdefault(label, []).append(n)
+    rng = random.Random(seed)
+    pairs: list[PreferenceExample] = []
+    for n, label in enumerate(bbc.labels):
+        others = [m for m in by_topic[label] if heads[m] != heads[n]]
+        other = others[rng.randrange(len(others))]
+        prompt = [{"role": "user", "content": f"{bodies[n]}\n\n{HEADLINE}"}]
+        pairs.append(PreferenceExample(prompt, heads[n], heads[other]))
+    parts = stratified_split(bbc.labels, fractions, seed)
+    train, val, test = ([pairs[i] for i in part] for part in parts)
+    return train, val, test

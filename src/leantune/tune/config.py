@@ -23,7 +23,12 @@ from leantune.models.precision import PRECISIONS, QUANTIZE_KINDS, fast_bf16
 from leantune.train.interface import TrainConfig
 from leantune.train.schedule import check_layer_decay, check_schedule
 from leantune.tune.options import (
+    CLASSIFY_METRICS,
+    DEFAULT_MODEL_NAMES,
+    INSTRUCT_EVAL_EXAMPLES,
+    INSTRUCT_TRAIN_EXAMPLES,
     OWN_PARAMETERS,
+    PREFERENCE_METRICS,
     BottleneckOptions,
     DataOptions,
     EvalOptions,
@@ -33,6 +38,7 @@ from leantune.tune.options import (
     OptimOptions,
     PlacementOptions,
     PrecisionOptions,
+    PreferenceOptions,
     RunOptions,
     VirtualTokenOptions,
     check_new_options,
@@ -60,22 +66,9 @@ def default_lr(method: str) -> float:
     return cls.default_lr if cls is not None else OWN_PARAMETERS[method].lr
 
 
-CLASSIFY_METRICS = ("accuracy", "macro_f1", "loss")
-DEFAULT_MODEL_NAMES = {"classify": "minilm", "causal-lm": "minilm", "instruct": "smollm2"}
-DEFAULT_MODEL_TITLES = {
-    "classify": "the embedded MiniLM-L6",
-    "causal-lm": "the embedded MiniLM-L6",
-    "instruct": "the embedded SmolLM2-135M-Instruct",
-}
-INSTRUCT_TRAIN_EXAMPLES = 400
-INSTRUCT_EVAL_EXAMPLES = 200
-"""The embedded instruct data's default samples (training; validation and test): an instruct
-run on 2 CPU cores ends in under 15 minutes (README); --train-examples and --eval-examples
-override them."""
-
-
 @dataclass
 class TuneConfig(
+    PreferenceOptions,
     PrecisionOptions,
     KnowledgeOptions,
     EvalOptions,
@@ -132,7 +125,7 @@ class TuneConfig(
             )
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise LeantuneError(f"--weight-decay must be 0 or more, got {self.weight_decay}")
-        allowed_metrics = ("perplexity", "loss") if self.causal else CLASSIFY_METRICS
+        allowed_metrics = self.task_metrics()
         if self.metric is not None and self.metric not in allowed_metrics:
             raise LeantuneError(
                 f"--metric {self.metric!r} is not a {self.task} metric; use one of {allowed_metrics}"
@@ -260,6 +253,16 @@ class TuneConfig(
     def instruct(self) -> bool:
         return self.task == "instruct"
 
+    @property
+    def preference(self) -> bool:
+        return self.task == "preference"
+
+    def task_metrics(self) -> tuple[str, ...]:
+        """The validation metrics of the run's task, the default first."""
+        if self.preference:
+            return PREFERENCE_METRICS
+        return ("perplexity", "loss") if self.causal else CLASSIFY_METRICS
+
     def lora_init(self) -> str:
         """--init auto (the default): grad under --select auto, whose scoring measures the
         gradient directions anyway (issue 28's table: +1.7 points at 0.1 %), standard for hand
@@ -281,12 +284,13 @@ class TuneConfig(
             options = {**values, "targets": "all-linear", "layers": None}
             values["l2"] = cls.from_options(options).default_l2() if cls is not None else 0.0
         if self.metric is None:
-            values["metric"] = "perplexity" if self.causal else "accuracy"
+            values["metric"] = self.task_metrics()[0]
         if self.base_dtype not in (None, "fp32") and self.precision in ("auto", "fp32"):
             values["precision"] = self.base_dtype  # a half-precision base runs under autocast
         elif self.precision == "auto":
-            values["precision"] = "bf16" if self.instruct and fast_bf16(self.device) else "fp32"
-        if self.instruct and self.data is None:  # the embedded data, sized for a CPU
+            chat = self.instruct or self.preference
+            values["precision"] = "bf16" if chat and fast_bf16(self.device) else "fp32"
+        if (self.instruct or self.preference) and self.data is None:  # sized for a CPU
             if self.train_examples is None:
                 values["train_examples"] = INSTRUCT_TRAIN_EXAMPLES
             if self.eval_examples is None:

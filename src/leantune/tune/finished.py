@@ -25,7 +25,7 @@ from leantune.analysis.knowledge import folder_fingerprint
 from leantune.analysis.plan import Plan
 from leantune.core.errors import LeantuneError
 from leantune.core.files import load_into, read_tensors, unique_tensors
-from leantune.models.chat import load_chats, load_prompts
+from leantune.models.chat import load_chats, load_prompts, use_template
 from leantune.models.data import load_table
 from leantune.models.loading import load_model, load_tokenizer, max_positions, model_dir
 from leantune.models.pooling import copy_pooling_files, native_pooling
@@ -40,7 +40,6 @@ from leantune.tune.prepare import (
     load_splits,
     pick_device,
     prepare,
-    use_template,
 )
 from leantune.tune.runfolder import RunFolder
 from leantune.tune.strategy import make_plan, warm_start
@@ -393,6 +392,8 @@ def task_key(config: TuneConfig, metrics: dict[str, float]) -> str:
     generation score (ROUGE-L, else exact match) when the test split was answered."""
     if config.instruct:
         return next((k for k in ("rouge_l", "exact_match") if k in metrics), "perplexity")
+    if config.preference:
+        return "reward_accuracy"
     return "perplexity" if config.causal else "accuracy"
 
 

@@ -44,6 +44,26 @@ OWN_PARAMETERS = {
 FULL, HEAD, PROBE = OWN_PARAMETERS
 
 
+CLASSIFY_METRICS = ("accuracy", "macro_f1", "loss")
+DEFAULT_MODEL_NAMES = {
+    "classify": "minilm",
+    "causal-lm": "minilm",
+    "instruct": "smollm2",
+    "preference": "smollm2",
+}
+DEFAULT_MODEL_TITLES = {
+    "classify": "the embedded MiniLM-L6",
+    "causal-lm": "the embedded MiniLM-L6",
+    "instruct": "the embedded SmolLM2-135M-Instruct",
+    "preference": "the embedded SmolLM2-135M-Instruct",
+}
+INSTRUCT_TRAIN_EXAMPLES = 400
+INSTRUCT_EVAL_EXAMPLES = 200
+"""The embedded instruct data's default samples (training; validation and test): an instruct
+run on 2 CPU cores ends in under 15 minutes (README); --train-examples and --eval-examples
+override them."""
+
+
 @dataclass
 class RunOptions:
     """Where the run goes and how it runs."""
@@ -84,9 +104,10 @@ class DataOptions:
     it; ``leantune.use_pooling`` does it for a plain model)."""
     task: str = "classify"
     """classify (sequence classification), causal-lm (language modelling; metric perplexity)
-    or instruct (chat / instruction tuning of a causal LM: the loss counts the assistant's
+    instruct (chat / instruction tuning of a causal LM: the loss counts the assistant's
     tokens only; default model SmolLM2-135M-Instruct, default data BBC headline and topic
-    instructions)."""
+    instructions) or preference (DPO, IPO, ORPO, SimPO or KTO on chosen / rejected answers,
+    --objective; default data: BBC headlines preferred over another article's)."""
     data: str | None = None
     """Training data: .csv, .jsonl or a datasets save_to_disk folder, or an embedded set: bbc
     (BBC News articles → topic, the default) or bbc-headlines (only each article's headline: a
@@ -282,7 +303,8 @@ class EvalOptions:
     max_new_tokens: int = 32
     """instruct: the longest answer generated when scoring."""
     metric: str | None = None
-    """Validation metric for the best checkpoint (default: accuracy, or perplexity)."""
+    """Validation metric for the best checkpoint (default: accuracy, perplexity, or for
+    preference reward_accuracy)."""
 
 
 @dataclass
@@ -334,6 +356,51 @@ class PrecisionOptions:
     """Recompute activations in backward instead of keeping them (less memory, slower)."""
 
 
+@dataclass
+class PreferenceOptions:
+    """--task preference: the objective and its constants (TRL 1.16's defaults)."""
+
+    objective: str = "dpo"
+    """preference: dpo (the default; TRL's sigmoid loss), ipo, orpo (odds ratio beside the SFT
+    loss), simpo (length-normalised margin with --simpo-gamma) or kto (unpaired rows with
+    desirable / undesirable labels). dpo, ipo and kto compare with the reference: the model with
+    its adapter switched off."""
+    beta: float = 0.1
+    """preference: β, the pull toward the reference (IPO's τ; ORPO: the odds-ratio weight λ;
+    SimPO: the reward scale)."""
+    simpo_gamma: float = 0.5
+    """preference, simpo: the target reward margin γ."""
+    desirable_weight: float = 1.0
+    """preference, kto: weight of the desirable rows' losses."""
+    undesirable_weight: float = 1.0
+    """preference, kto: weight of the undesirable rows' losses."""
+    precompute_reference: bool = True
+    """preference: compute the reference's log-probs of the training rows once before the
+    first step (cached by model, data and template), so each step runs the policy alone;
+    --no-precompute-reference runs the reference inside every step."""
+
+
+PREFERENCE_METRICS = ("reward_accuracy", "margin", "loss")
+OBJECTIVES = ("dpo", "ipo", "orpo", "simpo", "kto")
+
+
+def check_preference(c: Any) -> None:
+    """The checks of the preference options (``c``: a TuneConfig)."""
+    if c.objective not in OBJECTIVES:
+        raise LeantuneError(f"--objective {c.objective!r} is unknown; use one of {OBJECTIVES}")
+    if not (math.isfinite(c.beta) and c.beta > 0):
+        raise LeantuneError(f"--beta must be a positive number, got {c.beta}")
+    for key in ("simpo_gamma", "desirable_weight", "undesirable_weight"):
+        if not (math.isfinite(getattr(c, key)) and getattr(c, key) >= 0):
+            raise LeantuneError(f"--{key.replace('_', '-')} must be 0 or more")
+    if c.task != "preference":
+        return
+    if c.packing or c.cache_prefix:
+        raise LeantuneError("--task preference does not pack or cache prefixes; drop the option")
+    if c.fsdp:  # several processes split a batch's rows, which would part a pair
+        raise LeantuneError("--task preference runs in one process; drop --fsdp")
+
+
 def check_new_options(c: Any) -> None:
     """The checks of the scale-out, probe and keep options (``c``: a TuneConfig)."""
     if c.fsdp and (c.quantize or c.adapt > 1):
@@ -361,6 +428,7 @@ def check_new_options(c: Any) -> None:
         raise LeantuneError(f"--pooling {c.pooling!r} is unknown; use one of {POOLINGS}")
     if not c.dist_timeout > 0:
         raise LeantuneError(f"--dist-timeout must be positive seconds, got {c.dist_timeout}")
+    check_preference(c)
 
 
 def field_docs(cls: type, inherited: bool = True) -> dict[str, str]:

@@ -25,11 +25,11 @@ from leantune.models.chat import (
     InstructSplits,
     TokenizedChats,
     bbc_instruct,
-    check_template,
     load_chats,
     pack,
     packed_batch,
     tokenize_chats,
+    use_template,
 )
 from leantune.models.data import (
     PARTS,
@@ -52,6 +52,7 @@ from leantune.models.precision import (
 )
 from leantune.train.answer import Forward, answer_forward_for
 from leantune.tune.config import TuneConfig
+from leantune.tune.preference import PreferenceRun, encode_run, load_preference_splits, start_run
 from leantune.tune.strategy import (
     apply_method,
     apply_plan,
@@ -245,6 +246,8 @@ class Prepared:
     batch_rows: int | None = None
     """Rows of each training batch: --batch-size, or under several processes the global
     batch (--batch-size × processes) that the loop cuts into one slice per process."""
+    pref: PreferenceRun | None = None
+    """preference: the pairs' tokens, batches and metrics (tune/preference.py)."""
     _cache: dict[int, list[dict[str, torch.Tensor]]] = field(default_factory=dict)
 
     def use_batch_rows(self, rows: int) -> None:
@@ -258,6 +261,8 @@ class Prepared:
             return self._evaluate(enc)
 
     def _evaluate(self, enc: Encoded) -> Evaluation:
+        if self.pref is not None:
+            return self.pref.evaluate(self, enc)
         return evaluate(
             self.model,
             enc,
@@ -273,7 +278,7 @@ class Prepared:
         answers on --gen-examples test conversations (``samples`` holds them)."""
         result = self.evaluate(self.test)
         chats = self.splits.chats
-        if chats is None or not self.config.gen_examples:
+        if chats is None or not self.config.gen_examples or self.pref is not None:
             return result
         examples = sample_examples(chats.test, self.config.gen_examples, self.config.seed)
         sampling = Sampling(max_new_tokens=self.config.max_new_tokens)
@@ -301,6 +306,9 @@ class Prepared:
     def batches(self, epoch: int) -> list[dict[str, torch.Tensor]]:
         """This epoch's training batches: similar lengths together, padded per batch."""
         if epoch in self._cache:
+            return self._cache[epoch]
+        if self.pref is not None:
+            self._cache = {epoch: self.pref.batches(self, epoch)}
             return self._cache[epoch]
         rows = length_buckets(
             [len(x) for x in self.train.ids],
@@ -337,9 +345,13 @@ def prepare(config: TuneConfig, with_method: bool = True) -> Prepared:
     config = config.resolved()
     device = pick_device(config.device)
     folder = model_dir(config.model, config.task)
-    splits = load_chat_splits(config) if config.instruct else load_splits(config)
+    pairs = load_preference_splits(config, BBC_BODY_WORDS) if config.preference else None
+    if pairs is not None:  # the tables stay empty: the pairs are in Prepared.pref
+        splits = Splits(TextTable([], []), TextTable([], []), TextTable([], []), [])
+    else:
+        splits = load_chat_splits(config) if config.instruct else load_splits(config)
     tok = load_tokenizer(folder)
-    if config.instruct:
+    if config.instruct or config.preference:
         use_template(tok, config.template)
     random.seed(config.seed)
     torch.manual_seed(config.seed)
@@ -348,7 +360,11 @@ def prepare(config: TuneConfig, with_method: bool = True) -> Prepared:
         model.config.use_cache = False  # type: ignore[union-attr]
     length = min(config.max_length, max_positions(model) or config.max_length)
     names, notes = splits.label_names, list[str]()
-    if splits.chats is not None:
+    run = encode_run(tok, config, pairs, length) if pairs is not None else None
+    if run is not None:
+        train_enc, val_enc, test_enc = (run.encoded(d) for d in (run.train, run.val, run.test))
+        notes += run.notes
+    elif splits.chats is not None:
         train_enc = encode_chats(tok, splits.chats.train, length, notes, "the training data")
         val_enc = encode_chats(tok, splits.chats.validation, length, notes, "validation")
         test_enc = encode_chats(tok, splits.chats.test, length, notes, "test")
@@ -397,7 +413,9 @@ def prepare(config: TuneConfig, with_method: bool = True) -> Prepared:
         config, model, tok, splits, train_enc, val_enc, test_enc, device, plan, scores, notes
     )
     prep.sharded = sharded
-    if config.instruct and not config.cache_prefix:
+    if run is not None:
+        start_run(prep, run)
+    elif config.instruct and not config.cache_prefix:
         with autocast(config.precision, device):
             prep.forward = answer_forward_for(model, prep.batches(0)[0])
     return prep
@@ -428,19 +446,3 @@ def shared_plan(
         if texts[1]:
             masks.write_bytes(texts[1])
         return Plan.load(path), None
-
-
-def use_template(tok: Any, template: str | None) -> None:
-    """--template (text, or a file holding it) as the tokenizer's chat template; without one
-    the tokenizer must have its own."""
-    if template is not None:
-        path = Path(template)
-        text = (
-            path.read_text(encoding="utf-8") if "{" not in template and path.is_file() else template
-        )
-        if "{" not in text:
-            raise LeantuneError(
-                f"--template {template!r} is neither a Jinja template nor a file holding one"
-            )
-        tok.chat_template = text
-    check_template(tok, None)

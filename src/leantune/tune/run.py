@@ -44,8 +44,8 @@ from leantune.train.interface import Diverged, Progress, TrainHooks, TrainResult
 from leantune.train.loop import train
 from leantune.train.schedule import Unfreezer, adapter_lr_scales, lr_scales
 from leantune.tune import runfolder
+from leantune.tune.baseline_cache import measure_before
 from leantune.tune.config import (
-    DEFAULT_MODEL_TITLES,
     TuneConfig,
     started_with,
     train_config,
@@ -59,7 +59,7 @@ from leantune.tune.finished import (
     save_trained,
     validation_line,
 )
-from leantune.tune.options import PROBE
+from leantune.tune.options import DEFAULT_MODEL_TITLES, PROBE
 from leantune.tune.prepare import Prepared, pick_device, prepare
 from leantune.tune.runfolder import RunFolder
 from leantune.tune.strategy import (
@@ -311,10 +311,9 @@ class TuneRecipe:
             self.say(
                 "knowledge kept: no reference text (install fortunes-min or give --reference-text)"
             )
-        before = prep.evaluate_test()
-        self.task_before, self.samples_before = before.metrics, before.samples
-        if self.general is not None:
-            self.general.answer_before(model, prep.tok)
+        self.task_before, self.samples_before, kept = measure_before(config, prep, self.general)
+        if kept:
+            self.say(f"before: the original model's answers read from {cache_root()}")
         if config.cache_prefix:
             self.frozen = FrozenLayerCache(model, [len(x) for x in prep.train.ids])
             self.say(
