@@ -368,6 +368,8 @@ def test_a_scaler_skip_is_not_divergence_but_the_same_overflow_in_fp32_is() -> N
         lora_bert(), lambda e: toy_batches(), val_loss, config, overflow_at({2}, {"done": 0})
     )
     assert result.steps == len(toy_batches())
+    # The skipped step halved the scale once (summary.json's fp16_loss_scale / _skipped_steps).
+    assert (result.skipped_steps, result.loss_scale) == (1, 2.0**15)
     fp32 = TrainConfig(epochs=1, metric="loss", higher_is_better=False)
     with pytest.raises(Diverged, match="gradient norm is"):
         train(lora_bert(), lambda e: toy_batches(), val_loss, fp32, overflow_at({2}, {"done": 0}))

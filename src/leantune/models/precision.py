@@ -112,6 +112,8 @@ class LossScaler:
         self.amp = torch.amp.GradScaler(_device_type(device), enabled=self.enabled)
         self.skips = 0
         """Optimizer steps skipped in a row."""
+        self.skipped = 0
+        """Optimizer steps skipped in all (in this process)."""
 
     def backward(self, loss: torch.Tensor) -> None:
         self.amp.scale(loss).backward()
@@ -131,6 +133,7 @@ class LossScaler:
         self.amp.update()
         skipped = self.amp.get_scale() < before
         self.skips = self.skips + 1 if skipped else 0
+        self.skipped += skipped
         return not skipped
 
     @property

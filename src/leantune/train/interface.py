@@ -107,6 +107,10 @@ class TrainResult:
     curve: list[tuple[int, float]] = field(default_factory=list)
     interrupted: bool = False
     """Ctrl-C: a checkpoint was saved at the last finished step; resume to continue."""
+    loss_scale: float | None = None
+    """fp16: the loss scaler's scale at the end (None without fp16)."""
+    skipped_steps: int = 0
+    """fp16: optimizer steps the scaler skipped (overflowing gradients), since this start."""
 
     @property
     def examples_per_s(self) -> float:

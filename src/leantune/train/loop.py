@@ -174,9 +174,18 @@ class _Loop:
         self.limit = min(total, config.max_steps or total)
 
     def result(self, stopped_early: bool, interrupted: bool = False) -> TrainResult:
-        p = self.p
+        p, scaler = self.p, self.scaler
         return TrainResult(
-            p.best, p.step, stopped_early, p.seconds, p.examples, p.history, p.curve, interrupted
+            p.best,
+            p.step,
+            stopped_early,
+            p.seconds,
+            p.examples,
+            p.history,
+            p.curve,
+            interrupted,
+            loss_scale=scaler.scale if scaler.enabled else None,
+            skipped_steps=scaler.skipped,
         )
 
     def save(self) -> None:

@@ -58,6 +58,12 @@ def summarize(
         "train_seconds": round(result.train_seconds, 2),
         "examples_per_s": round(result.examples_per_s, 2),
         "steps": result.steps,
+        # fp16: the loss scaler ran (its last scale) and the steps it skipped on overflow.
+        **(
+            {"fp16_loss_scale": result.loss_scale, "fp16_skipped_steps": result.skipped_steps}
+            if result.loss_scale is not None
+            else {}
+        ),
         "stopped_early": result.stopped_early,
         "best_step": int(best.get("step", 0)),
         f"best_val_{config.metric}": best.get(f"val_{config.metric}"),
