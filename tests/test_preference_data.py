@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 import leantune as lt
 from helpers import chat_tokenizer, tiny_chat_llama
@@ -162,3 +163,38 @@ def test_precomputed_reference_gives_the_same_loss() -> None:
         stored = preference_outcome(objective, model, batch | {"ref_logps": ref}).loss
         torch.testing.assert_close(live, stored)
         assert live > 0
+
+
+def test_from_run_makes_the_sft_model_the_start_and_the_reference(tmp_path: Path) -> None:
+    from helpers import chat_model_folder
+    from leantune.tune import TuneConfig
+    from leantune.tune.prepare import prepare
+
+    folder = chat_model_folder(tmp_path / "chat")
+    sft = AutoModelForCausalLM.from_pretrained(folder)
+    lt.inject(sft, lt.LoraConfig(r=2, targets=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in sft.named_parameters():
+            if ".lora." in name:
+                p.normal_(std=0.3)
+    run = tmp_path / "runs" / "sft"
+    lt.save_adapter(sft, run / "adapter")
+    (run / "config.yaml").write_text(f"task: instruct\nmodel: {folder}\n")
+    data = write(
+        tmp_path / "p.jsonl",
+        [{"prompt": USER, "chosen": a, "rejected": b} for a, b in [("sport", "tech")] * 10],
+    )
+    values = {"task": "preference", "data": str(data), "from_run": str(run)}
+    prep = prepare(TuneConfig(**values, reference_examples=0, general_examples=0))
+    batch = prep.batches(0)[0]
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    want = sequence_logps(sft.eval(), ids, mask, labels).sums  # the SFT model's
+    bare = sequence_logps(AutoModelForCausalLM.from_pretrained(folder), ids, mask, labels).sums
+    torch.testing.assert_close(batch["ref_logps"], want, atol=1e-4, rtol=1e-5)
+    assert not torch.allclose(want, bare, atol=1e-3)  # not the bare base
+    prep.model.eval()
+    start = sequence_logps(prep.model, ids, mask, labels).sums  # the policy starts there too
+    torch.testing.assert_close(start, want, atol=1e-4, rtol=1e-5)
+    bad = TuneConfig(**values | {"from_run": str(tmp_path)})
+    with pytest.raises(LeantuneError, match="is not a finished leantune run"):
+        prepare(bad)

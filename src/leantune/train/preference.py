@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from leantune.adapters.base import records
 from leantune.adapters.inject import adapter_layers, disable
 from leantune.core.errors import LeantuneError
 
@@ -142,6 +143,12 @@ def reference_of(model: nn.Module) -> Iterator[nn.Module]:
             "this objective needs a reference model, which is the model with its adapter "
             "switched off; train an adapter (--method lora, ...), or use --objective orpo or "
             "simpo, which need none"
+        )
+    if any(rec.config.rewrites_base_weight() for rec in records(model).values()):
+        raise LeantuneError(
+            "the adapter rewrote the base weights when it was injected (e.g. PiSSA's start), "
+            "so switching it off does not give the starting model; use a LoRA with the "
+            "standard start, or --objective orpo or simpo, which need no reference"
         )
     with torch.no_grad(), disable(model):
         yield model

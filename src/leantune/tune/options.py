@@ -361,10 +361,8 @@ class PreferenceOptions:
     """--task preference: the objective and its constants (TRL 1.16's defaults)."""
 
     objective: str = "dpo"
-    """preference: dpo (the default; TRL's sigmoid loss), ipo, orpo (odds ratio beside the SFT
-    loss), simpo (length-normalised margin with --simpo-gamma) or kto (unpaired rows with
-    desirable / undesirable labels). dpo, ipo and kto compare with the reference: the model with
-    its adapter switched off."""
+    """preference: dpo (the default), ipo, orpo, simpo or kto (docs/PREFERENCE.md); dpo, ipo and
+    kto compare with the reference: the model with its adapter switched off."""
     beta: float = 0.1
     """preference: β, the pull toward the reference (IPO's τ; ORPO: the odds-ratio weight λ;
     SimPO: the reward scale)."""
@@ -375,9 +373,11 @@ class PreferenceOptions:
     undesirable_weight: float = 1.0
     """preference, kto: weight of the undesirable rows' losses."""
     precompute_reference: bool = True
-    """preference: compute the reference's log-probs of the training rows once before the
-    first step (cached by model, data and template), so each step runs the policy alone;
-    --no-precompute-reference runs the reference inside every step."""
+    """preference: the reference's log-probs of the training rows computed once before the first
+    step and cached (by model, data, template); --no-precompute-reference: in every step."""
+    from_run: str | None = None
+    """preference: start from a finished run's model (runs/<name>, e.g. an instruct run): its
+    adapter merged into its base is the policy's start and the reference."""
 
 
 PREFERENCE_METRICS = ("reward_accuracy", "margin", "loss")

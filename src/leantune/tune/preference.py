@@ -19,12 +19,15 @@ import hashlib
 import json
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from leantune.adapters.formats import load_adapter
+from leantune.adapters.inject import unload
 from leantune.analysis.evaluate import Encoded, Evaluation
 from leantune.analysis.knowledge import folder_fingerprint
 from leantune.core.defaults import cache_root
@@ -48,7 +51,7 @@ from leantune.train.preference import (
     preference_metrics,
     reference_logps,
 )
-from leantune.tune.config import TuneConfig
+from leantune.tune.config import TuneConfig, read_config
 
 PreferenceSplits = tuple[list[PreferenceExample], list[PreferenceExample], list[PreferenceExample]]
 
@@ -228,3 +231,34 @@ def start_run(prep: Any, run: PreferenceRun) -> None:
             f"reference log-probs of {len(run.train)} training rows "
             + ("read from the cache" if cached else "computed once (adapter off) and cached")
         )
+
+
+def with_run_model(config: TuneConfig) -> TuneConfig:
+    """--from-run: the run's model folder as --model (checked: a finished run with an adapter,
+    and the same model as --model when both are given)."""
+    if config.from_run is None:
+        return config
+    run = Path(config.from_run)
+    if not (run / "config.yaml").is_file() or not (run / "adapter").is_dir():
+        raise LeantuneError(
+            f"--from-run {run} is not a finished leantune run with an adapter/ folder; give "
+            "runs/<name> of a finished instruct run, or a merged model folder as --model"
+        )
+    saved = read_config(run / "config.yaml")
+    model = saved.get("model")
+    if config.model is not None and model_dir(config.model, config.task) != model_dir(
+        model, config.task
+    ):
+        raise LeantuneError(
+            f"--from-run {run} was trained on {model or 'the embedded SmolLM2'}, not --model "
+            f"{config.model}; drop --model"
+        )
+    return replace(config, model=model)
+
+
+def merge_from_run(model: nn.Module, config: TuneConfig) -> None:
+    """--from-run: the run's adapter merged into ``model`` (in memory), which is then the start
+    and, with the new adapter off, the reference."""
+    if config.from_run is not None:
+        load_adapter(model, Path(config.from_run) / "adapter")
+        unload(model, merge_active=True)

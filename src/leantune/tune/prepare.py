@@ -51,8 +51,8 @@ from leantune.models.precision import (
     quantize_base,
 )
 from leantune.train.answer import Forward, answer_forward_for
+from leantune.tune import preference
 from leantune.tune.config import TuneConfig
-from leantune.tune.preference import PreferenceRun, encode_run, load_preference_splits, start_run
 from leantune.tune.strategy import (
     apply_method,
     apply_plan,
@@ -246,7 +246,7 @@ class Prepared:
     batch_rows: int | None = None
     """Rows of each training batch: --batch-size, or under several processes the global
     batch (--batch-size × processes) that the loop cuts into one slice per process."""
-    pref: PreferenceRun | None = None
+    pref: preference.PreferenceRun | None = None
     """preference: the pairs' tokens, batches and metrics (tune/preference.py)."""
     _cache: dict[int, list[dict[str, torch.Tensor]]] = field(default_factory=dict)
 
@@ -342,10 +342,10 @@ def pick_device(spec: str) -> torch.device:
 
 def prepare(config: TuneConfig, with_method: bool = True) -> Prepared:
     """Load and check everything; writes nothing."""
-    config = config.resolved()
+    config = preference.with_run_model(config.resolved())
     device = pick_device(config.device)
     folder = model_dir(config.model, config.task)
-    pairs = load_preference_splits(config, BBC_BODY_WORDS) if config.preference else None
+    pairs = preference.load_preference_splits(config, BBC_BODY_WORDS) if config.preference else None
     if pairs is not None:  # the tables stay empty: the pairs are in Prepared.pref
         splits = Splits(TextTable([], []), TextTable([], []), TextTable([], []), [])
     else:
@@ -356,11 +356,12 @@ def prepare(config: TuneConfig, with_method: bool = True) -> Prepared:
     random.seed(config.seed)
     torch.manual_seed(config.seed)
     model = load_model(folder, config.task, splits.label_names, tok.pad_token_id, config.pooling)
+    preference.merge_from_run(model, config)  # --from-run: the start and the reference
     if config.packing:  # a KV cache switches off the detection of packed segments
         model.config.use_cache = False  # type: ignore[union-attr]
     length = min(config.max_length, max_positions(model) or config.max_length)
     names, notes = splits.label_names, list[str]()
-    run = encode_run(tok, config, pairs, length) if pairs is not None else None
+    run = preference.encode_run(tok, config, pairs, length) if pairs is not None else None
     if run is not None:
         train_enc, val_enc, test_enc = (run.encoded(d) for d in (run.train, run.val, run.test))
         notes += run.notes
@@ -414,7 +415,7 @@ def prepare(config: TuneConfig, with_method: bool = True) -> Prepared:
     )
     prep.sharded = sharded
     if run is not None:
-        start_run(prep, run)
+        preference.start_run(prep, run)
     elif config.instruct and not config.cache_prefix:
         with autocast(config.precision, device):
             prep.forward = answer_forward_for(model, prep.batches(0)[0])
