@@ -373,8 +373,8 @@ class PreferenceOptions:
     undesirable_weight: float = 1.0
     """preference, kto: weight of the undesirable rows' losses."""
     precompute_reference: bool = True
-    """preference: the reference's log-probs of the training rows computed once before the first
-    step and cached (by model, data, template); --no-precompute-reference: in every step."""
+    """preference: the reference's log-probs of every row computed once before the first step
+    and cached (by model, data, template); --no-precompute-reference: in every step."""
     from_run: str | None = None
     """preference: start from a finished run's model (runs/<name>, e.g. an instruct run): its
     adapter merged into its base is the policy's start and the reference."""

@@ -178,16 +178,15 @@ def _cache_key(config: TuneConfig, data: PreferenceTokens) -> str:
 
 @torch.no_grad()
 def precompute_reference(
-    run: PreferenceRun,
+    data: PreferenceTokens,
     model: nn.Module,
     config: TuneConfig,
     pad_id: int,
     device: torch.device,
     autocast: Callable[[], Any],
 ) -> bool:
-    """The reference's log-probs of the training rows into ``run.train.ref``, from the cache
-    when there (True) or computed with the adapters off and cached (False)."""
-    data = run.train
+    """The reference's log-probs of ``data``'s rows into ``data.ref``, from the cache when
+    there (True) or computed with the adapters off and cached (False)."""
     path = cache_root() / "preference-reference" / f"{_cache_key(config, data)}.safetensors"
     if path.is_file():
         data.ref = read_tensors(path, path)["ref"]
@@ -223,13 +222,17 @@ def start_run(prep: Any, run: PreferenceRun) -> None:
     prep.forward = preference_forward(run.objective)
     config = prep.config
     if config.precompute_reference and run.objective.uses_reference:
-        cached = precompute_reference(
-            run, prep.model, config, prep.tok.pad_token_id, prep.device,
-            lambda: autocast(config.precision, prep.device),
-        )  # fmt: skip
+        cached = [
+            precompute_reference(
+                data, prep.model, config, prep.tok.pad_token_id, prep.device,
+                lambda: autocast(config.precision, prep.device),
+            )
+            for data in (run.train, run.val, run.test)
+        ]  # fmt: skip
+        rows = len(run.train) + len(run.val) + len(run.test)
         prep.notes.append(
-            f"reference log-probs of {len(run.train)} training rows "
-            + ("read from the cache" if cached else "computed once (adapter off) and cached")
+            f"reference log-probs of {rows} training, validation and test rows "
+            + ("read from the cache" if all(cached) else "computed once (adapter off) and cached")
         )
 
 
