@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench bench-step bench-tta causal lint format clean gguf-check
+.PHONY: install test demo bench bench-step bench-tta causal lint format clean gguf-check gpu-check gpu-wheels
 
 install: $(STAMP)
 
@@ -61,6 +61,25 @@ gguf-check: install
 		llama-cpp-python==$(LLAMA_CPP_VERSION)
 	$(BIN)/pip install -q --find-links $(LLAMA_WHEELS) -e '.[test,gguf-check]'
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests/test_export.py tests/test_export_llama_cpp.py
+
+# The prepared GPU check (README, "GPU check"): run on a lent GPU machine, whose image has
+# CUDA's torch but no package index, so not after `make install`: the wheels carried in wheels/
+# (`make gpu-wheels` here) and leantune from this tree, --no-deps; ~5 minutes on one H100.
+# CPU rehearsal: make gpu-check GPU_PY=$(BIN)/python GPU_ARGS="--device cpu --tiny --budget-s 1500"
+GPU_PY ?= python3
+GPU_OUT ?= runs/gpu-check
+GPU_ARGS ?=
+GPU_WHEELS := torchao==0.18.0
+
+gpu-check:
+	@ls wheels/*.whl >/dev/null 2>&1 || echo "note: no wheels/*.whl (make gpu-wheels); --quantize parts will fail"
+	@! ls wheels/*.whl >/dev/null 2>&1 || $(GPU_PY) -m pip install -q --no-index --no-deps wheels/*.whl
+	$(GPU_PY) -m pip install -q --no-index --no-deps --no-build-isolation -e .
+	HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 $(GPU_PY) benchmarks/gpu_check.py --out $(GPU_OUT) $(GPU_ARGS)
+
+gpu-wheels:
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp --platform manylinux2014_x86_64 -d wheels $(GPU_WHEELS)
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks

@@ -341,8 +341,8 @@ def tables(parts: dict[str, Any]) -> list[str]:
     """Markdown tables of the step rows and the quantized base (docs/BENCHMARKS.md's form)."""
     lines = [
         "| model | tokens | ckpt | loss on | leantune s/step | peft s/step | time ratio | "
-        "leantune peak MiB | peft peak MiB | memory ratio | loss max rel diff |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "leantune peak MiB | peft peak MiB | memory ratio | loss max rel diff | target met |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in ("step-llama", "step-qwen2"):
         figures = parts.get(name, {}).get("figures") or {}
@@ -355,19 +355,19 @@ def tables(parts: dict[str, Any]) -> list[str]:
                 f"{r['leantune']['step_s']:.4f} | {r['peft']['step_s']:.4f} | "
                 f"{r['time_ratio']:.2f} | {r.get('leantune_peak_mib')} | "
                 f"{r.get('peft_peak_mib')} | {r.get('memory_ratio', '–')} | "
-                f"{r['loss_max_rel_diff']:.2g} |"
+                f"{r['loss_max_rel_diff']:.2g} | {r.get('target_met', '–')} |"
             )
     modes = (parts.get("quantized", {}).get("figures") or {}).get("modes", {})
     if modes:
         lines += [
             "",
-            "| base | layers quantized | base MiB | s/step | peak MiB |",
-            "|---|---|---|---|---|",
+            "| base | layers quantized | base MiB | s/step | vs bf16 | peak MiB | vs bf16 |",
+            "|---|---|---|---|---|---|---|",
         ]
         for mode, m in modes.items():
             lines.append(
                 f"| {mode} | {m['quantized_layers']} | {m['base_mib']} | {m['step_s']:.4f} | "
-                f"{m['peak_mib']} |"
+                f"{m.get('time_vs_bf16', 1.0)} | {m['peak_mib']} | {m.get('memory_vs_bf16', '–')} |"
             )
     return lines
 

@@ -49,10 +49,20 @@ R, ALPHA, LR = 16, 32, 1e-3
 LOSS_RTOL = 0.02
 """Relative loss difference allowed between the sides at the same step: bf16 keeps 8 bits of
 mantissa, and the two libraries round the LoRA update and sum it in another order."""
+TARGET = 0.8
+"""Issue 33's target: leantune at most 0.8× peft + transformers' step time and peak memory."""
 MEMORY_STEPS = 2
 """Steps each side runs alone for its peak memory (the second has AdamW's moments)."""
 ANSWER_SHARE = 8
 """The answer-only row labels the last 1/ANSWER_SHARE of each row's tokens."""
+
+
+class Measured(RuntimeError):
+    """A check failed after the figures were measured: they go into the record with it."""
+
+    def __init__(self, message: str, figures: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.figures = figures
 
 
 def shapes(tiny: bool) -> list[tuple[int, int]]:
@@ -385,7 +395,10 @@ def step_part(kind: str, device: torch.device, tiny: bool) -> dict[str, Any]:
         row["peft_peak_mib"] = mem["peak_mib"]
         if mem["peak_mib"] and row["leantune_peak_mib"]:
             row["memory_ratio"] = round(row["leantune_peak_mib"] / mem["peak_mib"], 4)
-    return {
+            row["target_met"] = (
+                row["time_ratio"] <= TARGET and row["memory_ratio"] <= TARGET and row["loss_agrees"]
+            )
+    figures = {
         "model": kind,
         "config": {
             k: getattr(model_config(kind, tiny), k)
@@ -402,8 +415,12 @@ def step_part(kind: str, device: torch.device, tiny: bool) -> dict[str, Any]:
         "counts": counts,
         "loss_rtol": LOSS_RTOL,
         "rows": list(rows.values()),
-        "passed_rows": all(r["loss_agrees"] for r in rows.values()),
+        "target": f"leantune ≤ {TARGET}× peft's step time and peak memory, losses within {LOSS_RTOL}",
     }
+    apart = [k for k, r in rows.items() if not r["loss_agrees"]]
+    if apart:
+        raise Measured(f"the losses differ by more than {LOSS_RTOL} relative in {apart}", figures)
+    return figures
 
 
 class StepTimer:
