@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench bench-step bench-tta causal lint format clean gguf-check gpu-check gpu-wheels
+.PHONY: install test demo demo-preference bench bench-step bench-tta causal lint format clean gguf-check gpu-check gpu-wheels
 
 install: $(STAMP)
 
@@ -33,6 +33,12 @@ test: install lint
 # The main job on the embedded defaults: LoRA on MiniLM-L6 with BBC News; writes runs/demo/.
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/leantune tune --name demo --overwrite
+
+# Preference tuning (DPO) of the embedded SmolLM2 on the embedded BBC headline pairs (the real
+# headline over another same-topic article's); sized for a few minutes on 2 cores (README).
+demo-preference: install
+	HF_HUB_OFFLINE=1 $(BIN)/leantune tune --task preference --name demo-preference --overwrite \
+		--train-examples 128 --eval-examples 48 --epochs 1 --batch-size 8 --general-examples 0
 
 bench: bench-step bench-tta
 
