@@ -1,10 +1,9 @@
 """Instruction / chat data for ``--task instruct``: reading, chat-template rendering with a loss
 mask on the assistant's tokens, truncation, packing, batches, and the embedded BBC default.
 
-**Reading.** CSV / JSON Lines / ``save_to_disk`` rows (read by ``leantune.models.data``, so errors name
-the file and line) with prompt / response columns (and an optional system column), or a
-``messages`` column of ``{role, content}`` lists (roles system, user, assistant; in CSV a JSON
-string). Every conversation needs an assistant turn, and every message some text.
+**Reading.** Rows of ``leantune.models.data`` (errors name the file and line): prompt / response
+(/ system) columns, a ``messages`` column of ``{role, content}`` lists (in CSV a JSON string), or
+Alpaca / ShareGPT columns (``models/sft_formats.py``). Every conversation needs an assistant turn.
 
 **Masking.** The conversation is rendered to text with the tokenizer's chat template and
 tokenized once, with character offsets. The assistant's characters are found by rendering
@@ -46,6 +45,7 @@ import torch
 from leantune.core.defaults import bbc_news
 from leantune.core.errors import LeantuneError
 from leantune.models.data import _kind, _missing, pad_batch, read_rows, stratified_split
+from leantune.models.sft_formats import FORMAT_COLUMNS, as_messages, sft_format
 
 ROLES = ("system", "user", "assistant")
 IGNORE = -100
@@ -82,8 +82,13 @@ def load_chats(
     """Conversations from a CSV, JSON Lines file or ``save_to_disk`` folder (see the module doc):
     a ``messages`` column when there is one, else the prompt / response (/ system) columns."""
     path = Path(path)
-    wanted = {prompt_column, response_column, system_column, messages_column}
+    wanted = {prompt_column, response_column, system_column, messages_column, *FORMAT_COLUMNS}
     raw = read_rows(path, wanted)
+    fmt = None if messages_column in raw.columns else sft_format(raw.columns)
+    if fmt is not None:  # Alpaca or ShareGPT (models/sft_formats.py)
+        column = "conversations" if fmt == "sharegpt" else "output"
+        return [ChatExample(_messages(as_messages(row, fmt), path, column, f"{raw.unit} {at}"))
+                for row, at in zip(raw.rows, raw.positions, strict=True)]  # fmt: skip
     if messages_column in raw.columns:
         read = [_messages(row.get(messages_column), path, messages_column, f"{raw.unit} {at}")
                 for row, at in zip(raw.rows, raw.positions, strict=True)]  # fmt: skip

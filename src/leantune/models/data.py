@@ -1,5 +1,5 @@
-"""Task data: the embedded BBC News default or the user's CSV / JSONL / ``save_to_disk`` folder,
-split stratified, and batched by length so padding stays small.
+"""Task data: the embedded BBC News default or the user's CSV / JSONL / Parquet file or
+``save_to_disk`` folder, split stratified, and batched by length so padding stays small.
 
 The first step of ``leantune tune``. CSV and JSON Lines are read here, cells as found (no type
 guessing), so every error can name the file and line; ``save_to_disk`` folders load with
@@ -94,8 +94,12 @@ def read_rows(path: Path, wanted: Collection[str | None]) -> _Rows:
         raw = _csv_rows(path)
     elif path.suffix.lower() in (".jsonl", ".json"):
         raw = _json_rows(path)
+    elif path.suffix.lower() == ".parquet":
+        raw = _parquet_rows(path, set(wanted))
     else:
-        raise LeantuneError(f"{path}: use a .csv, .jsonl file or a datasets save_to_disk folder")
+        raise LeantuneError(
+            f"{path}: use a .csv, .jsonl or .parquet file or a datasets save_to_disk folder"
+        )
     if not raw.rows:
         raise LeantuneError(f"{path} holds no rows")
     return raw
@@ -258,6 +262,20 @@ def _columns(rows: list[dict[str, Any]]) -> list[str]:
     for row in rows:
         seen.update(dict.fromkeys(row))
     return list(seen)
+
+
+def _parquet_rows(path: Path, wanted: set[str | None]) -> _Rows:
+    """A Parquet file's rows (pyarrow, which datasets brings), only the wanted columns read."""
+    import pyarrow.parquet as pq
+
+    try:
+        columns = list(pq.read_schema(path).names)
+        table = pq.read_table(path, columns=[c for c in columns if c in wanted])
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise LeantuneError(f"could not read {path} as Parquet: {first}") from None
+    rows = table.to_pylist()
+    return _Rows(columns, rows, "row", list(range(1, len(rows) + 1)))
 
 
 def _saved_rows(path: Path, wanted: set[str | None]) -> _Rows:
