@@ -49,7 +49,6 @@ from gpu_tune import hotswap_part, tune_bf16, tune_fp16, tune_quantize, tune_tor
 
 HERE = Path(__file__).resolve().parent
 FIXTURE = HERE / "gpu_fixture"
-BIN = Path(sys.executable).parent
 IMAGE_LACKS = (
     "datasets",
     "optuna",
@@ -87,6 +86,15 @@ IMAGE_LACKS_DISTS = (
 )
 """Their distributions' names: importlib.metadata finds none of them either."""
 MIN_PART_S = 15
+CPU_REHEARSAL = {
+    "purpose": "every part's code path on tiny shapes; no figure of it is a measurement",
+    "memory": "no CUDA allocator: peak_mib is null (each side's alone pass still runs)",
+    "tune-torchrun": "gloo: NCCL needs CUDA (leantune joins with NCCL on CUDA, gloo on a CPU)",
+    "tune-fp16": "runs: torch autocasts to fp16 and scales the loss on a CPU too",
+    "hotswap": "dynamo with an eager backend: inductor's C++ build takes minutes on 2 cores",
+    "bf16": "emulated where the CPU lacks AVX512-BF16",
+}
+"""What the CPU rehearsal does differently from the GPU run, recorded in its JSON."""
 BLOCKER = """import os, re, sys
 from importlib.machinery import PathFinder
 _NAMES = set(filter(None, os.environ.get("GPU_CHECK_IMAGE_LACKS", "").split(",")))
@@ -115,10 +123,6 @@ class Part:
     name: str
     timeout_s: float
     run: Callable[[argparse.Namespace], dict[str, Any]]
-
-
-class Skip(Exception):
-    """A part that does not apply here (the reason is recorded)."""
 
 
 # ---------------------------------------------------------------------------- the parts
@@ -226,8 +230,6 @@ def run_part(args: argparse.Namespace) -> int:
         planted_fault(part.name, Path(args.work))
         figures = part.run(args)
         result: dict[str, Any] = {"status": "passed", "figures": figures}
-    except Skip as e:
-        result = {"status": "skipped", "reason": str(e)}
     except Exception as e:
         traceback.print_exc()
         result = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
@@ -300,6 +302,8 @@ def run_all(args: argparse.Namespace, work: Path, parts: list[Part]) -> dict[str
         "image_lacks": list(IMAGE_LACKS),
         "parts": {},
     }
+    if args.device == "cpu":
+        record["cpu_rehearsal"] = CPU_REHEARSAL
     begin = time.perf_counter()
     for part in parts:
         left = args.budget_s - (time.perf_counter() - begin)
@@ -392,6 +396,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def refuse(message: str) -> int:
+    """Bad options: one line on stderr, exit 2, nothing written."""
+    print(f"gpu_check.py: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.part:
@@ -401,16 +411,18 @@ def main(argv: list[str] | None = None) -> int:
 
         make_fixture(FIXTURE)
         return 0
-    if not args.out:
-        raise SystemExit("--out FOLDER is needed")
     names = args.parts.split(",") if args.parts else PART_NAMES
     try:
         timeouts = {k: float(v) for k, v in (t.split("=") for t in args.timeouts.split(",") if t)}
     except ValueError:
-        raise SystemExit(f"--timeouts {args.timeouts!r}: give part=seconds,...") from None
+        return refuse(f"--timeouts {args.timeouts!r}: give part=seconds,...")
     unknown = sorted((set(names) | set(timeouts)) - set(PART_NAMES))
-    if unknown:
-        raise SystemExit(f"unknown part(s) {unknown}; choose from {PART_NAMES}")
+    if not args.out or unknown:
+        return refuse(
+            f"unknown part(s) {unknown}; choose from {PART_NAMES}"
+            if unknown
+            else "give --out FOLDER"
+        )
     by_name = {p.name: p for p in PARTS}
     parts = [replace(by_name[n], timeout_s=timeouts.get(n, by_name[n].timeout_s)) for n in names]
     if args.work:

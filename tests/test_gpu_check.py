@@ -79,10 +79,12 @@ def test_a_part_with_no_time_left_is_skipped_and_bad_options_are_refused(tmp_pat
     assert done.returncode == 0
     assert {p["status"] for p in record["parts"].values()} == {"skipped"}
     assert "out of time" in record["parts"]["env"]["reason"]
+    assert record["cpu_rehearsal"]["tune-torchrun"].startswith("gloo")
     for bad in (["--parts", "env,nope"], ["--timeouts", "env=soon"]):
         cmd = [sys.executable, str(SCRIPT), "--out", str(tmp_path / "o2"), *bad]
         refused = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-        assert refused.returncode != 0 and not (tmp_path / "o2").exists()
+        assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "o2").exists()
 
 
 @pytest.mark.slow
