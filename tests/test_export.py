@@ -112,7 +112,7 @@ def test_gguf_metadata_and_tensors(run: Path, tmp_path: Path, quant: str) -> Non
     saved = load_run(run)
     tok = saved.tok
     assert fields["general.architecture"] == "llama"
-    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt2"
+    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt-2"
     by_id = {i: t for t, i in tok.get_vocab().items()}
     assert fields["tokenizer.ggml.tokens"] == [by_id[i] for i in range(len(by_id))]
     end = tok.convert_tokens_to_ids("<|im_end|>")
@@ -343,7 +343,7 @@ def test_smollm2_vocabulary_matches_its_own_gguf(tmp_path: Path) -> None:
         assert ours[key] == truth[key], key
     assert ours["tokenizer.ggml.eot_token_id"] == truth["tokenizer.ggml.eos_token_id"]
     # Without the override the tokenizer's own pre-tokenizer (a bare byte-level split once
-    # transformers has rebuilt it) gives gpt2, which splits SmolLM2's text into the same ids.
+    # transformers has rebuilt it) gives gpt-2, which splits SmolLM2's text into the same ids.
     from leantune.export.gguf_vocab import pre_tokenizer_name
 
-    assert pre_tokenizer_name(json.loads(tok.backend_tokenizer.to_str())) == "gpt2"
+    assert pre_tokenizer_name(json.loads(tok.backend_tokenizer.to_str())) == "gpt-2"

@@ -8,7 +8,7 @@ the run trained with.
 
 ``tokenizer.ggml.pre`` names the pre-tokenizer (how text is split before BPE); llama.cpp knows a
 fixed list of names. It is read from the tokenizer's ``tokenizer.json``: a bare byte-level split
-is ``gpt2``, digits split one by one before it is ``smollm``, and the Llama 3 / Qwen2 split
+is ``gpt-2`` (llama.cpp's spelling: ``gpt2`` is refused when the file loads), digits split one by one before it is ``smollm``, and the Llama 3 / Qwen2 split
 patterns are ``llama-bpe`` / ``qwen2``. The embedded SmolLM2 folder is built from a GGUF file
 whose metadata names it (``smollm``); transformers rebuilds that tokenizer with the bare split,
 which gives the same ids here because its vocabulary holds no token joining a digit to anything.
@@ -49,7 +49,7 @@ def pre_tokenizer_name(tokenizer_json: dict[str, Any]) -> str:
             f"{pre.get('type', 'missing')} pre-tokenizer: use --to hf"
         )
     if len(steps) == 1 and _is_byte_level(steps[0], True):
-        return "gpt2"
+        return "gpt-2"
     if (
         len(steps) == 2
         and steps[0].get("type") == "Digits"
@@ -62,7 +62,7 @@ def pre_tokenizer_name(tokenizer_json: dict[str, Any]) -> str:
         if pattern in SPLITS:
             return SPLITS[pattern]
     raise LeantuneError(
-        "the tokenizer's pre-tokenizer is not one leantune maps to llama.cpp's names (gpt2, "
+        "the tokenizer's pre-tokenizer is not one leantune maps to llama.cpp's names (gpt-2, "
         "smollm, llama-bpe, qwen2); use --to hf and llama.cpp's convert_hf_to_gguf.py"
     )
 
