@@ -21,7 +21,7 @@ from helpers import chat_model_folder, snapshot
 from leantune.cli import app
 from leantune.models.preference import encode_preferences, load_preferences, preference_batch
 from leantune.train.preference import Objective, preference_metrics
-from leantune.tune import TuneConfig, run_tune
+from leantune.tune import TuneConfig, evaluate_run, run_tune
 from leantune.tune.options import OBJECTIVES
 
 TOPICS = ["sport", "tech", "business"]
@@ -122,6 +122,9 @@ def test_each_objective_trains_and_its_adapter_loads_in_peft(
     assert saved["test_reward_accuracy"] > saved["test_reward_accuracy_before"]
     if objective == "dpo":  # the policy starts as the reference: every pair's loss is log 2
         assert saved["test_loss_before"] == pytest.approx(math.log(2), rel=1e-5)
+        again = evaluate_run(run)  # leantune eval: the reference live, not precomputed
+        assert again["reward_accuracy"] == saved["test_reward_accuracy"]
+        assert again["loss"] == pytest.approx(saved["test_loss"], rel=1e-4)
     peft_model = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(model_dir), run / "adapter"
     )

@@ -31,7 +31,7 @@ from leantune.models.loading import load_model, load_tokenizer, max_positions, m
 from leantune.models.pooling import copy_pooling_files, native_pooling
 from leantune.models.precision import autocast
 from leantune.train.checkpoint import checkpoint_meta, trainable_parameters
-from leantune.tune import runfolder
+from leantune.tune import preference, runfolder
 from leantune.tune.config import TuneConfig, make_config, read_config, started_with
 from leantune.tune.prepare import (
     encode,
@@ -167,8 +167,8 @@ def evaluate_run(run: Path, data: Path | None = None, split: str = "test") -> di
         raise LeantuneError(f"--split {split!r}: use test or val")
     saved = load_run(run)
     cfg = saved.config
-    if cfg.instruct:
-        return evaluate_chats(saved, data, split)
+    if cfg.instruct or cfg.preference:
+        return (evaluate_chats if cfg.instruct else preference.evaluate_saved)(saved, data, split)
     if data is not None:
         table = load_table(data, cfg.text_column, None if cfg.causal else cfg.label_column)
         where = str(data)

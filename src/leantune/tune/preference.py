@@ -53,6 +53,9 @@ from leantune.train.preference import (
 )
 from leantune.tune.config import TuneConfig, read_config
 
+BODY_WORDS = 45
+"""Words of each BBC article the embedded instruct and preference data keep (the prompt stays
+short on a CPU); ``tune/prepare.py``'s ``BBC_BODY_WORDS``."""
 PreferenceSplits = tuple[list[PreferenceExample], list[PreferenceExample], list[PreferenceExample]]
 
 
@@ -73,7 +76,7 @@ def _sample(rows: list[PreferenceExample], n: int | None, seed: int) -> list[Pre
     return [rows[i] for i in picked]
 
 
-def load_preference_splits(config: TuneConfig, body_words: int) -> PreferenceSplits:
+def load_preference_splits(config: TuneConfig, body_words: int = BODY_WORDS) -> PreferenceSplits:
     """Train, validation and test rows: --data (and --eval-data / --test-data) or the embedded
     BBC headline pairs; paired rows unpaired for --objective kto, unpaired rows refused for
     the paired objectives."""
@@ -265,3 +268,29 @@ def merge_from_run(model: nn.Module, config: TuneConfig) -> None:
     if config.from_run is not None:
         load_adapter(model, Path(config.from_run) / "adapter")
         unload(model, merge_active=True)
+
+
+def evaluate_saved(saved: Any, data: Path | None, split: str) -> dict[str, Any]:
+    """``leantune eval`` of a preference run (``saved``: finished.py's SavedRun): the metrics of
+    its test (or val) split, or of another preference file, the reference computed live."""
+    cfg = saved.config
+    if data is not None:
+        rows = load_preferences(data, cfg.prompt_column)
+        rows = unpaired(rows) if cfg.objective == "kto" else rows
+        if not all(r.paired for r in rows) and cfg.objective != "kto":
+            raise LeantuneError(
+                f"{data} holds prompt/completion/label rows; the run is {cfg.objective}"
+            )
+        where = str(data)
+    else:
+        _, val, test = load_preference_splits(cfg)
+        rows, where = (test if split == "test" else val), f"the {split} split"
+    tokens = encode_preferences(saved.tok, rows, saved.max_length)
+    size, pad = cfg.eval_batch_size, saved.tok.pad_token_id
+    batches = [preference_batch(tokens, list(range(k, min(k + size, len(rows)))), pad)
+               for k in range(0, len(rows), size)]  # fmt: skip
+    device = next(saved.model.parameters()).device
+    metrics = preference_metrics(
+        objective_of(cfg), saved.model, batches, device, lambda: autocast(cfg.precision, device)
+    )
+    return {"data": where, "examples": len(rows), **metrics}

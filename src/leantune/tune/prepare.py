@@ -140,7 +140,7 @@ def load_splits(config: TuneConfig) -> Splits:
     return Splits(train_part, val, test, names)
 
 
-BBC_BODY_WORDS = 45
+BBC_BODY_WORDS = preference.BODY_WORDS
 """Words of each article the embedded instruct data keeps: the prompt stays short on CPU."""
 
 
@@ -345,7 +345,7 @@ def prepare(config: TuneConfig, with_method: bool = True) -> Prepared:
     config = preference.with_run_model(config.resolved())
     device = pick_device(config.device)
     folder = model_dir(config.model, config.task)
-    pairs = preference.load_preference_splits(config, BBC_BODY_WORDS) if config.preference else None
+    pairs = preference.load_preference_splits(config) if config.preference else None
     if pairs is not None:  # the tables stay empty: the pairs are in Prepared.pref
         splits = Splits(TextTable([], []), TextTable([], []), TextTable([], []), [])
     else:
