@@ -148,7 +148,10 @@ def env_part(args: argparse.Namespace) -> dict[str, Any]:
             versions[pkg] = version(pkg)
         except PackageNotFoundError:
             versions[pkg] = "absent"
-    versions["leantune"] = version("leantune")
+    try:
+        versions["leantune"] = version("leantune")
+    except PackageNotFoundError:  # make gpu-check's install failed: run from src/
+        versions["leantune"] = "not installed, from " + str(Path(leantune_file()).parent)
     present = [name for name in IMAGE_LACKS if importlib.util.find_spec(name) is not None]
     if present:
         raise RuntimeError(f"{present} can be imported: the check would not see the image's gaps")
@@ -169,6 +172,12 @@ def env_part(args: argparse.Namespace) -> dict[str, Any]:
     if versions["torchao"] == "absent":
         out["note"] = "torchao absent: the wheels/ folder was not installed (README, GPU check)"
     return out
+
+
+def leantune_file() -> str:
+    import leantune
+
+    return str(leantune.__file__)
 
 
 def step_llama(args: argparse.Namespace) -> dict[str, Any]:

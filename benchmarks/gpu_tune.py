@@ -22,7 +22,9 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 FIXTURE = HERE / "gpu_fixture"
-LEANTUNE = Path(sys.executable).parent / "leantune"
+LEANTUNE = [sys.executable, "-m", "leantune.cli"]
+"""The leantune command of this interpreter: the same as the ``leantune`` script, and found also
+where leantune runs from the tree (PYTHONPATH=src) without an install."""
 TOPICS = {
     "sport": "match goal team win cup",
     "tech": "phone chip software web data",
@@ -163,7 +165,7 @@ def expect_device(args: Any, figures: dict[str, Any], want: str | None = None) -
 
 
 def tune(args: Any, name: str, *extra: str) -> dict[str, Any]:
-    done = run_command([str(LEANTUNE), *tune_command(args, name, *extra)])
+    done = run_command([*LEANTUNE, *tune_command(args, name, *extra)])
     figures = checked_run(args, name, done)
     expect_device(args, figures)
     return figures
@@ -171,7 +173,7 @@ def tune(args: Any, name: str, *extra: str) -> dict[str, Any]:
 
 def generate(args: Any, name: str) -> dict[str, Any]:
     run = Path(args.work) / "runs" / name
-    cmd = [str(LEANTUNE), "generate", str(run), "--max-new-tokens", "6"]
+    cmd = [*LEANTUNE, "generate", str(run), "--max-new-tokens", "6"]
     for prompt in PROMPTS:
         cmd += ["--prompt", prompt]
     done = run_command(cmd)
@@ -209,7 +211,7 @@ def tune_fp16(args: Any) -> dict[str, Any]:
 
 def tune_quantize(args: Any) -> dict[str, Any]:
     done = run_command(
-        [str(LEANTUNE), *tune_command(args, "nf4", "--precision", "bf16", "--quantize", "nf4")]
+        [*LEANTUNE, *tune_command(args, "nf4", "--precision", "bf16", "--quantize", "nf4")]
     )
     figures = checked_run(args, "nf4", done)
     expect_device(args, figures)
@@ -222,7 +224,7 @@ def tune_quantize(args: Any) -> dict[str, Any]:
 
 def tune_torchrun(args: Any) -> dict[str, Any]:
     head = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1"]
-    cmd = [*head, str(LEANTUNE), *tune_command(args, "torchrun", "--precision", "bf16")]
+    cmd = [*head, "-m", "leantune.cli", *tune_command(args, "torchrun", "--precision", "bf16")]
     figures = checked_run(args, "torchrun", run_command(cmd))
     # One process under torchrun: NCCL on CUDA (leantune's join), gloo on a CPU.
     figures["backend"] = "gloo" if args.device == "cpu" else "nccl"
