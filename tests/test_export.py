@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from helpers import chat_model_folder, chat_tokenizer, tiny_model_folder, topic_rows, write_rows
@@ -65,14 +66,13 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_hf_export_dtype_stop_ids_and_template(run: Path, tmp_path: Path) -> None:
-    from safetensors import safe_open
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     res = cli("export", run, "--to", "hf", "--out", tmp_path / "hf", "--dtype", "bf16")
     assert res.returncode == 0, res.stderr
-    with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
-        assert {f.get_tensor(k).dtype for k in f} == {torch.bfloat16}
-        assert not any("lora" in k for k in f)
+    tensors = load_file(tmp_path / "hf" / "model.safetensors")
+    assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
+    assert not any("lora" in k for k in tensors)
     tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
     end = tok.convert_tokens_to_ids("<|im_end|>")
     gen = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
@@ -89,11 +89,10 @@ def test_hf_export_dtype_stop_ids_and_template(run: Path, tmp_path: Path) -> Non
 
 
 def test_merge_is_export_hf_at_fp32(run: Path, tmp_path: Path) -> None:
-    from safetensors import safe_open
 
     assert cli("merge", run, "--out", tmp_path / "m").returncode == 0
-    with safe_open(str(tmp_path / "m" / "model.safetensors"), "pt") as f:
-        assert {f.get_tensor(k).dtype for k in f} == {torch.float32}
+    tensors = load_file(tmp_path / "m" / "model.safetensors")
+    assert {t.dtype for t in tensors.values()} == {torch.float32}
     marker = json.loads((tmp_path / "m" / ".leantune-merge.json").read_text())
     assert marker["export"] == "hf"
 
@@ -210,10 +209,9 @@ def test_vllm_export_prints_the_serve_line(run: Path, tmp_path: Path) -> None:
     line = res.stdout.strip().splitlines()[-1]
     assert line.startswith("vllm serve ") and "--enable-lora --lora-modules chat=" in line
     assert line.endswith("--max-lora-rank 8")
-    from safetensors import safe_open
 
-    with safe_open(str(tmp_path / "v" / "adapter_model.safetensors"), "pt") as f:
-        assert {f.get_tensor(k).dtype for k in f} == {torch.bfloat16}
+    tensors = load_file(tmp_path / "v" / "adapter_model.safetensors")
+    assert {t.dtype for t in tensors.values()} == {torch.bfloat16} and tensors
 
 
 LORA = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}
@@ -347,3 +345,17 @@ def test_smollm2_vocabulary_matches_its_own_gguf(tmp_path: Path) -> None:
     from leantune.export.gguf_vocab import pre_tokenizer_name
 
     assert pre_tokenizer_name(json.loads(tok.backend_tokenizer.to_str())) == "gpt-2"
+
+
+def test_k_quant_without_llama_cpp_is_refused(
+    run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else real(name)
+    )
+    out = tmp_path / "k"
+    refused(cli("export", run, "--to", "gguf", "--quant", "q4_k_m", "--out", out), "gguf-check")
+    assert not out.exists()

@@ -37,6 +37,7 @@ llama_cpp = pytest.importorskip(
 
 F16_TOL = 5e-4
 Q8_TOL = 0.02
+K4_TOL = 0.1  # 4 bits: 16 steps per block, ~16x q8_0's rounding (measured 0.026)
 PROMPTS = ["w3 Which topic?", "w10 Which topic?", "Hello! How can I help?", "Paris 2024, 12 cats"]
 
 
@@ -224,3 +225,15 @@ def test_llama_q_k_permutation_on_sharp_attention(saved: Any, tmp_path: Path) ->
     got = np.array(llm.scores[: len(ids)], dtype=np.float64)
     spread = (want.max(1) - want.min(1))[:, None]
     assert float((np.abs(got - want) / spread).max()) < F16_TOL
+
+
+def test_k_quant_through_llama_cpps_quantizer(run: Path, saved: Any, tmp_path: Path) -> None:
+    """q4_k_m is made by llama.cpp's own quantizer from the f16 file (the tiny model's rows, 32
+    long, are below the k-quants' 256 block, so llama.cpp falls back per tensor): the file
+    says Q4_K_M, loads, and the f16 file is not left behind."""
+    path = export(run, tmp_path, "q4_k_m")
+    assert [p.name for p in path.parent.iterdir() if p.suffix != ".json"] == [path.name]
+    llm = load(path)
+    assert llm.metadata["general.file_type"] == str(llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M)
+    ids = saved.tok(rendered(saved.tok, PROMPTS[0]))["input_ids"]
+    assert spread_error(saved, llm, ids) < K4_TOL

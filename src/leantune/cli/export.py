@@ -29,7 +29,10 @@ def export(
     ] = None,
     quant: Annotated[
         Optional[str],  # noqa: UP045
-        typer.Option(help="gguf, ollama: f16, bf16 or q8_0 (default f16)."),
+        typer.Option(
+            help="gguf, ollama: f16, bf16 or q8_0 (default f16); q4_k_m, q5_k_m, q6_k through "
+            "llama.cpp's quantizer (needs llama-cpp-python)."
+        ),
     ] = None,
     overwrite: Annotated[
         bool,

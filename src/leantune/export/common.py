@@ -8,6 +8,7 @@ renamed into place (``tune.outputs.write_merged_folder``), so a failure leaves n
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,8 @@ from leantune.tune.outputs import check_merge_out, write_merged_folder
 TARGETS = ("hf", "gguf", "ollama", "vllm")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 QUANTS = ("f16", "bf16", "q8_0")
+K_QUANTS = ("q4_k_m", "q5_k_m", "q6_k")
+"""llama.cpp's own quantizer makes these from the f16 file (needs llama-cpp-python)."""
 SENTINEL = "LEANTUNE-SENTINEL-7f3a"
 
 
@@ -58,10 +61,14 @@ def check_request(
         raise LeantuneError(f"--to {to!r} is unknown; use one of {', '.join(TARGETS)}")
     if dtype is not None and dtype not in DTYPES:
         raise LeantuneError(f"--dtype {dtype!r} is unknown; use one of {', '.join(DTYPES)}")
-    if quant is not None and quant not in QUANTS:
+    if quant is not None and quant not in QUANTS + K_QUANTS:
         raise LeantuneError(
-            f"--quant {quant!r} is unknown; use one of {', '.join(QUANTS)} (k-quants: run "
-            "llama.cpp's llama-quantize on the f16 file)"
+            f"--quant {quant!r} is unknown; use one of {', '.join(QUANTS + K_QUANTS)}"
+        )
+    if quant in K_QUANTS and importlib.util.find_spec("llama_cpp") is None:
+        raise LeantuneError(
+            f"--quant {quant} is made by llama.cpp's own quantizer, which needs "
+            "llama-cpp-python: pip install 'leantune[gguf-check]' (or make gguf-check)"
         )
     if quant is not None and to not in ("gguf", "ollama"):
         raise LeantuneError(f"--quant is for --to gguf or ollama; --to {to} takes --dtype")

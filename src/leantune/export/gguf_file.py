@@ -12,7 +12,8 @@ per head from [halves] to [pairs] (Qwen2 is marked NEOX-style in llama.cpp: no r
 **Quant types:** ``f16`` and ``bf16`` store every matrix in that type; ``q8_0`` stores blocks
 of 32 values as int8 with one f16 scale per block (8.5 bits a value; a matrix whose rows are
 not a multiple of 32 long stays f16); vectors (norms, biases) stay f32, as llama.cpp's converter
-keeps them. k-quants are llama.cpp's own quantizer's job (``llama-quantize`` on the f16 file).
+keeps them. k-quants (``q4_k_m``, ``q5_k_m``, ``q6_k``) are llama.cpp's own quantizer's job:
+the f16 file is written first, then ``llama_model_quantize`` (llama-cpp-python) converts it.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 from leantune.core.errors import LeantuneError
-from leantune.export.common import Request, end_of_turn, merged_model, write_folder
+from leantune.export.common import K_QUANTS, Request, end_of_turn, merged_model, write_folder
 from leantune.export.gguf_vocab import write_vocabulary
 
 FAMILIES = {"llama": ("LLAMA", True), "mistral": ("LLAMA", True), "qwen2": ("QWEN2", False)}
@@ -171,6 +172,26 @@ def write_gguf(
     writer.close()
 
 
+def write_model_file(
+    path: Path, model: nn.Module, tok: Any, name: str, quant: str, pre: str | None
+) -> None:
+    """``write_gguf``, or for a k-quant the f16 file quantized by llama.cpp."""
+    if quant not in K_QUANTS:
+        write_gguf(path, model, tok, name, quant, pre)
+        return
+    import llama_cpp
+
+    f16 = path.with_name(f".{path.name}.f16")
+    write_gguf(f16, model, tok, name, "f16", pre)
+    try:
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{quant.upper()}")
+        if llama_cpp.llama_model_quantize(str(f16).encode(), str(path).encode(), params) != 0:
+            raise LeantuneError(f"llama.cpp's quantizer failed to make {quant} from {f16.name}")
+    finally:
+        f16.unlink(missing_ok=True)
+
+
 def source_pre(base: Path) -> str | None:
     """The pre-tokenizer name of the GGUF the base folder was built from (the embedded
     SmolLM2: ``smollm``); None for an ordinary transformers folder."""
@@ -208,6 +229,8 @@ def export_gguf(request: Request) -> Path:
     pre = source_pre(request.base)
 
     def fill(folder: Path) -> None:
-        write_gguf(folder / gguf_name(request), model, tok, request.run.name, request.quant, pre)
+        write_model_file(
+            folder / gguf_name(request), model, tok, request.run.name, request.quant, pre
+        )
 
     return write_folder(request, fill)

@@ -24,7 +24,7 @@ from typing import Any
 
 from leantune.core.errors import LeantuneError
 from leantune.export.common import Request, end_of_turn, merged_model, write_folder
-from leantune.export.gguf_file import check_gguf_run, gguf_name, source_pre, write_gguf
+from leantune.export.gguf_file import check_gguf_run, gguf_name, source_pre, write_model_file
 
 MARK = {"system": "SYSTEM-7f3a", "user": "USER-7f3a", "assistant": "ASSISTANT-7f3a"}
 
@@ -152,7 +152,7 @@ def export_ollama(request: Request) -> tuple[Path, list[str]]:
     pre = source_pre(request.base)
 
     def fill(folder: Path) -> None:
-        write_gguf(folder / file, model, tok, name, request.quant, pre)
+        write_model_file(folder / file, model, tok, name, request.quant, pre)
         (folder / "Modelfile").write_text(modelfile(pieces, file, stops), encoding="utf-8")
 
     folder = write_folder(request, fill)
