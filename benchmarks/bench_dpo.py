@@ -325,7 +325,7 @@ def main() -> None:
     if args.json:
         save_json(
             args.json,
-            {"machine": machine(), "versions": versions(), "args": vars(args) | {"work": str(work)},
+            {"machine": machine(), "versions": versions(), "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
              "table": table, "runs": runs},
         )  # fmt: skip
 
