@@ -5,6 +5,8 @@ next-token logits' largest difference (as a fraction of their spread), file size
     HF_HUB_OFFLINE=1 python benchmarks/gguf_parity.py runs/export-demo --quant q8_0 f16 \
         --json benchmarks/gguf_parity.json
 
+``smollm2-base`` in place of the run compares the embedded SmolLM2 untuned (no run folder).
+
 Needs llama-cpp-python (`make gguf-check`).
 """
 
@@ -64,11 +66,23 @@ def main() -> None:
 
     root = args.out or Path(tempfile.mkdtemp(prefix="gguf-parity."))
     start = time.perf_counter()
-    ours = generate_run(args.run, PROMPTS, None, Sampling(max_new_tokens=args.max_new_tokens))
+    if args.run.name == "smollm2-base":  # the embedded model untuned, without a run folder
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from leantune.analysis.generate import generate
+        from leantune.core.smollm2 import smollm2_dir
+
+        tok = AutoTokenizer.from_pretrained(smollm2_dir())
+        model = AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=torch.float32).eval()
+        convs = [[{"role": "user", "content": p}] for p in PROMPTS]
+        sampling = Sampling(max_new_tokens=args.max_new_tokens)
+        ours = [{"answer": a} for a in generate(model, tok, convs, sampling)]
+    else:
+        ours = generate_run(args.run, PROMPTS, None, Sampling(max_new_tokens=args.max_new_tokens))
+        saved = load_run(args.run)
+        model = unload(saved.model, merge_active=True).float().eval()
+        tok = saved.tok
     leantune_s = time.perf_counter() - start
-    saved = load_run(args.run)
-    model = unload(saved.model, merge_active=True).float().eval()
-    tok = saved.tok
     result: dict[str, Any] = {
         "run": str(args.run),
         "leantune_s": round(leantune_s, 1),
@@ -76,9 +90,16 @@ def main() -> None:
     }
     for quant in args.quant:
         start = time.perf_counter()
-        folder, _ = export_run(args.run, "gguf", root / quant, quant=quant, overwrite=True)
+        if args.run.name == "smollm2-base":
+            from leantune.export.gguf_file import write_gguf
+
+            path = root / f"smollm2-base-{quant}.gguf"
+            root.mkdir(parents=True, exist_ok=True)
+            write_gguf(path, model, tok, "smollm2-base", quant, "smollm")
+        else:
+            folder, _ = export_run(args.run, "gguf", root / quant, quant=quant, overwrite=True)
+            path = next(folder.glob("*.gguf"))
         export_s = time.perf_counter() - start
-        path = next(folder.glob("*.gguf"))
         llm = llama_cpp.Llama(
             model_path=str(path), n_ctx=2048, logits_all=True, verbose=False, n_threads=2, seed=0
         )
