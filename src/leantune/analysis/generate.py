@@ -97,16 +97,18 @@ def generate_texts(
 ) -> list[str]:
     """The model's continuation of each text (special tokens dropped, stripped).
 
-    On a CPU the answers are decoded in the weights' own dtype, whatever autocast the caller
-    set: autocast casts every weight again at each new token, which costs more than the small
-    matmuls of one token (SmolLM2-135M, 40 general prompts: 1.19x the fp32 time on the shared
+    On a CPU the answers of a model whose weights share one dtype are decoded in that dtype,
+    whatever autocast the caller set: autocast casts every weight again at each new token,
+    which costs more than the small matmuls of one token (SmolLM2-135M, 40 general prompts: 1.19x the fp32 time on the shared
     2-core VM), and bf16 rounding changes a small model's greedy answers ("12 * 11 = 132"
     against fp32's 121; a batch of 40 mixed prompts gave a garbled capital of France)."""
     was_training, side = model.training, tok.padding_side
     model.eval()
     tok.padding_side = "left"  # new tokens follow the prompt in every row
     device = next(model.parameters()).device
-    cpu = torch.autocast("cpu", enabled=False) if device.type == "cpu" else nullcontext()
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    own = device.type == "cpu" and len(dtypes) == 1  # a bf16 base with fp32 adapters needs it
+    cpu = torch.autocast("cpu", enabled=False) if own else nullcontext()
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     answers: list[str] = []
     try:
