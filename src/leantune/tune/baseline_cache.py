@@ -1,7 +1,7 @@
 """The original model's answers, kept between runs: the "before" side of a causal run.
 
 A causal run answers its test prompts and the general prompts with the untouched model before
-any step (``TuneRecipe.baseline``); on the embedded instruct default that is a third of the
+any step (``TuneRecipe.baseline``); on the embedded instruct default that is about a fifth of the
 run, and it is the same for every run that starts from the same weights on the same test split
 with the same evaluation settings — a sweep's trials, seeds of a recipe that differ only in
 training options, a rerun. So the results are kept as JSON in leantune's cache folder
