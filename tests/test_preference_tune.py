@@ -184,3 +184,23 @@ def test_bad_preference_data(world: tuple[Path, Path], tmp_path: Path, case: str
     assert res.stderr.startswith("leantune: ") and res.stderr.count("\n") == 1, res.stderr
     assert str(data) in res.stderr and expected in res.stderr, res.stderr
     assert snapshot(tmp_path) == before  # nothing written
+
+
+def test_several_processes_are_refused_before_anything_is_written(
+    world: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Several processes split a batch's rows (chosen rows first, then the rejected), which
+    would pair a chosen answer with another chosen one: refused in one line."""
+    model_dir, _ = world
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in pairs(4)))
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it (no RANK: no process group)
+    before = snapshot(tmp_path)
+    res = invoke(
+        "tune", "--task", "preference", "--model", str(model_dir), "--data", str(data),
+        "--runs-dir", str(tmp_path / "runs"),
+    )  # fmt: skip
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert res.stderr.startswith("leantune: ") and res.stderr.count("\n") == 1, res.stderr
+    assert "runs in one process" in res.stderr
+    assert snapshot(tmp_path) == before

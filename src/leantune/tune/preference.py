@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -241,7 +242,13 @@ def start_run(prep: Any, run: PreferenceRun) -> None:
 
 def with_run_model(config: TuneConfig) -> TuneConfig:
     """--from-run: the run's model folder as --model (checked: a finished run with an adapter,
-    and the same model as --model when both are given)."""
+    and the same model as --model when both are given). Refuses a preference run started on
+    several processes: they split a batch's rows, and its chosen rows come before the rejected."""
+    if config.preference and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise LeantuneError(
+            "--task preference runs in one process for now (several would part a pair's chosen "
+            "and rejected rows); start it without torchrun / accelerate launch"
+        )
     if config.from_run is None:
         return config
     run = Path(config.from_run)
